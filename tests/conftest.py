@@ -1,0 +1,56 @@
+"""Shared fixtures. Tests are tiny, hermetic and CPU-only; real data sets are optional."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """The real data sets folder (../shared/data or AIGC_DATA_PATH), or None when absent."""
+    for candidate in [*os.environ.get("AIGC_DATA_PATH", "").split(os.pathsep), str(REPO.parent / "shared" / "data")]:
+        if candidate and (Path(candidate) / "text" / "tinyshakespeare.txt").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def data_root() -> Path:
+    root = shared_data()
+    if root is None:
+        pytest.skip("real data sets not found: set AIGC_DATA_PATH to the shared data folder (see README)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(tmp_path, monkeypatch):
+    """Keep every test away from the user's home and the network."""
+    monkeypatch.setenv("AIGC_HOME", str(tmp_path / "aigc-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture
+def run_cli():
+    """Run the CLI in-process; returns (exit_code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from aigc.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    return run

@@ -80,23 +80,10 @@ app.add_typer(data_app, name="data")
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app, turning user errors into one line and exit code 1."""
     try:
-        app(args=argv, prog_name="aigc", standalone_mode=False)
+        app(args=argv, prog_name="aigc")  # standalone: click prints usage errors itself (exit 2)
     except AigcError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show(file=sys.stderr)
-            sys.exit(e.exit_code if e.exit_code else 1)
-        raise
-

@@ -59,16 +59,408 @@ data_app = typer.Typer(help="Collect and preprocess data sets.", no_args_is_help
 app.add_typer(data_app, name="data")
 
 
+def _data_kinds() -> list[str]:
+    """Data kinds `data prepare` can make here: text always, others when their module is installed."""
+    import importlib.util
+
+    kinds = ["text"]
+    if importlib.util.find_spec("aigc.data.images") is not None:
+        kinds.append("image")
+    return kinds
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A file, a directory, a JSON Lines file, or a built-in corpus (`aigc data list`)."
+        ),
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory (must be new or empty).")],
+    kind: Annotated[
+        str, typer.Option("--kind", help="What the data is: text (image where available).")
+    ] = "text",
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="char | bpe (default char).")] = None,
+    vocab_size: Annotated[
+        int | None, typer.Option("--vocab-size", help="BPE vocabulary size (default 2048).")
+    ] = None,
+    field: Annotated[
+        str | None, typer.Option("--field", help="JSON Lines: the field holding the text.")
+    ] = None,
+    glob: Annotated[
+        str | None, typer.Option("--glob", help="Directory: which files, e.g. '**/*.py'.")
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option("--val-fraction", help="Share held out for validation (default 0.1).")
+    ] = None,
+    dedup: Annotated[
+        bool | None, typer.Option("--dedup/--no-dedup", help="Drop exact duplicate documents.")
+    ] = None,
+    scrub_pii: Annotated[
+        bool | None,
+        typer.Option(
+            "--scrub-pii/--no-scrub-pii", help="Mask e-mails, phone numbers, long digit runs (default off)."
+        ),
+    ] = None,
+    unknown: Annotated[
+        str | None, typer.Option("--unknown", help="char: unseen characters -> error | unk (default error).")
+    ] = None,
+    max_bytes: Annotated[
+        int | None, typer.Option("--max-bytes", help="Use at most this many bytes of text.")
+    ] = None,
+    download: Annotated[
+        bool, typer.Option("--download", help="Fetch a missing built-in corpus (checksum-verified).")
+    ] = False,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Clean, split and tokenize a source into DIR (train.bin, val.bin, tokenizer.json, meta.json)."""
+    from aigc.config import merge, parse_overrides
+
+    kinds = _data_kinds()
+    if kind not in kinds:
+        raise AigcError(f"unknown --kind {kind!r}; kinds available here: {', '.join(kinds)}")
+    flags = {
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "field": field,
+        "glob": glob,
+        "val_fraction": val_fraction,
+        "dedup": dedup,
+        "scrub_pii": scrub_pii,
+        "unknown": unknown,
+        "max_bytes": max_bytes,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    if kind == "image":
+        if given or download:
+            names = ", ".join("--" + k.replace("_", "-") for k in given) or "--download"
+            raise AigcError(
+                f"{names}: text options do not apply to --kind image; use --set for image settings"
+            )
+        from aigc.data.images import prepare_images
+
+        meta = prepare_images(source, out, overrides=set_, overwrite=overwrite)
+        stats = {k: v for k, v in meta.items() if not isinstance(v, (dict, list))}
+        typer.echo(f"prepared {out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        return
+
+    from aigc.data import prepare_text
+
+    overrides = merge(parse_overrides(set_), given)
+    meta = prepare_text(
+        source, out, overrides=overrides, overwrite=overwrite, download=download, log=lambda m: err.print(m)
+    )
+    tok = meta["tokenizer"]
+    typer.echo(
+        f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+        f"({meta['dtype']}), {tok['kind']} tokenizer with vocab {meta['vocab_size']:,}, "
+        f"{meta['chars_per_token']} chars/token, {meta['documents']:,} document(s)"
+    )
+    cleaning = meta["cleaning"]
+    if cleaning["scrub_pii"]:
+        typer.echo(
+            f"PII masked: {cleaning['emails']} e-mails, {cleaning['phones']} phone numbers, "
+            f"{cleaning['digit_runs']} long digit runs"
+        )
+    if cleaning["dedup"]:
+        typer.echo(f"duplicates removed: {cleaning['duplicates_removed']}")
+    if cleaning["truncated"]:
+        typer.echo(f"stopped at --max-bytes {cleaning['max_bytes']:,} (raise it to use more of the source)")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """Built-in corpora: whether each is available here, where, and its size."""
+    from rich.table import Table
+
+    from aigc.data import builtin_status
+
+    table = Table("name", "available", "size", "about")
+    for row in builtin_status():
+        size = f"{row['size'] / 1e6:.1f} MB" if row["size"] is not None else "-"
+        avail = "yes" if row["available"] else ("no (--download)" if row["download"] else "no")
+        table.add_row(row["name"], avail, size, f"{row['description']}\n[dim]{row['where']}[/]")
+    out.print(table, crop=False)
+
+
+@data_app.command("show")
+def data_show(
+    directory: Annotated[str, typer.Argument(help="A directory written by `aigc data prepare`.")],
+    tokens: Annotated[
+        int, typer.Option("--tokens", help="How many train tokens to decode as a sample.")
+    ] = 200,
+) -> None:
+    """A prepared data set's stats and a decoded sample of its first tokens."""
+    from pathlib import Path
+
+    from aigc.utils.io import read_json
+
+    meta_path = Path(directory) / "meta.json"
+    if meta_path.is_file() and read_json(meta_path).get("kind") not in (None, "text"):
+        meta = read_json(meta_path)  # other kinds: their stats only
+        sample = None
+    else:
+        from aigc.data import describe
+
+        meta, sample = describe(directory, sample_tokens=tokens)
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        typer.echo(f"{key}: {value}")
+    if sample is not None:
+        typer.echo(f"--- first {tokens} train tokens, decoded ---")
+        typer.echo(sample)
+
+
 # ============================================================================ train
+
+# family -> "module:function" that trains it. Each is called as
+# fn(family, data, out, preset=, overrides=, max_steps=, max_time=, resume=, init_from=, overwrite=,
+#    progress=, log=) and returns an aigc.training.TrainResult. Add families here.
+TRAINERS: dict[str, str] = {
+    "gpt": "aigc.training.text:train_text",
+    "lstm": "aigc.training.text:train_text",
+}
+
+
+@app.command("train")
+def train_cmd(
+    family: Annotated[str, typer.Argument(help=f"Model family: {', '.join(TRAINERS)}.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", "-d", help="Prepared data directory (aigc data prepare).")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory to write (artifact + checkpoints).")],
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="Preset name (tiny, small, base), a .toml path, or auto (sized to --max-time).")
+    ] = "auto",
+    set_: SetOpt = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
+    max_time: Annotated[
+        float | None, typer.Option("--max-time", help="Stop after S seconds; the LR decays over the budget.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
+    init_from: Annotated[
+        str | None, typer.Option("--init-from", help="Start from the weights of a trained run directory (fine-tune).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Train a model on prepared data; runs under torchrun for DDP with no change."""
+    import importlib
+
+    if family not in TRAINERS:
+        raise AigcError(f"unknown model family {family!r}; valid families: {', '.join(TRAINERS)}")
+    module, _, fn = TRAINERS[family].partition(":")
+    train = getattr(importlib.import_module(module), fn)
+    result = train(
+        family, data, out_dir, preset=preset, overrides=set_, max_steps=max_steps, max_time=max_time,
+        resume=resume, init_from=init_from, overwrite=overwrite, progress=True,
+        log=lambda msg: err.print(msg, highlight=False),
+    )  # fmt: skip
+    best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    out.print(
+        f"trained {family}: {result.steps} steps in {result.elapsed:.1f} s ({result.stopped}){best} -> {result.run_dir}",
+        highlight=False,
+    )
 
 
 # ============================================================================ generate
+# `aigc generate text` (+ `image` later) and `aigc chat`; flags mirror GenerationParams in kebab-case.
+
+generate_app = typer.Typer(help="Generate content with a trained or pretrained model.", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Run directory of a trained model, or hf:<dir or hub id>.")
+]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")]
+TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1] (1 = off).")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p x the top probability (0 = off).")]
+TypicalOpt = Annotated[float, typer.Option("--typical-p", help="Locally typical sampling mass (1 = off).")]
+RepOpt = Annotated[float, typer.Option("--repetition-penalty", help="Penalty for seen tokens (1 = off).")]
+PresenceOpt = Annotated[float, typer.Option("--presence-penalty", help="OpenAI presence penalty [-2, 2].")]
+FreqOpt = Annotated[float, typer.Option("--frequency-penalty", help="OpenAI frequency penalty [-2, 2].")]
+NgramOpt = Annotated[int, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (recorded; same seed -> same text).")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights for decoding: float32 or bfloat16.")]
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise AigcError(f"--dtype {name!r} is not supported; use float32 or bfloat16")
+    return table[name]
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)  # plain write: generated text must not be parsed as rich markup
+    sys.stdout.flush()
+
+
+@generate_app.command("text")
+def generate_text(
+    model: ModelOpt,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue; empty = unconditional.")] = "",
+    stream: Annotated[bool, typer.Option("--stream", help="Print the text as it is generated.")] = False,
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of samples (seeds seed, seed+1, ...).")] = 1,
+    max_new_tokens: MaxNewOpt = 200,
+    temperature: TempOpt = 0.8,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    min_p: MinPOpt = 0.0,
+    typical_p: TypicalOpt = 1.0,
+    repetition_penalty: RepOpt = 1.0,
+    presence_penalty: PresenceOpt = 0.0,
+    frequency_penalty: FreqOpt = 0.0,
+    no_repeat_ngram_size: NgramOpt = 0,
+    num_beams: Annotated[int, typer.Option("--num-beams", help="Beam search width (1 = sampling/greedy).")] = 1,
+    num_return_sequences: Annotated[
+        int, typer.Option("--num-return-sequences", help="Beams to return (<= --num-beams).")
+    ] = 1,
+    length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam score / length**this.")] = 1.0,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prompt before the continuation.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result per line (with provenance).")] = False,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Generate text from a prompt: the text goes to stdout, the seed and timing to stderr."""
+    import json
+    import time
+
+    from aigc.generation import load_generator, make_params
+
+    params = make_params(
+        max_new_tokens=max_new_tokens,
+        temperature=0.0 if num_beams > 1 else temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty,
+        n=n,
+        seed=seed,
+        stop=list(stop or []),
+    )
+    gen = load_generator(model, dtype=_dtype(dtype))
+    t0 = time.perf_counter()
+    if stream and not json_out:
+        if n > 1 or num_beams > 1:
+            raise AigcError("--stream prints one text: use it with --n 1 and --num-beams 1")
+        s = gen.stream(prompt, params)
+        _write(prompt if echo else "")
+        for delta in s:
+            _write(delta)
+        _write("\n")
+        results = [s.result]
+    else:
+        results = gen.generate(prompt, params)
+        for i, r in enumerate(results):
+            if json_out:
+                _write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+                continue
+            if len(results) > 1:
+                _write(("\n" if i else "") + f"----- {i + 1}/{len(results)} (seed {r.seed}) -----\n")
+            _write((prompt if echo else "") + r.text + "\n")
+    dt = time.perf_counter() - t0
+    tokens = sum(r.usage["completion_tokens"] for r in results)
+    err.print(
+        f"seed {results[0].seed}, {tokens} tokens in {dt:.2f} s ({tokens / max(dt, 1e-9):.0f} tokens/s), "
+        f"finish: {', '.join(sorted({r.finish_reason for r in results}))}",
+        highlight=False,
+    )
+    for w in {w for r in results for w in r.warnings}:
+        err.print(f"warning: {w}", highlight=False)
+
+
+@app.command("chat")
+def chat_cmd(
+    model: ModelOpt,
+    system: Annotated[str | None, typer.Option("--system", help="A system message opening the chat.")] = None,
+    max_new_tokens: MaxNewOpt = 200,
+    temperature: TempOpt = 0.8,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    min_p: MinPOpt = 0.0,
+    repetition_penalty: RepOpt = 1.0,
+    no_repeat_ngram_size: NgramOpt = 0,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Chat in the terminal: one message per line on stdin; /reset clears the history, /exit quits."""
+    from aigc.generation import load_generator, make_params
+    from aigc.generation.text import ChatSession
+
+    params = make_params(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        seed=seed,
+        stop=list(stop or []),
+    )
+    session = ChatSession(load_generator(model, dtype=_dtype(dtype)), system=system, params=params)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print("chat: type a message; /reset clears the history, /exit quits", highlight=False)
+    while True:
+        if interactive:
+            err.print("> ", end="")
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            err.print("(history cleared)")
+            continue
+        for delta in session.send(text):
+            _write(delta)
+        _write("\n")
 
 
 # ============================================================================ export
 
 
 # ============================================================================ models
+
+
+@app.command("models")
+def models_cmd(
+    directory: Annotated[str, typer.Argument(help="Directory holding run directories.")] = "runs",
+) -> None:
+    """List trained models (run directories) under a directory: family, parameters, val loss."""
+    from rich.table import Table
+
+    from aigc.training.runs import list_runs
+
+    runs = list_runs(directory)
+    if not runs:
+        err.print(f"no trained models under {directory}")
+        return
+    table = Table("path", "family", "params", "steps", "val loss")
+    for r in runs:
+        val = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
+        table.add_row(str(r.path), r.family, f"{r.params:,}", str(r.steps or "-"), val)
+    out.print(table)
 
 
 # ============================================================================ demo

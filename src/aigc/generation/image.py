@@ -1,0 +1,329 @@
+"""ImageGenerator: one front for every image model (our diffusion/VAE/GAN runs, diffusers pipelines).
+
+    gen = ImageGenerator.load("runs/digits")           # a trained run directory
+    gen = ImageGenerator.load("hf:path/to/sd-pipeline") # a local diffusers pipeline (or hub id)
+    out = gen.generate(n=16, seed=0, label=7, guidance=3.0, sampler="dpm", steps=20)
+    out.save("outputs/")                                # PNGs with parameters + grid.png
+
+Parameters are checked against what the model can do before any tensor work, so a bad request
+fails with one line that lists the allowed values. Randomness comes from one explicit
+`torch.Generator(seed)` per call; the seed is recorded in every image's PNG text chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aigc.errors import AigcError
+from aigc.generation.image_io import make_grid, save_gif, save_png, to_pil, upscale
+from aigc.models.diffusion import SAMPLERS, denoise, make_scheduler
+
+HF_PREFIX = "hf:"
+
+
+@dataclass
+class GeneratedImages:
+    """What `generate` returns: PIL images and, for each, the parameters that made it."""
+
+    images: list
+    params: list[dict[str, Any]] = field(default_factory=list)
+    tensor: torch.Tensor | None = None  # (n, C, H, W) in [-1, 1] before 8-bit rounding (our models only)
+
+    def save(
+        self, out_dir: str | Path, grid: bool = True, scale: int = 1, prefix: str = "image"
+    ) -> list[Path]:
+        """Write `<prefix>-000.png`... (+ `grid.png`) into `out_dir`; each PNG carries its params."""
+        out_dir = Path(out_dir)
+        paths = [
+            save_png(upscale(img, scale), out_dir / f"{prefix}-{i:03d}.png", p)
+            for i, (img, p) in enumerate(zip(self.images, self.params, strict=True))
+        ]
+        if grid and self.images:
+            shared = {k: v for k, v in self.params[0].items() if k not in ("index", "label")}
+            labels = sorted({str(p.get("label")) for p in self.params})
+            shared["label"] = labels[0] if len(labels) == 1 else ",".join(labels)
+            paths.append(save_png(upscale(make_grid(self.images), scale), out_dir / "grid.png", shared))
+        return paths
+
+
+def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation: keeps Gaussian noise at its usual norm (a straight line would shrink it)."""
+    fa, fb = a.flatten(), b.flatten()
+    omega = torch.arccos(torch.clamp(torch.dot(fa / fa.norm(), fb / fb.norm()), -1, 1))
+    if omega.abs() < 1e-4:
+        return (1 - t) * a + t * b
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
+
+class ImageGenerator:
+    """Generate images from a trained run (`family` diffusion | vae | gan) or a diffusers pipeline."""
+
+    def __init__(self, family: str, model: Any, config: Any, name: str, classes: list[str] | None = None):
+        self.family = family  # "diffusion" | "vae" | "gan" | "hf"
+        self.model = model  # UNet2DModel | VAE | Generator | DiffusionPipeline
+        self.config = config
+        self.name = name
+        self.classes = classes or []
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, name: str | Path, device: str = "cpu") -> ImageGenerator:
+        """A run directory, or `hf:<dir or id>` for a diffusers pipeline (StableDiffusion, DDPM, ...)."""
+        name = str(name)
+        if name.startswith(HF_PREFIX):
+            return cls._load_hf(name[len(HF_PREFIX) :], device)
+        path = Path(name)
+        if not (path / "config.json").is_file():
+            raise AigcError(
+                f"{name} is not a model directory (no config.json); pass a run directory or hf:<dir>"
+            )
+        from aigc.training.image_tasks import load_image_model
+        from aigc.utils.io import read_json
+
+        family, mcfg, module = load_image_model(path, device)
+        classes = read_json(path / "config.json").get("data", {}).get("classes", [])
+        return cls(family, module, mcfg, path.name, classes)
+
+    @classmethod
+    def _load_hf(cls, ref: str, device: str) -> ImageGenerator:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(ref, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AigcError(
+                f"cannot load diffusers pipeline {ref!r}: {first}; pass a local directory saved with "
+                "save_pretrained (safetensors weights) or a hub id reachable online"
+            ) from None
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls("hf", pipe, None, ref)
+
+    # ---------------------------------------------------------------- checks
+
+    @property
+    def conditional(self) -> bool:
+        return self.family in ("diffusion", "gan") and self.config.num_classes > 0
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.family == "hf" and hasattr(self.model, "tokenizer")
+
+    def _check(
+        self, label, guidance, sampler, steps, prompt
+    ) -> tuple[int | None, float | None, str | None, int | None]:
+        """Validate a request against the model; return (label index, guidance, sampler, steps) resolved."""
+        if sampler is not None and sampler not in SAMPLERS:
+            raise AigcError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+        if steps is not None and steps < 1:
+            raise AigcError(f"steps must be >= 1, got {steps}")
+        if self.family in ("vae", "gan") and (sampler is not None or steps is not None):
+            raise AigcError(
+                f"--sampler/--steps apply to diffusion models; this is a {self.family} (one forward pass)"
+            )
+        if prompt is not None and not self.is_text_to_image:
+            raise AigcError(f"a prompt needs a text-to-image model; {self.name} is a {self.family} model")
+        if self.family == "hf":
+            if label is not None:
+                raise AigcError(f"{self.name} is not class-conditional; drop --label")
+            if guidance is not None and not self.is_text_to_image:
+                raise AigcError(
+                    f"{self.name} is unconditional: guidance needs a text-to-image model; drop --guidance"
+                )
+            return None, guidance, sampler, steps
+        if not self.conditional:
+            if label is not None or guidance is not None:
+                which = "--label" if label is not None else "--guidance"
+                raise AigcError(
+                    f"{self.name} is an unconditional {self.family} model: {which} needs a class-conditional one "
+                    "(train with --set conditional=true on labelled data); drop it"
+                )
+            return (
+                None,
+                None,
+                sampler or getattr(self.config, "sampler", None),
+                steps or getattr(self.config, "steps", None),
+            )
+        if guidance is not None and self.family != "diffusion":
+            raise AigcError("guidance applies to diffusion models; drop --guidance for a GAN")
+        idx = None
+        if label is not None:
+            k = self.config.num_classes
+            names = self.classes[:k]
+            if isinstance(label, str) and label in names:
+                idx = names.index(label)
+            else:
+                try:
+                    idx = int(label)
+                except (TypeError, ValueError):
+                    idx = -1
+                if not 0 <= idx < k:
+                    shown = (
+                        f" (names: {', '.join(names)})"
+                        if names and names != [str(i) for i in range(k)]
+                        else ""
+                    )
+                    raise AigcError(
+                        f"label {label!r} is outside the classes 0..{k - 1}{shown}; pick one of them"
+                    )
+        if self.family == "diffusion":
+            guidance = self.config.guidance if guidance is None else guidance
+            return idx, guidance, sampler or self.config.sampler, steps or self.config.steps
+        return idx, None, None, None
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        n: int = 1,
+        seed: int = 0,
+        label: int | str | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        prompt: str | None = None,
+        batch_size: int = 64,
+        size: int | None = None,
+    ) -> GeneratedImages:
+        """n images; for a conditional model without `label`, labels cycle through the classes."""
+        if n < 1:
+            raise AigcError(f"n must be >= 1, got {n}")
+        label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, prompt)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        base = {
+            "model": self.name,
+            "family": self.family,
+            "seed": seed,
+            "n": n,
+            "time": round(time.time(), 3),
+        }
+        if self.family == "hf":
+            return self._generate_hf(n, g, guidance, sampler, steps, prompt, size, base)
+        labels = None
+        if self.conditional:
+            k = self.config.num_classes
+            labels = torch.full((n,), label_idx) if label_idx is not None else torch.arange(n) % k
+        outs = []
+        for start in range(0, n, batch_size):  # one generator across batches: the whole call is one seed
+            b = min(batch_size, n - start)
+            lab = labels[start : start + b] if labels is not None else None
+            outs.append(self._sample(b, g, lab, guidance, sampler, steps))
+        x = torch.cat(outs)  # (n, C, H, W) in [-1, 1]
+        params = []
+        for i in range(n):
+            p = {**base, "index": i, "sampler": sampler, "steps": steps, "guidance": guidance}
+            p["label"] = int(labels[i]) if labels is not None else None
+            params.append(p)
+        return GeneratedImages(to_pil(x), params, x)
+
+    def _sample(self, b, g, labels, guidance, sampler, steps, x_T=None) -> torch.Tensor:
+        """One batch from our own models: (b, C, H, W) in [-1, 1]."""
+        if self.family == "diffusion":
+            sched = make_scheduler(self.config, sampler)
+            w = guidance if labels is not None else 1.0
+            return denoise(self.model, sched, b, steps, g, labels, w, self.config.null_label, x_T=x_T)
+        if self.family == "vae":
+            z = x_T if x_T is not None else torch.randn((b, self.config.latent_dim), generator=g)
+            return self.model.decode(z)
+        z = x_T if x_T is not None else torch.randn((b, self.config.latent_dim), generator=g)
+        return self.model(z, labels)
+
+    def _generate_hf(self, n, g, guidance, sampler, steps, prompt, size, base) -> GeneratedImages:
+        pipe = self.model
+        if sampler is not None:  # swap the scheduler, keeping the pipeline's noise schedule
+            from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+            cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[sampler]
+            extra = {"algorithm_type": "dpmsolver++"} if sampler == "dpm" else {}
+            pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+        steps = steps or (50 if self.is_text_to_image else 1000)
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": g, "output_type": "pil"}
+        if self.is_text_to_image:
+            kwargs.update(prompt=prompt or "", num_images_per_prompt=n)
+            kwargs["guidance_scale"] = 7.5 if guidance is None else guidance  # the pipelines' default
+            if size is not None:
+                kwargs.update(height=size, width=size)
+        else:
+            kwargs["batch_size"] = n
+        images = pipe(**kwargs).images
+        used = sampler or type(pipe.scheduler).__name__
+        params = [
+            {
+                **base,
+                "index": i,
+                "sampler": used,
+                "steps": steps,
+                "guidance": kwargs.get("guidance_scale"),
+                "prompt": prompt,
+            }
+            for i in range(len(images))
+        ]
+        return GeneratedImages(list(images), params)
+
+    # ---------------------------------------------------------------- animation
+
+    @torch.no_grad()
+    def animate(
+        self,
+        frames: int = 24,
+        seed: int = 0,
+        label: int | str | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        keyframes: int = 3,
+    ) -> tuple[list, dict[str, Any]]:
+        """A latent interpolation: slerp through `keyframes` random latents (looping back), one image per frame.
+
+        Diffusion models walk the initial noise x_T with a deterministic sampler (DDIM or DPM-Solver++;
+        DDPM's fresh noise at every step would make the frames flicker).
+        """
+        if self.family == "hf":
+            raise AigcError("--animate works with our own diffusion/VAE/GAN runs, not hf: pipelines")
+        if frames < 2 or keyframes < 2:
+            raise AigcError(f"an animation needs frames >= 2 and keyframes >= 2, got {frames}, {keyframes}")
+        label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, None)
+        if self.family == "diffusion" and sampler == "ddpm":
+            sampler = "ddim"
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        if self.family == "diffusion":
+            c, s = self.config.in_channels, self.config.image_size
+            keys = [torch.randn((1, c, s, s), generator=g) for _ in range(keyframes)]
+        else:
+            keys = [torch.randn((1, self.config.latent_dim), generator=g) for _ in range(keyframes)]
+        keys.append(keys[0])  # loop
+        latents = []
+        for i in range(frames):
+            pos = i / frames * keyframes
+            j, t = int(pos), pos - int(pos)
+            latents.append(_slerp(keys[j], keys[j + 1], t))
+        x_T = torch.cat(latents)  # (frames, ...)
+        labels = None
+        if self.conditional:
+            labels = torch.full((frames,), label_idx if label_idx is not None else 0)
+        x = self._sample(frames, g, labels, guidance, sampler, steps, x_T=x_T)
+        params = {"model": self.name, "family": self.family, "seed": seed, "frames": frames, "sampler": sampler,
+                  "steps": steps, "guidance": guidance, "label": None if labels is None else int(labels[0]),
+                  "animation": f"slerp through {keyframes} latents"}  # fmt: skip
+        return to_pil(x), params
+
+    def save_animation(
+        self, frames: list, params: dict[str, Any], path: str | Path, scale: int = 1, fps: float = 12
+    ):
+        return save_gif([upscale(f, scale) for f in frames], path, fps=fps, params=params)
+
+
+def load_image_generator(name: str | Path, device: str = "cpu") -> ImageGenerator:
+    return ImageGenerator.load(name, device)
+
+
+__all__ = ["GeneratedImages", "ImageGenerator", "load_image_generator"]

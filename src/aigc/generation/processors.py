@@ -1,0 +1,269 @@
+"""Logits processors: pure functions of (logits (B, V), history, per-row parameters).
+
+Every parameter is a tensor with one value per row, so one batch can mix requests (one row at
+temperature 0.7 with top-p 0.9 next to a greedy one). A row whose value is the neutral one
+(top_k 0, top_p 1, min_p 0, ...) passes through unchanged. Semantics match the processors of the
+same name in `transformers.generation.logits_process` (the oracle tests check it), applied in the
+same order as `GenerationMixin._get_logits_processor`:
+
+  logit bias, repetition penalty, presence/frequency penalty, no-repeat-ngram, bad words   (all rows)
+  temperature, top-k, top-p, min-p, typical-p                                 (sampling rows only)
+
+History is passed in the form that is cheap to keep up to date during decoding: `seen` (B, V)
+bool (token occurs in prompt + generated), `counts` (B, V) (occurrences among generated tokens),
+and per-row token lists for the n-gram and bad-word rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from aigc.generation.params import GenerationParams
+
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------- penalties (all rows)
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL repetition penalty: a seen token's logit is divided by `penalty` (multiplied if negative)."""
+    p = penalty[:, None]  # (B, 1)
+    penalized = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(seen, penalized, logits)
+
+
+def presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI penalties: logit - presence * [count > 0] - frequency * count."""
+    return logits - presence[:, None] * (counts > 0).to(logits.dtype) - frequency[:, None] * counts.to(logits.dtype)
+
+
+def ban_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Set the listed token ids of each row to -inf (n-gram and bad-word rules end here)."""
+    rows = [r for r, ids in enumerate(banned) for _ in ids]
+    if not rows:
+        return logits
+    cols = [t for ids in banned for t in ids]
+    out = logits.clone()
+    out[torch.tensor(rows), torch.tensor(cols)] = NEG_INF
+    return out
+
+
+class NGramIndex:
+    """The n-grams of one row's history, kept up to date token by token.
+
+    `banned()` lists the tokens that would complete an n-gram already present (transformers'
+    `NoRepeatNGramLogitsProcessor`: prompt tokens count too).
+    """
+
+    def __init__(self, n: int, tokens: Sequence[int] = ()) -> None:
+        self.n = n
+        self.tokens: list[int] = []
+        self.next: dict[tuple[int, ...], set[int]] = {}
+        for t in tokens:
+            self.add(t)
+
+    def add(self, token: int) -> None:
+        self.tokens.append(int(token))
+        if len(self.tokens) >= self.n:
+            gram = self.tokens[len(self.tokens) - self.n :]
+            self.next.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+    def banned(self) -> list[int]:
+        if self.n <= 0 or len(self.tokens) < self.n:
+            return []
+        prefix = tuple(self.tokens[len(self.tokens) - self.n + 1 :]) if self.n > 1 else ()
+        return sorted(self.next.get(prefix, ()))
+
+
+def no_repeat_ngram_banned(tokens: Sequence[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram of `tokens` (pure form of NGramIndex)."""
+    return NGramIndex(n, tokens).banned() if n > 0 else []
+
+
+def bad_words_banned(tokens: Sequence[int], bad_words_ids: Sequence[Sequence[int]]) -> list[int]:
+    """Last tokens of bad sequences whose prefix ends the history (single tokens: always banned)."""
+    out = []
+    for seq in bad_words_ids:
+        k = len(seq) - 1
+        if k == 0 or (len(tokens) >= k and list(tokens[len(tokens) - k :]) == list(seq[:-1])):
+            out.append(seq[-1])
+    return out
+
+
+# ---------------------------------------------------------------------------- warpers (sampling rows)
+
+
+def temperature(logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature (> 0)."""
+    return logits / temp[:, None]
+
+
+def top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k highest logits (ties with the k-th kept); k == 0 leaves the row alone."""
+    V = logits.shape[-1]
+    k = k.clamp(max=V)
+    kmax = int(k.max())
+    if kmax == 0:
+        return logits
+    kth = torch.topk(logits, kmax, dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])  # (B, 1)
+    remove = (logits < kth) & (k > 0)[:, None]
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p; p == 1 is off."""
+    sorted_logits, idx = torch.sort(logits, descending=False)  # (B, V) ascending
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - p)[:, None]
+    remove_sorted[:, -1] = False  # always keep the most likely token
+    remove_sorted &= (p < 1)[:, None]
+    remove = remove_sorted.scatter(1, idx, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def min_p(logits: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below m * (probability of the most likely token)."""
+    probs = logits.softmax(dim=-1)
+    remove = probs < m[:, None] * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def typical_p(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2022): keep tokens whose surprisal is closest to the
+    entropy until their probability mass reaches `mass`; mass == 1 is off."""
+    logp = torch.log_softmax(logits, dim=-1)
+    ent = -(logp * logp.exp()).nansum(-1, keepdim=True)  # (B, 1)
+    shifted = (-logp - ent).abs()  # distance of each token's surprisal from the entropy
+    sorted_shift, idx = torch.sort(shifted, descending=False)
+    cum = logits.gather(-1, idx).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass[:, None]).sum(dim=1).clamp(max=logits.shape[-1] - 1)  # (B,)
+    remove_sorted = sorted_shift > sorted_shift.gather(1, last[:, None])
+    remove_sorted[:, 0] = False
+    remove_sorted &= (mass < 1)[:, None]
+    remove = remove_sorted.scatter(1, idx, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+# ---------------------------------------------------------------------------- a batch of rows
+
+
+@dataclass
+class RowParams:
+    """Per-row parameter tensors for a batch, plus flags that skip processors no row uses."""
+
+    sample: torch.Tensor  # (B,) bool: sampling row (else greedy)
+    temperature: torch.Tensor  # (B,)
+    top_k: torch.Tensor  # (B,) long
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    typical_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    logit_bias: torch.Tensor | None  # (B, V) or None
+    ngram: list[int]
+    bad_words_ids: list[list[list[int]]]
+
+    def __post_init__(self) -> None:
+        # Python flags, computed once: checking tensors every step costs more than a tiny model's layer
+        s = self.sample
+        self.any_sample = bool(s.any())
+        self.use_rep = bool((self.repetition_penalty != 1).any())
+        self.use_pf = bool(((self.presence_penalty != 0) | (self.frequency_penalty != 0)).any())
+        self.use_temp = bool(((self.temperature != 1) & s).any())
+        self.use_top_k = bool(((self.top_k > 0) & s).any())
+        self.use_top_p = bool(((self.top_p < 1) & s).any())
+        self.use_min_p = bool(((self.min_p > 0) & s).any())
+        self.use_typical = bool(((self.typical_p < 1) & s).any())
+        self.use_ngram = any(self.ngram)
+        self.use_bad = any(self.bad_words_ids)
+
+    @classmethod
+    def from_params(cls, params: Sequence[GenerationParams], vocab_size: int) -> RowParams:
+        def f(name: str) -> torch.Tensor:
+            return torch.tensor([float(getattr(p, name)) for p in params])
+
+        sample = torch.tensor([p.sampling for p in params])
+        bias = None
+        if any(p.logit_bias for p in params):
+            bias = torch.zeros(len(params), vocab_size)
+            for r, p in enumerate(params):
+                for t, b in p.logit_bias.items():
+                    if t < vocab_size:
+                        bias[r, t] = b
+        return cls(
+            sample=sample,
+            temperature=torch.where(sample, f("temperature"), torch.ones(len(params))),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
+            top_p=f("top_p"),
+            min_p=f("min_p"),
+            typical_p=f("typical_p"),
+            repetition_penalty=f("repetition_penalty"),
+            presence_penalty=f("presence_penalty"),
+            frequency_penalty=f("frequency_penalty"),
+            logit_bias=bias,
+            ngram=[p.no_repeat_ngram_size for p in params],
+            bad_words_ids=[p.bad_words_ids for p in params],
+        )
+
+    def select(self, rows: torch.Tensor) -> RowParams:
+        """The parameters of a subset of rows (when finished rows leave the batch)."""
+        r = rows.tolist()
+        return RowParams(
+            sample=self.sample[rows],
+            temperature=self.temperature[rows],
+            top_k=self.top_k[rows],
+            top_p=self.top_p[rows],
+            min_p=self.min_p[rows],
+            typical_p=self.typical_p[rows],
+            repetition_penalty=self.repetition_penalty[rows],
+            presence_penalty=self.presence_penalty[rows],
+            frequency_penalty=self.frequency_penalty[rows],
+            logit_bias=None if self.logit_bias is None else self.logit_bias[rows],
+            ngram=[self.ngram[i] for i in r],
+            bad_words_ids=[self.bad_words_ids[i] for i in r],
+        )
+
+
+def process(
+    logits: torch.Tensor,
+    rp: RowParams,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    histories: Sequence[Sequence[int]] | None = None,
+    ngrams: Sequence[NGramIndex | None] | None = None,
+) -> torch.Tensor:
+    """All processors in transformers' order; skips each one no row uses (per-step overhead matters)."""
+    # 1. penalties and bans: they change what greedy picks too
+    if rp.logit_bias is not None:
+        logits = logits + rp.logit_bias
+    if seen is not None and rp.use_rep:
+        logits = repetition_penalty(logits, seen, rp.repetition_penalty)
+    if counts is not None and rp.use_pf:
+        logits = presence_frequency_penalty(logits, counts, rp.presence_penalty, rp.frequency_penalty)
+    if ngrams is not None and rp.use_ngram:
+        logits = ban_tokens(logits, [ix.banned() if ix is not None else [] for ix in ngrams])
+    if histories is not None and rp.use_bad:
+        logits = ban_tokens(logits, [bad_words_banned(h, b) for h, b in zip(histories, rp.bad_words_ids)])
+    # 2. warpers: reshape the distribution of sampling rows only (greedy rows keep temperature 1)
+    if not rp.any_sample:
+        return logits
+    s = rp.sample
+    if rp.use_temp:
+        logits = temperature(logits, rp.temperature)
+    if rp.use_top_k:
+        logits = top_k(logits, torch.where(s, rp.top_k, 0))
+    if rp.use_top_p:
+        logits = top_p(logits, torch.where(s, rp.top_p, 1.0))
+    if rp.use_min_p:
+        logits = min_p(logits, torch.where(s, rp.min_p, 0.0))
+    if rp.use_typical:
+        logits = typical_p(logits, torch.where(s, rp.typical_p, 1.0))
+    return logits

@@ -1,0 +1,235 @@
+"""Denoising diffusion (DDPM, Ho et al. 2020) with classifier-free guidance (Ho & Salimans 2022).
+
+The network is diffusers' `UNet2DModel`; the noise schedules and samplers are diffusers'
+schedulers (DDPM, DDIM, DPM-Solver++), built from one `DiffusionConfig`. This file holds the
+config, the builders and the denoising loop (`denoise`), kept apart as in diffusers: the model
+maps tensors to tensors, the scheduler holds no weights, the loop is short and takes an explicit
+`torch.Generator`.
+
+Notation: B batch, C image channels, H = W = image_size, K = num_classes (K+1 with the null label).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from aigc.errors import AigcError
+
+SAMPLERS = ("ddpm", "ddim", "dpm")
+
+
+@dataclass
+class DiffusionConfig:
+    image_size: int = 32  # H = W; filled from the data set
+    in_channels: int = 1  # C; filled from the data set
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # one UNet level each; levels-1 downsamplings
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (2,)  # levels (0-based) with self-attention blocks
+    norm_num_groups: int = 8
+    # class conditioning: num_classes > 0 adds an embedding table with one extra "null" row that
+    # label dropout trains, so one network gives both eps(x, y) and eps(x) for guidance.
+    num_classes: int = 0
+    label_dropout: float = 0.1
+    # noise schedule (shared by training and every sampler)
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "squaredcos_cap_v2", "scaled_linear"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    ema_decay: float = 0.999  # EMA of the weights; the EMA copy is what sampling uses
+    # generation defaults (the CLI may override)
+    sampler: Literal["ddpm", "ddim", "dpm"] = "dpm"
+    steps: int = 20
+    guidance: float = 3.0
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        if levels < 1:
+            raise ValueError("block_out_channels needs at least one level")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}"
+            )
+        if any(not 0 <= i < levels for i in self.attention_levels):
+            raise ValueError(
+                f"attention_levels must be level indices in 0..{levels - 1}, got {self.attention_levels}"
+            )
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        check_image_size(self.image_size, self.block_out_channels)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes  # the extra embedding row
+
+
+def supported_sizes(block_out_channels: tuple[int, ...] | list[int]) -> tuple[int, list[int]]:
+    """(multiple, examples): the UNet halves the size len-1 times and must double back exactly."""
+    m = 2 ** (len(block_out_channels) - 1)
+    return m, [s for s in (8, 16, 28, 32, 64, 128) if s % m == 0 and s >= m]
+
+
+def check_image_size(size: int, block_out_channels: tuple[int, ...] | list[int]) -> None:
+    m, examples = supported_sizes(block_out_channels)
+    if size < m or size % m:
+        raise AigcError(
+            f"image size {size} is not supported by a UNet with {len(block_out_channels)} levels: sizes must "
+            f"be multiples of {m} (e.g. {', '.join(map(str, examples))}); prepare the data with "
+            f"--set size=N or change model.block_out_channels"
+        )
+
+
+def build_unet(cfg: DiffusionConfig):
+    """The diffusers UNet2DModel described by `cfg` (plain noise predictor eps(x_t, t[, y]))."""
+    from diffusers import UNet2DModel
+
+    levels = range(len(cfg.block_out_channels))
+    return UNet2DModel(
+        sample_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=tuple(
+            "AttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels
+        ),
+        up_block_types=tuple(
+            "AttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels)
+        ),
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=8,
+        # class_embed_type=None + num_class_embeds -> nn.Embedding added to the time embedding
+        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes > 0 else None,
+    )
+
+
+def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm"):
+    """A diffusers scheduler for `sampler`, on the training noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    if sampler not in SAMPLERS:
+        raise AigcError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    common = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type="epsilon",
+    )
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=True)
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True)
+    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def denoise(
+    unet,
+    scheduler,
+    n: int,
+    steps: int,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    null_label: int | None = None,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample n images from noise with `scheduler`; returns (n, C, H, W) in [-1, 1].
+
+    `x_T` (n, C, H, W) replaces the initial noise draw (latent interpolation uses it).
+
+    Classifier-free guidance when `labels` is given and guidance != 1: the batch is doubled
+    (conditional, null label) and eps = eps_uncond + w * (eps_cond - eps_uncond).
+    """
+    if steps < 1:
+        raise AigcError(f"steps must be >= 1, got {steps}")
+    c, s = unet.config.in_channels, unet.config.sample_size
+    device, dtype = unet.device, unet.dtype
+    # 1. start from pure noise x_T ~ N(0, I), drawn from the caller's generator
+    if x_T is None:
+        x = torch.randn((n, c, s, s), generator=generator, device=device, dtype=dtype)  # (B, C, H, W)
+    else:
+        x = x_T.to(device=device, dtype=dtype)
+    x = x * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    guided = labels is not None and guidance != 1.0
+    if guided:
+        assert null_label is not None
+        labels = torch.cat([labels, torch.full_like(labels, null_label)])  # (2B)
+    for t in scheduler.timesteps:
+        # 2. predict the noise; with guidance, both halves in one batch
+        x_in = torch.cat([x, x]) if guided else x  # (B or 2B, C, H, W)
+        x_in = scheduler.scale_model_input(x_in, t)
+        eps = unet(x_in, t, class_labels=labels).sample
+        if guided:
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        # 3. one reverse step x_t -> x_{t-1} (DDPM draws its variance noise from `generator`)
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x.clamp(-1, 1)
+
+
+class EMA:
+    """Exponential moving average of a module's float parameters and buffers (kept in fp32).
+
+    decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the
+    random init (as diffusers' EMAModel does).
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        self.shadow = {k: v.clone().float() for k, v in state.items()}
+        self.num_updates = num_updates
+
+
+def diffusion_loss(
+    unet, scheduler, x0: torch.Tensor, labels: torch.Tensor | None, cfg: DiffusionConfig, generator=None
+):
+    """Noise-prediction loss (Ho et al. eq. 14): || eps - eps_theta(sqrt(a_t) x0 + sqrt(1-a_t) eps, t) ||^2."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, H, W)
+    t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator, device=x0.device)  # (B)
+    x_t = scheduler.add_noise(x0, noise, t)
+    if labels is not None and cfg.label_dropout > 0:
+        # label dropout: train the null label too, so guidance has an unconditional model
+        drop = torch.rand(b, generator=generator, device=x0.device) < cfg.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, cfg.null_label), labels)
+    eps = unet(x_t, t, class_labels=labels).sample
+    return torch.nn.functional.mse_loss(eps.float(), noise.float())
+
+
+__all__ = [
+    "EMA",
+    "SAMPLERS",
+    "DiffusionConfig",
+    "build_unet",
+    "check_image_size",
+    "denoise",
+    "diffusion_loss",
+    "make_scheduler",
+    "supported_sizes",
+]

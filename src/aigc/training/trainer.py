@@ -1,0 +1,411 @@
+"""The Trainer: one training loop for every model family (the family lives in a `Task`).
+
+It owns what is the same everywhere: device and precision, DDP wrapping, the LR schedule (linear
+warmup, cosine decay by step or by elapsed fraction of a time budget), budgets and early stopping,
+evaluation and best-weights keeping, exact-resume checkpoints, and the logs (metrics.jsonl,
+TensorBoard, progress bar). See `aigc.training.task` for what a Task provides.
+
+A run directory grows while training (`config.json` first, then `metrics.jsonl`,
+`checkpoints/`, `model.safetensors` at every val improvement) and is completed at the end
+(`loss.png`, `card.md`, `samples/`, and whatever `Task.export` writes). Every file is written
+atomically, so a killed run leaves only whole files and a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from aigc.config import diff
+from aigc.errors import AigcError
+from aigc.training import checkpoint as ckpt
+from aigc.training import distributed as dist_utils
+from aigc.training.config import TrainConfig
+from aigc.training.metrics import MetricsLog, Progress, TensorBoard, peak_flops, plot_loss
+from aigc.training.task import Context, Task
+from aigc.utils.io import atomic_write, atomic_write_json
+
+# train.* keys that may change between a run and its resume (budgets and bookkeeping only)
+RESUMABLE_CHANGES = {
+    "max_steps",
+    "max_time",
+    "eval_interval",
+    "eval_batches",
+    "early_stop_patience",
+    "ckpt_interval",
+    "keep_last",
+    "log_interval",
+    "tensorboard",
+    "compile",
+    "peak_flops",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (call before building the model, so its init is repeatable)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AigcError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AigcError(f"train.device={name} but no CUDA GPU is available; use train.device=cpu or auto")
+    return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision` on `device` (None = plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise AigcError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+        return torch.float16
+    if precision == "bf16":
+        if not bf16_supported(device):
+            raise AigcError(f"train.precision=bf16 is not supported on {device}; use fp32 or auto")
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_supported(device) else None  # auto
+
+
+def lr_factor(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (1-based) after `elapsed` seconds.
+
+    1. linear warmup over warmup_steps; 2. cosine decay from 1 to min_lr_ratio over the budget,
+    where progress is the larger of the step fraction and the time fraction (a time budget
+    decays by the clock: short budgets are won by getting many well-scheduled steps in).
+    """
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = 0.0
+    if cfg.max_steps:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.max_time:
+        progress = max(progress, elapsed / cfg.max_time)
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume when anything but budgets/bookkeeping changed."""
+    changes = [
+        d for d in diff(saved, current) if d.split(":")[0].removeprefix("train.") not in RESUMABLE_CHANGES
+    ]
+    if changes:
+        raise AigcError(
+            "cannot resume: the config differs from the checkpoint's ("
+            + "; ".join(changes)
+            + "); resume with the same settings, or start a new run in another --out"
+        )
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    elapsed: float
+    stopped: str  # "max_steps" | "max_time" | "early_stop"
+    best_val_loss: float | None
+    final: dict[str, float] = field(default_factory=dict)  # the last eval's metrics
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Drive a `Task` under a `TrainConfig`, writing into `run_dir`.
+
+    `run_config` is the resolved run config (saved as config.json and inside every checkpoint,
+    checked on resume). Call `fit()`.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        run_config: dict[str, Any],
+        resume: bool = False,
+        progress: bool = True,
+        log: Any = None,
+    ):
+        self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
+        self.run_config, self.resume, self.show_progress = run_config, resume, progress
+        self.log = log or (lambda msg: None)  # a callable printing one line to the user (stderr)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.step = 0
+        self.elapsed = 0.0
+        self.best_val = math.inf
+        self.bad_evals = 0
+        self.last_eval: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        device = resolve_device(cfg.device)
+        self.dist = dist_utils.setup(device)
+        self.device = dist_utils.rank_device(device, self.dist)
+        self.main = self.dist.is_main
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.raw = self.task.modules()
+        for m in self.raw.values():
+            m.to(self.device)
+        wrapped = {}
+        for name, m in self.raw.items():
+            w = dist_utils.wrap(m, self.device, self.dist)
+            wrapped[name] = torch.compile(w) if cfg.compile else w
+        self.optimizers = self.task.optimizers(cfg)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])  # the peak LR the schedule scales
+        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.ctx = Context(
+            cfg, self.device, wrapped, self.raw, self.optimizers, self.amp_dtype, scaler,
+            self.dist.rank, self.dist.world_size,
+        )  # fmt: skip
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "config.json", self.run_config)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, m in self.raw.items():
+            tensors.update(ckpt.module_tensors(f"module.{name}.", m.state_dict()))
+        opt_meta = {}
+        for name, opt in self.optimizers.items():
+            t, opt_meta[name] = ckpt.optimizer_to_flat(f"optim.{name}.", opt)
+            tensors.update(t)
+        rng_t, rng_meta = ckpt.rng_state()
+        tensors.update(rng_t)
+        task_state = self.task.state_dict()
+        tensors.update({f"task.{k}": ckpt._cpu(v) for k, v in task_state.tensors.items()})
+        state = {
+            "format_version": 1,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "bad_evals": self.bad_evals,
+            "optimizers": opt_meta,
+            "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None,
+            "rng": rng_meta,
+            "task": task_state.meta,
+            "config": self.run_config,
+        }
+        return tensors, state
+
+    def _save_checkpoint(self) -> None:
+        if self.main:
+            tensors, state = self._state()
+            ckpt.save_checkpoint(self.ckpt_root, self.step, tensors, state, self.cfg.keep_last)
+        dist_utils.barrier(self.dist)
+
+    def _load_checkpoint(self) -> None:
+        from aigc.training.task import TaskState
+
+        if self.main:
+            ckpt.clean_staging(self.ckpt_root)
+        path = ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            self.log(f"no checkpoint in {self.ckpt_root}; starting from step 0")
+            self.metrics.truncate_after(0)
+            return
+        tensors, state = ckpt.load_checkpoint(path)
+        check_resume_config(state["config"], self.run_config)
+        for name, m in self.raw.items():
+            prefix = f"module.{name}."
+            m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for name, opt in self.optimizers.items():
+            ckpt.optimizer_from_flat(f"optim.{name}.", tensors, state["optimizers"][name], opt)
+        if self.ctx.scaler is not None and state["scaler"]:
+            self.ctx.scaler.load_state_dict(state["scaler"])
+        task_t = {k.removeprefix("task."): v for k, v in tensors.items() if k.startswith("task.")}
+        self.task.load_state_dict(TaskState(task_t, state["task"]))
+        ckpt.set_rng_state(tensors, state["rng"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.best_val = math.inf if state["best_val"] is None else state["best_val"]
+        self.bad_evals = state["bad_evals"]
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed from {path} (step {self.step})")
+
+    def _save_artifact_weights(self) -> None:
+        if self.main:
+            tensors = {k: ckpt._cpu(v) for k, v in self.task.artifact_tensors().items()}
+            atomic_write(self.run_dir / "model.safetensors", lambda p: save_file(tensors, str(p)))
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _evaluate(self) -> dict[str, float]:
+        for m in self.raw.values():
+            m.eval()
+        with torch.no_grad():
+            result = self.task.eval(self.ctx)
+        for m in self.raw.values():
+            m.train()
+        self.last_eval = result
+        self.metrics.write({"kind": "eval", "step": self.step, **result, "time": round(self.elapsed, 3)})
+        self.tb.write({"kind": "eval", "step": self.step, **result})
+        val = result.get("val_loss")
+        improved = val is None or val < self.best_val
+        if improved:
+            if val is not None:
+                self.best_val = val
+            self.bad_evals = 0
+            self._save_artifact_weights()
+        else:
+            self.bad_evals += 1
+        return result
+
+    # ---------------------------------------------------------------- the loop
+
+    def _budget_left(self) -> str | None:
+        """The reason to stop now, or None."""
+        cfg = self.cfg
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_time is not None and dist_utils.broadcast_flag(self.elapsed >= cfg.max_time, self.dist):
+            return "max_time"
+        if cfg.early_stop_patience and self.bad_evals >= cfg.early_stop_patience:
+            return "early_stop"
+        return None
+
+    def _set_lr(self) -> float:
+        factor = lr_factor(self.cfg, self.step, self.elapsed)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        first = next(iter(self.optimizers.values()))
+        return first.param_groups[0]["lr"]
+
+    def _nan_stop(self, loss: float) -> None:
+        good = ckpt.latest_checkpoint(self.ckpt_root)
+        raise AigcError(
+            f"loss became {loss} at step {self.step}; last good checkpoint: {good or 'none'}"
+            f"{' (resume with --resume)' if good else ''}; lower train.lr (now {self.cfg.lr}), "
+            "raise train.warmup_steps or use train.precision=fp32"
+        )
+
+    def fit(self) -> TrainResult:
+        self._setup()
+        if self.resume:
+            self._load_checkpoint()
+        self.tb = TensorBoard(self.run_dir / "tensorboard", self.cfg.tensorboard and self.main)
+        bar = Progress(self.cfg.max_steps, self.cfg.max_time, enabled=self.show_progress and self.main)
+        try:
+            stopped = self._loop(bar)
+            self._finish()
+        finally:
+            bar.close()
+            self.tb.close()
+            dist_utils.teardown(self.dist)
+        best = None if math.isinf(self.best_val) else self.best_val
+        return TrainResult(self.run_dir, self.step, self.elapsed, stopped, best, self.last_eval)
+
+    def _loop(self, bar: Progress) -> str:
+        cfg = self.cfg
+        throughput = self.task.throughput()
+        peak = None
+        clock = time.perf_counter() - self.elapsed  # the clock continues across a resume
+        window_time, window_steps = 0.0, 0
+        while (stopped := self._budget_left()) is None:
+            self.step += 1
+            self.ctx.step_num = self.step
+            lr = self._set_lr()
+            t0 = time.perf_counter()
+            out = self.task.training_step(self.ctx)
+            loss = float(out["loss"])
+            window_time += time.perf_counter() - t0
+            window_steps += 1
+            if not math.isfinite(loss):
+                self._nan_stop(loss)
+            self.elapsed = time.perf_counter() - clock
+            if self.step % cfg.log_interval == 0 or self.step == 1:
+                record = {"kind": "train", "step": self.step, **out, "lr": lr}
+                if not math.isnan(norm := next(iter(self.ctx.grad_norms.values()), math.nan)):
+                    record["grad_norm"] = norm
+                if throughput is not None:
+                    rate = throughput.per_step * window_steps / max(window_time, 1e-9)
+                    record[f"{throughput.unit}_per_s"] = round(rate, 1)
+                    if throughput.flops_per_step:
+                        peak = peak or peak_flops(
+                            self.device, self.amp_dtype or torch.float32, cfg.peak_flops
+                        )
+                        record["mfu"] = round(
+                            throughput.flops_per_step * window_steps / window_time / peak, 4
+                        )
+                record["time"] = round(self.elapsed, 3)
+                self.metrics.write(record)
+                self.tb.write(record)
+                window_time, window_steps = 0.0, 0
+                bar.update(self.step, self.elapsed, f"loss {loss:.3f} lr {lr:.2e}")
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                self._evaluate()
+                self.elapsed = time.perf_counter() - clock
+            if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
+                self._save_checkpoint()
+                self.elapsed = time.perf_counter() - clock
+        return stopped
+
+    def _finish(self) -> None:
+        """Final eval (unless this step had one), final checkpoint, artifact files, card."""
+        cfg = self.cfg
+        if not (cfg.eval_interval and self.step % cfg.eval_interval == 0) or not self.last_eval:
+            self._evaluate()
+        if not (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
+            self._save_checkpoint()
+        if not (self.run_dir / "model.safetensors").exists():
+            self._save_artifact_weights()
+        samples_dir = self.run_dir / "samples"
+        sample_files = []
+        if self.main:
+            # samples come from the final weights (the best ones unless val got worse lately)
+            samples_dir.mkdir(exist_ok=True)
+            for m in self.raw.values():
+                m.eval()
+            with torch.no_grad():
+                sample_files = self.task.samples(self.ctx, samples_dir)
+            self.task.export(self.run_dir)
+            plot_loss(
+                self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", self.run_config.get("family", "")
+            )
+            from aigc.training.card import write_card
+
+            write_card(self.run_dir, self.run_config, self.task, self.last_eval, self.best_val, self.step,
+                       self.elapsed, sample_files)  # fmt: skip
+        dist_utils.barrier(self.dist)

@@ -1,0 +1,84 @@
+"""`aigc generate text` and `aigc chat` on a tiny artifact written in the test."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+CORPUS = "ROMEO: But soft, what light through yonder window breaks?\nUser: Assistant: 春眠不觉晓\n"
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    from safetensors.torch import save_file
+
+    from aigc.models.gpt import GPT, GPTConfig
+    from aigc.tokenizers import train_tokenizer
+    from aigc.utils.io import atomic_write_json
+
+    tok = train_tokenizer("char", [CORPUS])
+    cfg = dict(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg))
+    out = tmp_path / "run"
+    out.mkdir()
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    atomic_write_json(out / "config.json", {"family": "gpt", "model": cfg, "train": {}, "data": {}})
+    tok.save(out / "tokenizer.json")
+    return out
+
+
+def test_help(run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps long option names at 80 columns
+    for args, word in ((["generate", "--help"], "text"), (["generate", "text", "--help"], "--model"), (["chat", "--help"], "/reset")):
+        code, out, _ = run_cli(*args)
+        assert code == 0 and word in out
+    code, out, _ = run_cli("generate", "text", "--help")
+    for flag in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty",
+                 "--no-repeat-ngram-size", "--num-beams", "--seed", "--stop", "--stream", "--n"):  # fmt: skip
+        assert flag in out
+
+
+def test_generate_text_is_reproducible_and_streams(run_cli, run_dir):
+    args = ["generate", "text", "--model", run_dir, "--prompt", "ROMEO:", "--seed", "7", "--max-new-tokens", "30"]
+    code, out1, err = run_cli(*args)
+    assert code == 0, err
+    assert out1.startswith("ROMEO:") and "seed 7" in err and "tokens/s" in err
+    code, out2, _ = run_cli(*args)
+    assert out2 == out1
+    code, out3, _ = run_cli(*args, "--stream")
+    assert code == 0 and out3 == out1
+
+
+def test_generate_n_json_and_beams(run_cli, run_dir):
+    code, out, err = run_cli("generate", "text", "-m", run_dir, "-p", "ROMEO:", "--n", "2", "--seed", "3", "--json",
+                             "--max-new-tokens", "5")  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["seed"] for r in rows] == [3, 4] and rows[0]["model"] == str(run_dir)
+    code, out, err = run_cli("generate", "text", "-m", run_dir, "-p", "ROMEO:", "--num-beams", "3",
+                             "--no-repeat-ngram-size", "2", "--max-new-tokens", "8")  # fmt: skip
+    assert code == 0, err
+
+
+def test_generate_errors_are_one_line(run_cli, run_dir, tmp_path):
+    code, _, err = run_cli("generate", "text", "-m", run_dir, "--top-p", "1.5")
+    assert code == 1 and "top_p=1.5" in err and "(0, 1]" in err
+    code, _, err = run_cli("generate", "text", "-m", run_dir, "--num-beams", "2", "--top-k", "5")
+    assert code == 1 and "num_beams" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("generate", "text", "-m", tmp_path / "empty")
+    assert code == 1 and "missing config.json" in err
+    code, _, err = run_cli("generate", "text", "-m", run_dir, "-p", "§")
+    assert code == 1 and "not in the char tokenizer" in err
+
+
+def test_chat_reads_piped_stdin(run_cli, run_dir, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("ROMEO\n/reset\n\nbut soft\n/exit\nnever read\n"))
+    code, out, err = run_cli("chat", "-m", run_dir, "--seed", "1", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert len(out.splitlines()) >= 2  # two replies, one per line (a reply may hold newlines)
+    assert "history cleared" in err

@@ -30,7 +30,7 @@ def test_prepare_then_show(run_cli, corpus, tmp_path):
 def test_prepare_bpe_with_flags_and_set(run_cli, corpus, tmp_path):
     code, out, err = run_cli(
         "data", "prepare", corpus, "-o", tmp_path / "out", "--tokenizer", "bpe", "--vocab-size", "270",
-        "--set", "seed=3", "--scrub-pii", "--dedup",
+        "--set", "data.seed=3", "--scrub-pii", "--dedup",
     )  # fmt: skip
     assert code == 0, err
     assert "bpe tokenizer with vocab 270" in out and "PII masked: 0 e-mails" in out
@@ -80,3 +80,14 @@ def test_refuses_non_empty_out(run_cli, corpus, tmp_path):
 def test_show_rejects_a_non_data_dir(run_cli, tmp_path):
     code, _, err = run_cli("data", "show", tmp_path)
     assert code == 1 and "is not a prepared text data set: missing train.bin" in err
+
+
+def test_kind_image_rejects_text_options(run_cli, corpus, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("aigc.data.images") is None:
+        pytest.skip("image data module not installed")
+    code, _, err = run_cli(
+        "data", "prepare", corpus, "--kind", "image", "--tokenizer", "bpe", "-o", tmp_path / "o"
+    )
+    assert code == 1 and "--tokenizer: text options do not apply to --kind image" in err

@@ -15,7 +15,14 @@ import pytest
 
 from aigc.data import load_prepared, prepare_text
 from aigc.data.clean import Cleaner, normalize, scrub_pii
-from aigc.data.sources import SHAKESPEARE_SHA256, builtin_status, download_builtin, stdlib_files
+from aigc.data.sources import (
+    SHAKESPEARE_SHA256,
+    builtin_status,
+    download_builtin,
+    read_lines,
+    split_blocks,
+    stdlib_files,
+)
 from aigc.data.text import _chunks
 from aigc.errors import AigcError, ConfigError
 from aigc.tokenizers import EOS, train_tokenizer
@@ -91,6 +98,14 @@ def test_tang_poems_prepare_and_round_trip(data_root, tmp_path, monkeypatch, tok
     assert sorted(poems) == sorted(expected)
 
 
+def test_tang_poems_file_as_one_document(data_root, tmp_path):
+    path = data_root / "text" / "tang-poems.txt"
+    meta = prepare_text(str(path), tmp_path / "out")
+    text = unicodedata.normalize("NFC", path.read_text(encoding="utf-8"))
+    assert meta["documents"] == 1 and meta["vocab_size"] == len(set(text))  # NFC merges one variant char
+    assert "".join(read_back(tmp_path / "out")) == text
+
+
 # ---------------------------------------------------------------------- sources
 
 
@@ -118,6 +133,12 @@ def test_directory_glob_recursive_split_by_document(docs_dir, tmp_path):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     prepare_text(str(docs_dir), tmp_path / "seed", overrides={"glob": "**/*.txt", "seed": 7})
     assert read_back(tmp_path / "seed")[1] != val
+
+
+def test_output_inside_the_source_directory_is_not_read_back(docs_dir):
+    first = prepare_text(str(docs_dir), docs_dir / "prepared", overrides={"glob": "**/*.txt"})
+    again = prepare_text(str(docs_dir), docs_dir / "prepared", overrides={"glob": "**/*"}, overwrite=True)
+    assert again["source_files"] == first["source_files"] + 1  # notes.md, not train.bin & co
 
 
 def test_split_ignores_document_order(tmp_path):
@@ -161,6 +182,31 @@ def test_jsonl_errors(tmp_path):
     with pytest.raises(AigcError, match="--field applies to JSON Lines"):
         prepare_text(str(tmp_path / "a.txt"), tmp_path / "out", overrides={"field": "text"})
     assert nothing_written(tmp_path / "out")
+
+
+def test_read_lines_streams_in_blocks_with_exact_offsets(tmp_path):
+    text = "短句\n" + "長" * 1000 + "\r\nend"  # a line much longer than the block, cut mid-character
+    path = tmp_path / "a.txt"
+    path.write_bytes(text.encode("utf-8"))
+    digest = hashlib.sha256()
+    lines = list(read_lines(path, digest, block=64))
+    assert lines == ["短句\n", "長" * 1000 + "\r\n", "end"] and "".join(lines) == text
+    assert digest.hexdigest() == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    bad = "長" * 100 + "x"
+    path.write_bytes(bad.encode("utf-8").replace(b"x", b"\xc3("))  # bad sequence at byte 300
+    with pytest.raises(AigcError, match="invalid byte 0xc3 at byte offset 300"):
+        list(read_lines(path, block=64))
+    path.write_bytes(b"ok\n" + "長".encode()[:2])  # file ends inside a character
+    with pytest.raises(AigcError, match="invalid byte 0xe9 at byte offset 3"):
+        list(read_lines(path, block=2))
+    path.write_bytes(b"x" * 100 + b"\x00")
+    with pytest.raises(AigcError, match="NUL byte at byte offset 100"):
+        list(read_lines(path, block=16))
+
+
+def test_split_blocks_streams_documents():
+    lines = ["a\n", "b\r\n", "\r\n", "\n", "  \n", "\n", "c\n"]
+    assert list(split_blocks(iter(lines))) == ["a\nb", "c"]
 
 
 # ---------------------------------------------------------------------- cleaning
@@ -225,6 +271,8 @@ def test_max_bytes_caps_the_corpus(tmp_path):
     assert meta["cleaning"]["truncated"] and 400 < meta["train_bytes"] + meta["val_bytes"] <= 500
     train, val = read_back(tmp_path / "out")
     assert (train + val).endswith("\n")
+    again = prepare_text(str(tmp_path / "a.txt"), tmp_path / "again", overrides={"max_bytes": 500})
+    assert again["source_hash"] == meta["source_hash"] and again["source_files"] == 1
 
 
 def test_load_prepared_errors(tmp_path):

@@ -89,6 +89,7 @@ def test_frechet_distance_properties():
 # ----------------------------------------------------------------------------- KID
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_kid_matches_torchmetrics_with_the_same_subsets():
     kid_mod = pytest.importorskip("torchmetrics.image.kid")
     a, b = _feats(7, n=120), _feats(8, n=100, shift=0.2)
@@ -205,9 +206,13 @@ def test_mnist_real_vs_real_floor_and_speed(data_root, tmp_path):
     import time
 
     root = data_root / "images" / "mnist"
-    x = np.frombuffer(gzip.open(root / "train-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
-    y = np.frombuffer(gzip.open(root / "train-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
-    x_test = np.frombuffer(gzip.open(root / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
+
+    def idx(name: str, offset: int) -> np.ndarray:
+        with gzip.open(root / name) as f:
+            return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+    x, y = idx("train-images-idx3-ubyte.gz", 16), idx("train-labels-idx1-ubyte.gz", 8)
+    x_test = idx("t10k-images-idx3-ubyte.gz", 16)
     x, x_test = x.reshape(-1, 1, 28, 28), x_test.reshape(-1, 1, 28, 28)
     model, info = feature_classifier(x[:20000], y[:20000])
     assert info["test_accuracy"] > 0.95

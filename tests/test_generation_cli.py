@@ -25,7 +25,9 @@ def run_dir(tmp_path):
     model = GPT(GPTConfig(**cfg))
     out = tmp_path / "run"
     out.mkdir()
-    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    save_file(
+        {k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors")
+    )
     atomic_write_json(out / "config.json", {"family": "gpt", "model": cfg, "train": {}, "data": {}})
     tok.save(out / "tokenizer.json")
     return out
@@ -33,7 +35,11 @@ def run_dir(tmp_path):
 
 def test_help(run_cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps long option names at 80 columns
-    for args, word in ((["generate", "--help"], "text"), (["generate", "text", "--help"], "--model"), (["chat", "--help"], "/reset")):
+    for args, word in (
+        (["generate", "--help"], "text"),
+        (["generate", "text", "--help"], "--model"),
+        (["chat", "--help"], "/reset"),
+    ):
         code, out, _ = run_cli(*args)
         assert code == 0 and word in out
     code, out, _ = run_cli("generate", "text", "--help")
@@ -43,7 +49,18 @@ def test_help(run_cli, monkeypatch):
 
 
 def test_generate_text_is_reproducible_and_streams(run_cli, run_dir):
-    args = ["generate", "text", "--model", run_dir, "--prompt", "ROMEO:", "--seed", "7", "--max-new-tokens", "30"]
+    args = [
+        "generate",
+        "text",
+        "--model",
+        run_dir,
+        "--prompt",
+        "ROMEO:",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "30",
+    ]
     code, out1, err = run_cli(*args)
     assert code == 0, err
     assert out1.startswith("ROMEO:") and "seed 7" in err and "tokens/s" in err

@@ -56,7 +56,7 @@ def test_greedy_with_cache_equals_full_recompute(family):
     eng = Engine(make_decoder(model))
     # batched: different prompt lengths in one batch, each row at its own position
     reqs = [Request(p, GenerationParams(temperature=0, max_new_tokens=20, seed=0)) for p in PROMPTS]
-    for req, c in zip(reqs, eng.generate(reqs)):
+    for req, c in zip(reqs, eng.generate(reqs), strict=True):
         assert c.tokens == _greedy_no_cache(model, req.prompt, 20)
         assert c.finish_reason == "length"
 
@@ -65,7 +65,9 @@ def test_bf16_decoder_runs_and_mostly_agrees():
     from aigc.generation.decoders import GPTDecoder
 
     model = _gpt(40)
-    ref = Engine(GPTDecoder(model)).generate([Request(PROMPTS[0], GenerationParams(temperature=0, max_new_tokens=8))])
+    ref = Engine(GPTDecoder(model)).generate(
+        [Request(PROMPTS[0], GenerationParams(temperature=0, max_new_tokens=8))]
+    )
     out = Engine(GPTDecoder(model, torch.bfloat16)).generate(
         [Request(PROMPTS[0], GenerationParams(temperature=0, max_new_tokens=8))]
     )
@@ -80,7 +82,9 @@ def test_same_seed_same_tokens_alone_or_batched():
     target = Request([5, 6, 7], GenerationParams(temperature=0.9, top_k=20, max_new_tokens=25, seed=1234))
     alone = eng.generate([target])[0].tokens
     neighbours = [
-        Request([1, 2], GenerationParams(temperature=0, max_new_tokens=5)),  # finishes early, leaves the batch
+        Request(
+            [1, 2], GenerationParams(temperature=0, max_new_tokens=5)
+        ),  # finishes early, leaves the batch
         target,
         Request([9, 9, 9, 9, 9, 9], GenerationParams(temperature=1.3, top_p=0.5, max_new_tokens=40, seed=7)),
         Request([4], GenerationParams(min_p=0.1, repetition_penalty=1.3, max_new_tokens=12, seed=8)),
@@ -88,7 +92,9 @@ def test_same_seed_same_tokens_alone_or_batched():
     batched = eng.generate(neighbours)
     assert batched[1].tokens == alone
     assert len(batched[0].tokens) == 5 and len(batched[3].tokens) == 12
-    other_seed = eng.generate([Request([5, 6, 7], GenerationParams(temperature=0.9, top_k=20, max_new_tokens=25, seed=99))])
+    other_seed = eng.generate(
+        [Request([5, 6, 7], GenerationParams(temperature=0.9, top_k=20, max_new_tokens=25, seed=99))]
+    )
     assert other_seed[0].tokens != alone
 
 
@@ -99,11 +105,20 @@ def test_stop_token_and_max_new_tokens():
     eng = Engine(make_decoder(model), eos_id=None)
     free = eng.generate([Request([1, 2, 3], GenerationParams(temperature=0, max_new_tokens=10))])[0]
     stop_at = free.tokens[3]
-    c = eng.generate([Request([1, 2, 3], GenerationParams(temperature=0, max_new_tokens=10, stop_token_ids=[stop_at]))])[0]
+    c = eng.generate(
+        [Request([1, 2, 3], GenerationParams(temperature=0, max_new_tokens=10, stop_token_ids=[stop_at]))]
+    )[0]
     assert c.tokens == free.tokens[: free.tokens.index(stop_at) + 1] and c.finish_reason == "stop"
     eng.eos_id = stop_at  # the tokenizer's EOS stops too, unless ignore_eos
-    assert eng.generate([Request([1, 2, 3], GenerationParams(temperature=0, max_new_tokens=10))])[0].finish_reason == "stop"
-    c = eng.generate([Request([1, 2, 3], GenerationParams(temperature=0, max_new_tokens=10, ignore_eos=True))])[0]
+    assert (
+        eng.generate([Request([1, 2, 3], GenerationParams(temperature=0, max_new_tokens=10))])[
+            0
+        ].finish_reason
+        == "stop"
+    )
+    c = eng.generate(
+        [Request([1, 2, 3], GenerationParams(temperature=0, max_new_tokens=10, ignore_eos=True))]
+    )[0]
     assert c.tokens == free.tokens
     assert eng.generate([Request([1], GenerationParams(max_new_tokens=0))])[0].tokens == []
 
@@ -130,19 +145,29 @@ def test_processors_in_the_engine():
     model = _gpt(40)
     eng = Engine(make_decoder(model))
     # no_repeat_ngram_size=1: no token may appear twice (prompt included)
-    c = eng.generate([Request([1, 2], GenerationParams(temperature=0, max_new_tokens=30, no_repeat_ngram_size=1))])[0]
+    c = eng.generate(
+        [Request([1, 2], GenerationParams(temperature=0, max_new_tokens=30, no_repeat_ngram_size=1))]
+    )[0]
     assert len(set(c.tokens + [1, 2])) == len(c.tokens) + 2
     # bad words: a token never produced
     free = eng.generate([Request([1, 2], GenerationParams(temperature=0, max_new_tokens=15))])[0]
     banned = free.tokens[0]
-    c = eng.generate([Request([1, 2], GenerationParams(temperature=0, max_new_tokens=15, bad_words_ids=[[banned]]))])[0]
+    c = eng.generate(
+        [Request([1, 2], GenerationParams(temperature=0, max_new_tokens=15, bad_words_ids=[[banned]]))]
+    )[0]
     assert banned not in c.tokens
     # frequency penalty spreads the tokens
-    c = eng.generate([Request([1], GenerationParams(temperature=0, max_new_tokens=30, frequency_penalty=2.0))])[0]
+    c = eng.generate(
+        [Request([1], GenerationParams(temperature=0, max_new_tokens=30, frequency_penalty=2.0))]
+    )[0]
     assert len(set(c.tokens)) > len(set(free.tokens)) or len(set(c.tokens)) >= 10
     # logprobs
-    c = eng.generate([Request([1], GenerationParams(temperature=0, max_new_tokens=4, logprobs=True, top_logprobs=3))])[0]
-    assert len(c.logprobs) == 4 and all(top[0][0] == t for top, t in zip(c.top_logprobs, c.tokens))
+    c = eng.generate(
+        [Request([1], GenerationParams(temperature=0, max_new_tokens=4, logprobs=True, top_logprobs=3))]
+    )[0]
+    assert len(c.logprobs) == 4 and all(
+        top[0][0] == t for top, t in zip(c.top_logprobs, c.tokens, strict=True)
+    )
 
 
 def test_engine_rejects_bad_token_ids():
@@ -164,7 +189,11 @@ def gen(char_tok):
 def test_generate_records_provenance_and_reproduces(gen):
     [r] = gen.generate("ROMEO:", max_new_tokens=20, temperature=0.8)
     assert r.model == "tiny" and isinstance(r.seed, int) and r.params["temperature"] == 0.8
-    assert r.usage == {"prompt_tokens": 6, "completion_tokens": len(r.tokens), "total_tokens": 6 + len(r.tokens)}
+    assert r.usage == {
+        "prompt_tokens": 6,
+        "completion_tokens": len(r.tokens),
+        "total_tokens": 6 + len(r.tokens),
+    }
     [again] = gen.generate("ROMEO:", **r.params)
     assert again.text == r.text and again.tokens == r.tokens
 

@@ -47,7 +47,9 @@ def _llama(vocab: int, seed: int = 0, eos: int | None = None):
 
 def _hf_generate(model, prompt: list[int], **kw) -> list[list[int]]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kw)
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kw
+        )
     return [row[len(prompt) :].tolist() for row in out]
 
 
@@ -84,7 +86,9 @@ def test_greedy_and_penalties_match_transformers_generate():
     prompt = [5, 6, 7, 8, 9]
     for kw in (dict(), dict(repetition_penalty=1.3, no_repeat_ngram_size=3)):
         ref = _hf_generate(model, prompt, max_new_tokens=15, do_sample=False, **kw)[0]
-        ours = Engine(HFDecoder(model)).generate([Request(prompt, GenerationParams(temperature=0, max_new_tokens=15, **kw))])
+        ours = Engine(HFDecoder(model)).generate(
+            [Request(prompt, GenerationParams(temperature=0, max_new_tokens=15, **kw))]
+        )
         assert ours[0].tokens == ref
 
 
@@ -93,8 +97,11 @@ def test_left_padded_batch_equals_rows_alone():
     prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 9, 10]]
     eng = Engine(HFDecoder(model))
     batched = eng.generate([Request(p, GenerationParams(temperature=0, max_new_tokens=10)) for p in prompts])
-    for p, c in zip(prompts, batched):
-        assert c.tokens == eng.generate([Request(p, GenerationParams(temperature=0, max_new_tokens=10))])[0].tokens
+    for p, c in zip(prompts, batched, strict=True):
+        assert (
+            c.tokens
+            == eng.generate([Request(p, GenerationParams(temperature=0, max_new_tokens=10))])[0].tokens
+        )
 
 
 @pytest.fixture
@@ -102,7 +109,13 @@ def gpt2_dir(tmp_path, bpe):
     """A tiny random GPT-2 + our BPE, saved like a hub model."""
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        vocab_size=bpe.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2, eos_token_id=bpe.eos_id, bos_token_id=bpe.eos_id
+        vocab_size=bpe.vocab_size,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        eos_token_id=bpe.eos_id,
+        bos_token_id=bpe.eos_id,
     )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     out = tmp_path / "gpt2-tiny"

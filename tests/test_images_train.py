@@ -62,6 +62,7 @@ def test_sample_grids_during_training(digits, tmp_path):
     assert names == ["step-0000002.png", "step-0000004.png"]
 
 
+@pytest.mark.slow
 def test_exact_resume_includes_ema(digits, tmp_path):
     """2 steps + resume to 4 == 4 steps straight: weights, EMA (the artifact) and batch cursor."""
     ov = _overrides("diffusion", "train.schedule=constant", "train.ckpt_interval=2", "train.eval_interval=0", "model.ema_decay=0.9")

@@ -314,3 +314,13 @@ def test_resume_refuses_a_changed_model_config(tmp_path):
     # a bigger budget is fine: training continues from step 2
     result = train(tmp_path, data=data, steps=4, resume=True)
     assert result.steps == 4
+
+
+@pytest.mark.parametrize("family", ["gpt", "lstm"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "auto"])
+def test_every_preset_resolves(tmp_path, family, preset):
+    from aigc.data import load_prepared
+    from aigc.training.text import resolve_text_config
+
+    cfg = resolve_text_config(family, load_prepared(make_prepared(tmp_path)), preset, ["train.lr=1e-3"])
+    assert cfg["train"]["lr"] == 1e-3 and cfg["model"]["vocab_size"] > 0 and cfg["train"]["max_steps"] > 0

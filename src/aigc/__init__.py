@@ -22,4 +22,15 @@ def load(path: str | Path) -> Any:
     return load_artifact(path)
 
 
+def sentiment(texts: str | list[str], model: str | Path | None = None) -> Any:
+    """Label + probability for a text, or a list of them, with a trained classifier.
+
+    `model`: a classifier run directory; default the newest classifier under $AIGC_HOME/models
+    or ./runs. See `aigc.evaluation.sentiment.sentiment`.
+    """
+    from aigc.evaluation.sentiment import sentiment as _sentiment
+
+    return _sentiment(texts, model=model)
+
+
 __all__ = ["__version__", "load"]

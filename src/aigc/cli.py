@@ -148,7 +148,10 @@ def data_prepare(
 
     from aigc.data import prepare_text
 
-    overrides = merge(parse_overrides(set_), given)
+    overrides = parse_overrides(set_)
+    if isinstance(overrides.get("data"), dict):  # `--set data.seed=3` reads as `--set seed=3`
+        overrides = merge({k: v for k, v in overrides.items() if k != "data"}, overrides["data"])
+    overrides = merge(overrides, given)
     meta = prepare_text(
         source, out, overrides=overrides, overwrite=overwrite, download=download, log=lambda m: err.print(m)
     )
@@ -440,6 +443,25 @@ def chat_cmd(
 # ============================================================================ export
 
 
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Run directory of a trained model.")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Output directory (must be new or empty).")],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", help="Target format: hf (a transformers LlamaForCausalLM folder)."),
+    ] = "hf",
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights on disk: float32 or bfloat16.")] = "float32",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export a trained model for other tools: --format hf loads in transformers.AutoModelForCausalLM."""
+    from aigc.export import export_artifact
+
+    path = export_artifact(model, out_dir, fmt, dtype=dtype, overwrite=overwrite)
+    err.print(f"exported {model} as {fmt} ({dtype}) to {path}", highlight=False)
+    out.print(str(path), highlight=False)
+
+
 # ============================================================================ models
 
 
@@ -448,6 +470,8 @@ def models_cmd(
     directory: Annotated[str, typer.Argument(help="Directory holding run directories.")] = "runs",
 ) -> None:
     """List trained models (run directories) under a directory: family, parameters, val loss."""
+    from pathlib import Path
+
     from rich.table import Table
 
     from aigc.training.runs import list_runs
@@ -456,14 +480,49 @@ def models_cmd(
     if not runs:
         err.print(f"no trained models under {directory}")
         return
-    table = Table("path", "family", "params", "steps", "val loss")
+    table = Table("run", "family", "params", "steps", "val loss", title=f"models in {directory}")
     for r in runs:
         val = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
-        table.add_row(str(r.path), r.family, f"{r.params:,}", str(r.steps or "-"), val)
+        name = str(r.path.relative_to(directory)) if r.path != Path(directory) else "."
+        table.add_row(name, r.family, f"{r.params:,}", str(r.steps or "-"), val)
     out.print(table)
 
 
 # ============================================================================ demo
+
+
+# ============================================================================ sentiment
+
+
+@app.command("sentiment")
+def sentiment_cmd(
+    texts: Annotated[list[str] | None, typer.Argument(help="Text(s) to classify.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Classifier run dir (default: the newest one).")
+    ] = None,
+    file: Annotated[
+        str | None, typer.Option("--file", "-f", help="Classify every non-empty line of a UTF-8 file.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
+) -> None:
+    """Label + probability for each text with a trained classifier (`aigc train classifier`)."""
+    import json
+    from pathlib import Path
+
+    from aigc.evaluation.sentiment import sentiment
+
+    items = list(texts or [])
+    if file is not None:
+        if not Path(file).is_file():
+            raise AigcError(f"--file {file} not found; pass a UTF-8 text file, one text per line")
+        items += [line.strip() for line in Path(file).read_text(encoding="utf-8").split("\n") if line.strip()]
+    if not items:
+        raise AigcError('nothing to classify: pass text(s), e.g. aigc sentiment "I love it", or --file FILE')
+    for text, (label, prob) in zip(items, sentiment(items, model=model), strict=True):
+        if as_json:
+            out.print(json.dumps({"text": text, "label": label, "probability": round(prob, 4)}), highlight=False)
+        else:
+            out.print(f"{label}\t{prob:.4f}\t{text}", highlight=False, soft_wrap=True, markup=False)
 
 
 # ============================================================================ entry point

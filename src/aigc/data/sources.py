@@ -11,13 +11,15 @@ Built-in corpora (`BUILTINS`) are found on the data search path: the folders in 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -32,31 +34,68 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # ---------------------------------------------------------------------- reading files
 
 
-def decode_text(data: bytes, name: str) -> str:
-    """UTF-8 bytes -> str, or an error naming `name` and the offset of the first bad byte."""
-    nul = data.find(b"\x00")
+def _binary(name: str, offset: int) -> AigcError:
+    return AigcError(
+        f"{name} looks binary: NUL byte at byte offset {offset}; give UTF-8 text files only "
+        "(for a directory, select them with --glob, e.g. --glob '**/*.txt')"
+    )
+
+
+def _not_utf8(name: str, offset: int, byte: int) -> AigcError:
+    return AigcError(
+        f"{name} is not UTF-8 text: invalid byte 0x{byte:02x} at byte offset {offset}; convert it to "
+        "UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or leave it out (--glob)"
+    )
+
+
+def read_lines(path: Path, digest: Any = None, block: int = 1 << 20) -> Iterator[str]:
+    """The lines of a UTF-8 text file (line ends kept), streamed; `digest.update` sees every byte.
+
+    A NUL byte (binary file) or an invalid UTF-8 sequence is an error naming the file and the
+    byte offset. Reads at most `block` bytes at a time, so a file never has to fit in memory.
+    """
+    name = str(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before `raw`
+    parts: list[str] = []  # pieces of a line longer than `block`
+    with open(path, "rb") as f:
+        while raw := f.readline(block):
+            if digest is not None:
+                digest.update(raw)
+            nul = raw.find(b"\x00")
+            pending = len(decoder.getstate()[0])  # bytes of a sequence cut by the previous block
+            try:
+                text = decoder.decode(raw)
+            except UnicodeDecodeError as e:
+                bad = offset - pending + e.start
+                if nul >= 0 and offset + nul < bad:
+                    raise _binary(name, offset + nul) from None
+                raise _not_utf8(name, bad, e.object[e.start]) from None
+            if nul >= 0:
+                raise _binary(name, offset + nul)
+            offset += len(raw)
+            parts.append(text)
+            if raw.endswith(b"\n"):
+                yield "".join(parts)
+                parts = []
     try:
-        text = data.decode("utf-8")
-        bad = None
-    except UnicodeDecodeError as e:
-        bad = e.start
-    if nul >= 0 and (bad is None or nul <= bad):
-        raise AigcError(
-            f"{name} looks binary: NUL byte at byte offset {nul}; give UTF-8 text files only "
-            "(for a directory, select them with --glob, e.g. --glob '**/*.txt')"
-        )
-    if bad is not None:
-        raise AigcError(
-            f"{name} is not UTF-8 text: invalid byte 0x{data[bad]:02x} at byte offset {bad}; convert it to "
-            "UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or leave it out (--glob)"
-        )
-    return text
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:  # the file ends inside a multi-byte sequence
+        raise _not_utf8(name, offset - len(e.object) + e.start, e.object[e.start]) from None
+    if parts:
+        yield "".join(parts)
 
 
-def split_blocks(text: str) -> list[str]:
-    """Documents separated by blank lines (e.g. one poem per block)."""
-    blocks = text.replace("\r\n", "\n").replace("\r", "\n").split("\n\n")
-    return [b.strip("\n") for b in blocks if b.strip()]
+def split_blocks(lines: Iterable[str]) -> Iterator[str]:
+    """Documents separated by blank lines (e.g. one poem per block), streamed."""
+    block: list[str] = []
+    for line in itertools.chain(lines, ["\n"]):  # a final separator flushes the last block
+        if line.strip("\r\n"):
+            block.append(line)
+        elif block:
+            if any(x.strip() for x in block):
+                yield "".join(block).rstrip("\r\n")
+            block = []
 
 
 def _field_value(record: Any, field_path: str, where: str) -> str:
@@ -78,19 +117,22 @@ def _field_value(record: Any, field_path: str, where: str) -> str:
     )
 
 
-def json_records(text: str, name: str, field_path: str) -> Iterator[str]:
-    """Documents of a JSON Lines file (one object per line) or of a JSON array of objects."""
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AigcError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
-        for i, record in enumerate(records):
-            yield _field_value(record, field_path, f"{name} item {i}")
-        return
-    for lineno, line in enumerate(text.split("\n"), start=1):
+def json_records(lines: Iterable[str], name: str, field_path: str) -> Iterator[str]:
+    """Documents of a JSON Lines file (one object per line, streamed) or of a JSON array of objects."""
+    lines = iter(lines)
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if lineno == 1 and line.lstrip().startswith("["):  # a JSON array: parsed as a whole
+            try:
+                records = json.loads(line + "".join(lines))
+            except json.JSONDecodeError as e:
+                raise AigcError(
+                    f"{name}: not valid JSON ({e.msg} at line {e.lineno}); fix the file"
+                ) from None
+            for i, record in enumerate(records):
+                yield _field_value(record, field_path, f"{name} item {i}")
+            return
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -100,15 +142,17 @@ def json_records(text: str, name: str, field_path: str) -> Iterator[str]:
         yield _field_value(record, field_path, f"{name}:{lineno}")
 
 
-def first_json_keys(text: str) -> list[str]:
-    """Keys of the first record of a JSON / JSON Lines text (for error messages); [] if unknown."""
+def first_json_keys(path: Path) -> list[str]:
+    """Keys of the first record of a JSON / JSON Lines file (for error messages); [] if unknown."""
     try:
-        if text.lstrip().startswith("["):
-            first = json.loads(text)[0]
+        lines = read_lines(path)
+        first_line = next(line for line in lines if line.strip())
+        if first_line.lstrip().startswith("["):
+            first = json.loads(first_line + "".join(lines))[0]
         else:
-            first = json.loads(next(line for line in text.split("\n") if line.strip()))
+            first = json.loads(first_line)
         return sorted(first) if isinstance(first, dict) else []
-    except (json.JSONDecodeError, IndexError, StopIteration):
+    except (json.JSONDecodeError, IndexError, StopIteration, KeyError):
         return []
 
 
@@ -136,32 +180,36 @@ class Source:
                 pass
         return str(path)
 
-    def documents(self, on_file: Callable[[str, bytes], None] | None = None) -> Iterator[str]:
-        """Raw documents in a fixed order; `on_file(name, bytes)` sees each file read (for hashing)."""
+    def documents(self, on_file: Callable[[str, str], None] | None = None) -> Iterator[str]:
+        """Raw documents in a fixed order; `on_file(name, sha256)` is called when a file is done."""
         self.skipped = []
         for path in self.files:
+            digest = hashlib.sha256()
+            docs: Iterable[str] = self._read(path, digest)
+            if self.skip_unreadable:  # small files: read whole first, so a bad one yields nothing
+                try:
+                    docs = list(docs)
+                except (OSError, AigcError):
+                    self.skipped.append(self.rel(path))
+                    continue
             try:
-                data = path.read_bytes()
+                yield from docs
             except OSError as e:
-                if self.skip_unreadable:
-                    self.skipped.append(self.rel(path))
-                    continue
-                raise AigcError(f"cannot read {path}: {e.strerror}; check the file's permissions") from None
-            try:
-                text = decode_text(data, str(path))
-            except AigcError:
-                if self.skip_unreadable:
-                    self.skipped.append(self.rel(path))
-                    continue
-                raise
-            if on_file is not None:
-                on_file(self.rel(path), data)
-            if self.field is not None and path.suffix.lower() in JSON_SUFFIXES:
-                yield from json_records(text, str(path), self.field)
-            elif self.blocks:
-                yield from split_blocks(text)
-            else:
-                yield text
+                raise AigcError(
+                    f"cannot read {path}: {e.strerror}; check the file and its permissions"
+                ) from None
+            finally:  # also when the reader stops early (max_bytes): the bytes read so far
+                if on_file is not None:
+                    on_file(self.rel(path), digest.hexdigest())
+
+    def _read(self, path: Path, digest: Any) -> Iterator[str]:
+        lines = read_lines(path, digest)
+        if self.field is not None and path.suffix.lower() in JSON_SUFFIXES:
+            yield from json_records(lines, str(path), self.field)
+        elif self.blocks:
+            yield from split_blocks(lines)
+        else:
+            yield "".join(lines)  # one document: the only case that holds a whole file in memory
 
 
 # ---------------------------------------------------------------------- built-in corpora
@@ -213,11 +261,10 @@ def data_search_path() -> list[Path]:
 def stdlib_files() -> tuple[Path, list[Path]]:
     """The standard library's own .py files, sorted, without test suites and installed packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")
-    ]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP_DIRS]  # prune: site-packages can be huge
+        files.extend(Path(folder, n) for n in names if n.endswith(".py") and not n.startswith("test_"))
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -233,23 +280,22 @@ def find_builtin(name: str) -> Path | None:
 
 
 def builtin_status() -> list[dict[str, Any]]:
-    """One row per built-in: name, available, path (or where it was looked for), size, description."""
+    """One row per built-in: name, available, where (or where it was looked for), size, description."""
     rows = []
     for name, entry in BUILTINS.items():
-        path = find_builtin(name)
-        if entry.relpath is None:
+        if entry.relpath is None:  # collected from this Python: always there
             root, files = stdlib_files()
-            size = sum(p.stat().st_size for p in files)
+            available, size = True, sum(p.stat().st_size for p in files)
             where = f"{root} ({len(files)} .py files)"
-        elif path is not None:
-            size, where = path.stat().st_size, str(path)
+        elif (path := find_builtin(name)) is not None:
+            available, size, where = True, path.stat().st_size, str(path)
         else:
-            size = None
+            available, size = False, None
             where = "not found; looked for " + ", ".join(str(f / entry.relpath) for f in data_search_path())
         rows.append(
             {
                 "name": name,
-                "available": path is not None,
+                "available": available,
                 "where": where,
                 "size": size,
                 "download": entry.url is not None,
@@ -288,7 +334,7 @@ def download_builtin(name: str, url: str | None = None, timeout: float = 60.0) -
     return atomic_write(dest, write)
 
 
-def _builtin_source(name: str, download: bool, url: str | None) -> Source:
+def _builtin_source(name: str, download: bool, url: str | None, blocks: bool = False) -> Source:
     entry = BUILTINS[name]
     if entry.relpath is None:
         root, files = stdlib_files()
@@ -303,7 +349,7 @@ def _builtin_source(name: str, download: bool, url: str | None) -> Source:
             f"built-in corpus {name!r} not found (looked for {looked}); set AIGC_DATA_PATH to a folder "
             f"holding {entry.relpath}{how}"
         )
-    return Source(name, f"built-in {name} ({path})", [path], root=path.parent, blocks=entry.blocks)
+    return Source(name, f"built-in {name} ({path})", [path], root=path.parent, blocks=entry.blocks or blocks)
 
 
 def open_source(
@@ -320,7 +366,7 @@ def open_source(
             raise AigcError(
                 f"--field and --glob apply to files and directories, not to the built-in {source!r}"
             )
-        return _builtin_source(source, download, url)
+        return _builtin_source(source, download, url, blocks)
     path = Path(source).expanduser()
     if not path.exists():
         looks_like_name = os.sep not in source and "/" not in source and not path.suffix
@@ -337,7 +383,7 @@ def open_source(
             raise AigcError(f"--glob applies to a directory source; {path} is a file")
         is_json = path.suffix.lower() in JSON_SUFFIXES
         if is_json and field is None:
-            keys = first_json_keys(decode_text(path.read_bytes(), str(path)))
+            keys = first_json_keys(path)
             raise AigcError(
                 f"{path} is JSON: name the field that holds the text with --field "
                 f"(fields in the first record: {', '.join(keys) or 'none found'})"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,18 +72,6 @@ class DataConfig:
 # ---------------------------------------------------------------------- pass helpers
 
 
-@dataclass
-class _Scan:
-    """What pass 1 learns about the corpus."""
-
-    documents: int = 0
-    chars: int = 0
-    bytes: int = 0
-    charset: set[str] = field(default_factory=set)
-    keys: list[int] = field(default_factory=list)  # split key per kept document
-    source_hash: str = ""
-
-
 class _Corpus:
     """The cleaned documents of a source, readable any number of times in the same order."""
 
@@ -91,27 +80,98 @@ class _Corpus:
         self.cleaner = Cleaner()
         self.truncated = False  # did the last pass stop at `cap`?
 
-    def texts(self, on_file: Callable[[str, bytes], None] | None = None) -> Iterator[str]:
+    def texts(self, on_file: Callable[[str, str], None] | None = None) -> Iterator[str]:
         """Clean documents in a fixed order; stop (cutting the last one) after `cap` UTF-8 bytes."""
         self.cleaner = Cleaner(dedup=self.cfg.dedup, scrub=self.cfg.scrub_pii)
         self.truncated = False
         used = 0
-        for raw in self.src.documents(on_file):
-            text = self.cleaner(raw)
-            if text is None:
-                continue
-            if self.cap is not None:
-                size = len(text.encode("utf-8"))
-                if used + size > self.cap:
-                    # cut at the last line break that fits, so the corpus does not end mid-line
-                    head = text.encode("utf-8")[: self.cap - used].decode("utf-8", errors="ignore")
-                    head = head[: head.rfind("\n") + 1] or head
-                    self.truncated = True
-                    if head.strip():
-                        yield head
-                    return
-                used += size
-            yield text
+        docs = self.src.documents(on_file)
+        try:
+            for raw in docs:
+                text = self.cleaner(raw)
+                if text is None:
+                    continue
+                if self.cap is not None:
+                    size = len(text.encode("utf-8"))
+                    if used + size > self.cap:
+                        # cut at the last line break that fits, so the corpus does not end mid-line
+                        head = text.encode("utf-8")[: self.cap - used].decode("utf-8", errors="ignore")
+                        head = head[: head.rfind("\n") + 1] or head
+                        self.truncated = True
+                        if head.strip():
+                            yield head
+                        return
+                    used += size
+                yield text
+        finally:
+            docs.close()  # now, not at garbage collection: the source reports the file it was in
+
+
+@dataclass
+class _Scan:
+    """What pass 1 learns about the corpus, and the split it implies."""
+
+    documents: int = 0
+    chars: int = 0
+    charset: set[str] = field(default_factory=set)
+    keys: list[int] = field(default_factory=list)  # split key per kept document
+    files: int = 0
+    source_hash: str = ""
+    cut: int = 0  # single document: characters that go to train
+    val_mask: np.ndarray | None = None  # several documents: True = validation
+
+    @property
+    def single(self) -> bool:
+        return self.documents == 1
+
+
+def _scan(corpus: _Corpus, cfg: DataConfig) -> _Scan:
+    """Pass 1: count, hash the source, collect split keys (and characters for a char vocab)."""
+    scan = _Scan()
+    file_hashes: list[str] = []
+
+    def on_file(name: str, sha256: str) -> None:
+        file_hashes.append(f"{name}\0{sha256}\n")
+
+    for text in corpus.texts(on_file):
+        scan.documents += 1
+        scan.chars += len(text)
+        scan.keys.append(_split_key(text, cfg.seed))
+        if cfg.tokenizer == "char":
+            scan.charset.update(text)
+    scan.files = len(file_hashes)
+    if len(file_hashes) == 1:  # one file: its plain sha256, comparable with published checksums
+        scan.source_hash = file_hashes[0].split("\0")[1].strip()
+    else:
+        scan.source_hash = hashlib.sha256("".join(file_hashes).encode()).hexdigest()
+    stats = corpus.cleaner.stats
+    if scan.chars == 0:
+        raise AigcError(
+            f"the corpus is empty: {corpus.src.description} holds no text after cleaning "
+            f"({stats.documents_in} documents read, {stats.empty_removed} empty, "
+            f"{stats.duplicates_removed} duplicates); give a source with text in it"
+        )
+    if scan.single:
+        scan.cut = int(scan.chars * (1 - cfg.val_fraction))
+        if scan.cut == 0:
+            raise AigcError(f"the corpus is too small to split: {scan.chars} characters; give more text")
+    else:
+        scan.val_mask = _val_mask(scan.keys, cfg.val_fraction)
+    return scan
+
+
+def _splits(corpus: _Corpus, scan: _Scan, only: str | None = None) -> Iterator[tuple[str, str]]:
+    """(split, text) of every document in order; a single document is cut at `scan.cut` chars."""
+    for i, text in enumerate(corpus.texts()):
+        if scan.single:
+            if only in (None, "train"):
+                yield "train", text[: scan.cut]
+            if only in (None, "val") and scan.cut < len(text):
+                yield "val", text[scan.cut :]
+        else:
+            split = "val" if scan.val_mask[i] else "train"
+            if only in (None, split):
+                yield split, text
 
 
 def _split_key(text: str, seed: int) -> int:
@@ -182,6 +242,35 @@ class _BinWriter:
         self.file.close()
 
 
+def _encode(tok: Any, splits: Iterator[tuple[str, str]], writers: dict[str, _BinWriter], eos: bool) -> None:
+    """Pass 3: encode in batches of chunks (parallel in Rust for BPE), append ids, count text."""
+    eos_ids = np.array([tok.eos_id if eos else 0], dtype=np.int64)
+    batch: list[tuple[str, str, bool]] = []  # (split, piece, ends a document)
+
+    def flush() -> None:
+        for (split, piece, last), ids in zip(batch, tok.encode_batch([p for _, p, _ in batch]), strict=True):
+            w = writers[split]
+            w.add(ids)
+            w.chars += len(piece)
+            w.bytes += len(piece.encode("utf-8"))
+            if last:
+                w.documents += 1
+                if eos:
+                    w.add(eos_ids)
+        batch.clear()
+
+    batched = 0
+    for split, text in splits:
+        pieces = _chunks(text)
+        for j, piece in enumerate(pieces):
+            batch.append((split, piece, j == len(pieces) - 1))
+            batched += len(piece)
+        if batched >= BATCH_CHARS:
+            flush()
+            batched = 0
+    flush()
+
+
 # ---------------------------------------------------------------------- prepare
 
 
@@ -201,133 +290,56 @@ def prepare_text(
     Returns the meta dict. Raises AigcError for bad input; nothing is left half-written.
     """
     from aigc.tokenizers import EOS, train_tokenizer
-    from aigc.tokenizers.bpe import build_bpe_trainer
+    from aigc.tokenizers.bpe import DEFAULT_VOCAB_SIZE, build_bpe_trainer
 
-    base = to_dict(config) if config is not None else {}
-    base["source"] = source
-    cfg = resolve(DataConfig, base=base, overrides=overrides)
+    cfg = resolve(
+        DataConfig, base={**(to_dict(config) if config else {}), "source": source}, overrides=overrides
+    )
     say = log or (lambda _msg: None)
     out = prepare_out_dir(out, overwrite=overwrite)
     if cfg.vocab_size is not None and cfg.tokenizer == "char":
         raise AigcError(
-            "--vocab-size applies to --tokenizer bpe only; a char vocabulary is the characters in the data"
+            "--vocab-size applies to --tokenizer bpe only; a char vocabulary is the data's characters"
         )
     if cfg.unknown != "error" and cfg.tokenizer == "bpe":
         raise AigcError("--unknown unk applies to --tokenizer char only; byte-level BPE encodes any text")
     if cfg.tokenizer == "bpe" and cfg.vocab_size is not None:
         build_bpe_trainer(cfg.vocab_size, [EOS])  # too small for the byte alphabet: fail before reading
     src = open_source(source, field=cfg.field, glob=cfg.glob, blocks=cfg.blocks, download=download, url=url)
-    if source in BUILTINS and BUILTINS[source].blocks:
-        src.blocks = True
-    cap = (
-        cfg.max_bytes
-        if cfg.max_bytes is not None
-        else BUILTINS[source].max_bytes
-        if source in BUILTINS
-        else None
-    )
-
-    # 1. scan: clean, count, split keys, char set, source hash
-    say(f"reading {src.description}")
-    scan = _Scan()
-    file_hashes: list[tuple[str, str]] = []
-    whole = hashlib.sha256()
-
-    def on_file(name: str, data: bytes) -> None:
-        file_hashes.append((name, hashlib.sha256(data).hexdigest()))
-        if len(src.files) == 1:
-            whole.update(data)
-
+    # never read our own output back in (`prepare . --out ./data --overwrite`)
+    src.files = [f for f in src.files if not f.resolve().is_relative_to(out.resolve())]
+    cap = cfg.max_bytes if cfg.max_bytes is not None else getattr(BUILTINS.get(source), "max_bytes", None)
     corpus = _Corpus(src, cfg, cap)
-    for text in corpus.texts(on_file):
-        scan.documents += 1
-        scan.chars += len(text)
-        scan.bytes += len(text.encode("utf-8"))
-        scan.keys.append(_split_key(text, cfg.seed))
-        if cfg.tokenizer == "char":
-            scan.charset.update(text)
+
+    # 1. scan
+    say(f"reading {src.description}")
+    scan = _scan(corpus, cfg)
     stats, truncated = corpus.cleaner.stats, corpus.truncated
-    if len(src.files) == 1:
-        scan.source_hash = whole.hexdigest()  # = sha256 of the file, comparable with published checksums
-    else:
-        scan.source_hash = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in file_hashes).encode()).hexdigest()
-    if scan.documents == 0 or scan.chars == 0:
-        raise AigcError(
-            f"the corpus is empty: {src.description} holds no text after cleaning "
-            f"({stats.documents_in} documents read, {stats.empty_removed} empty, "
-            f"{stats.duplicates_removed} duplicates); give a source with text in it"
-        )
-    single = scan.documents == 1
-    cut = int(scan.chars * (1 - cfg.val_fraction)) if single else 0
-    val_mask = _val_mask(scan.keys, cfg.val_fraction) if not single else np.zeros(1, dtype=bool)
-    if single and cut == 0:
-        raise AigcError(
-            f"the corpus is too small to split: {scan.chars} characters; give more text or --val-fraction 0"
-        )
 
-    def documents(split: str | None = None) -> Iterator[tuple[str, str]]:
-        """(split, text) pieces of the corpus, in order; a single document is cut at `cut` chars."""
-        for i, text in enumerate(corpus.texts()):
-            if single:
-                if split in (None, "train"):
-                    yield "train", text[:cut]
-                if split in (None, "val") and cut < len(text):
-                    yield "val", text[cut:]
-            else:
-                s = "val" if val_mask[i] else "train"
-                if split in (None, s):
-                    yield s, text
-
-    # 2. tokenizer
+    # 2. tokenizer: char vocabulary from the scan; BPE trained on the train split only
     if cfg.tokenizer == "char":
-        specials = [] if single else [EOS]
-        tok = train_tokenizer(
-            "char", ["".join(sorted(scan.charset))], special_tokens=specials, unknown=cfg.unknown
-        )
+        specials = [] if scan.single else [EOS]
+        tok = train_tokenizer("char", ["".join(scan.charset)], special_tokens=specials, unknown=cfg.unknown)
     else:
-        say(f"training a byte-level BPE of {cfg.vocab_size or 2048} tokens")
-        train_texts = (piece for _, text in documents("train") for piece in _chunks(text))
-        tok = train_tokenizer("bpe", train_texts, vocab_size=cfg.vocab_size, special_tokens=[EOS])
+        say(f"training a byte-level BPE of {cfg.vocab_size or DEFAULT_VOCAB_SIZE} tokens")
+        texts = (piece for _, text in _splits(corpus, scan, "train") for piece in _chunks(text))
+        tok = train_tokenizer("bpe", texts, vocab_size=cfg.vocab_size, special_tokens=[EOS])
     # little-endian on every machine, as the format says; uint16 halves the file when the vocab fits
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")
 
-    # 3. encode into a staging directory
+    # 3. encode into a staging directory, moved into place when complete
     say(f"encoding {scan.chars:,} characters with a {tok.kind} tokenizer of {tok.vocab_size:,} tokens")
     stage = staging_dir(out)
     try:
         writers = {s: _BinWriter(stage / f"{s}.bin", dtype) for s in ("train", "val")}
-        eos = None if single else np.array([tok.eos_id], dtype=np.int64)
-        batch: list[tuple[str, str, bool]] = []  # (split, piece, ends a document)
-
-        def flush_batch() -> None:
-            for (s, piece, last), ids in zip(batch, tok.encode_batch([p for _, p, _ in batch]), strict=True):
-                w = writers[s]
-                w.add(ids)
-                w.chars += len(piece)
-                w.bytes += len(piece.encode("utf-8"))
-                if last:
-                    w.documents += 1
-                    if eos is not None:
-                        w.add(eos)
-            batch.clear()
-
-        batched = 0
-        for s, text in documents():
-            pieces = _chunks(text)
-            for j, piece in enumerate(pieces):
-                batch.append((s, piece, j == len(pieces) - 1))
-                batched += len(piece)
-            if batched >= BATCH_CHARS:
-                flush_batch()
-                batched = 0
-        flush_batch()
-        for w in writers.values():
-            w.close()
+        try:
+            _encode(tok, _splits(corpus, scan), writers, eos=not scan.single)
+        finally:
+            for w in writers.values():
+                w.close()
         train, val = writers["train"], writers["val"]
         if train.tokens == 0:
             raise AigcError("the train split is empty; give more text or a smaller --val-fraction")
-
-        tok.save_pretrained(stage)
         meta = {
             "kind": "text",
             "format_version": FORMAT_VERSION,
@@ -340,18 +352,18 @@ def prepare_text(
             "val_chars": val.chars,
             "train_bytes": train.bytes,
             "val_bytes": val.bytes,
-            "chars_per_token": round((train.chars + val.chars) / max(1, train.tokens + val.tokens), 4),
+            "chars_per_token": round((train.chars + val.chars) / (train.tokens + val.tokens), 4),
             "documents": scan.documents,
-            "train_documents": train.documents if not single else 1,
-            "val_documents": val.documents if not single else int(val.tokens > 0),
+            "train_documents": 1 if scan.single else train.documents,
+            "val_documents": int(val.tokens > 0) if scan.single else val.documents,
             "split": (
                 f"single document: first {1 - cfg.val_fraction:g} of its characters train, the rest val"
-                if single
+                if scan.single
                 else f"by document: the {cfg.val_fraction:g} with the smallest seeded content hash are val"
             ),
             "source": source if source in BUILTINS else str(Path(source).resolve()),
             "source_description": src.description,
-            "source_files": len(file_hashes),
+            "source_files": scan.files,
             "source_hash": scan.source_hash,
             "cleaning": {
                 "newlines": "LF",
@@ -364,12 +376,11 @@ def prepare_text(
                 "truncated": truncated,
             },
         }
+        tok.save_pretrained(stage)
         atomic_write_json(stage / "meta.json", meta)
         save_config(cfg, stage / "config.json")
         commit_dir(stage, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         raise
     say(f"wrote {out}")

@@ -183,7 +183,7 @@ def precision_recall(
     r_x, r_y = knn_radii(x, k), knn_radii(y, k)
     d = _pairwise_dist(y, x)  # (M fake, N real)
     precision = (d <= r_x[None, :]).any(dim=1).double().mean()
-    recall = (d.T <= r_y[None, :]).any(dim=1).double().mean()
+    recall = (r_y[None, :] >= d.T).any(dim=1).double().mean()
     return float(precision), float(recall)
 
 
@@ -329,7 +329,9 @@ def feature_classifier(
     key = data_hash(x, y.numpy(), asdict(cfg))
     root = Path(cache_dir) if cache_dir is not None else aigc_home() / "cache" / "feature-classifier"
     final = root / key
-    model_cfg = ImageClassifierConfig(in_channels=x.shape[1], image_size=x.shape[2], num_classes=int(y.max()) + 1)
+    model_cfg = ImageClassifierConfig(
+        in_channels=x.shape[1], image_size=x.shape[2], num_classes=int(y.max()) + 1
+    )
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
         info = json.loads((final / "config.json").read_text(encoding="utf-8"))
         model = ImageClassifier(ImageClassifierConfig(**info["model"]))
@@ -371,7 +373,9 @@ def feature_classifier(
     }
     stage = staging_dir(final)
     save_file(model.state_dict(), str(stage / "model.safetensors"))
-    atomic_write_json(stage / "config.json", {"family": "image_classifier", "model": asdict(model_cfg), "info": info})
+    atomic_write_json(
+        stage / "config.json", {"family": "image_classifier", "model": asdict(model_cfg), "info": info}
+    )
     commit_dir(stage, final)
     return model, info
 
@@ -389,7 +393,9 @@ def predict_labels(model: Any, images: np.ndarray | torch.Tensor, batch_size: in
     return torch.cat([model(x[i : i + batch_size])[0].argmax(-1) for i in range(0, len(x), batch_size)])
 
 
-def conditional_accuracy(model: Any, images: np.ndarray | torch.Tensor, requested: np.ndarray) -> dict[str, Any]:
+def conditional_accuracy(
+    model: Any, images: np.ndarray | torch.Tensor, requested: np.ndarray
+) -> dict[str, Any]:
     """For a conditional generator: does the classifier see the requested label in each sample?
 
     Returns overall accuracy and accuracy per requested label.

@@ -25,54 +25,80 @@ import torch.nn.functional as F
 
 
 class GPTDecoder:
-    """Incremental decoding of an `aigc.models.gpt.GPT` with a preallocated per-row KV cache."""
+    """Incremental decoding of an `aigc.models.gpt.GPT` with a preallocated per-row KV cache.
+
+    Two cheap tricks on top of the model's math, invisible outside: (1) in fp32 the q/k rows of
+    each head are stored interleaved, (x1_0, x2_0, x1_1, ...) instead of (x1 | x2), so RoPE is one
+    complex multiply instead of roll + 2 mul + add (attention scores are unchanged: q and k are
+    permuted alike); (2) keys and values share one cache tensor per layer, (B, 2K, S, D).
+    """
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
         cfg = model.config
         self.config = cfg
         self.vocab_size = cfg.vocab_size
         self.max_len: int | None = cfg.block_size
-        self.H, self.K, self.D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.H, self.K, self.D = H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.eps = cfg.norm_eps
         w = model.tok_emb.weight
         self.device = w.device
         self.dtype = dtype or w.dtype
+        self.complex_rope = self.dtype in (torch.float32, torch.float64)  # no complex bf16 in torch
+
+        # the model's RoPE tables, whatever their layout: cos = [cos_f | cos_f], sin = [-sin_f | sin_f]
+        T = cfg.block_size
+        cos = model.rope_cos.detach().reshape(T, D)
+        sin = model.rope_sin.detach().reshape(T, D)
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)  # (T, D), rotate-half path
+        self.cis = torch.complex(cos[:, : D // 2], sin[:, D // 2 :]).to(self.device)  # (T, D/2), complex path
+        # row order of one q/k head in the interleaved layout: x1_0, x2_0, x1_1, x2_1, ...
+        perm = torch.stack([torch.arange(D // 2), torch.arange(D // 2) + D // 2], dim=1).reshape(-1)
 
         def t(p: torch.Tensor) -> torch.Tensor:
             return p.detach().to(self.dtype)
+
+        def qkv_rows(p: torch.Tensor) -> torch.Tensor:
+            w = t(p).view(H + 2 * K, D, -1).clone()  # (heads, D, C)
+            if self.complex_rope:
+                w[: H + K] = w[: H + K, perm]  # q and k heads interleaved; v heads as they are
+            return w.reshape((H + 2 * K) * D, -1)
+
+        def tr(w: torch.Tensor) -> torch.Tensor:
+            # stored (in, out) contiguous: x @ W^T as a plain NN matmul is ~30% faster at batch 1
+            return t(w).t().contiguous()
 
         self.emb = t(model.tok_emb.weight)
         self.layers = [
             (
                 t(b.attn_norm.weight),
-                t(b.attn.qkv.weight),
-                t(b.attn.proj.weight),
+                tr(qkv_rows(b.attn.qkv.weight)),
+                tr(b.attn.proj.weight),
                 t(b.mlp_norm.weight),
-                t(b.mlp.gate_up.weight),
-                t(b.mlp.down.weight),
+                tr(b.mlp.gate_up.weight),
+                tr(b.mlp.down.weight),
             )
             for b in model.blocks
         ]
         self.norm = t(model.norm.weight)
-        self.head = t(model.lm_head.weight)
-        # the model's RoPE tables (cos, sign-folded sin), whatever their layout: (T, D) here
-        T = cfg.block_size
-        self.cos = model.rope_cos.detach().reshape(T, self.D).to(self.dtype)
-        self.sin = model.rope_sin.detach().reshape(T, self.D).to(self.dtype)
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
+        self.head = tr(model.lm_head.weight)
+        self.kv: list[torch.Tensor] = []  # per layer (B, 2K, S, D): keys then values
 
     # ------------------------------------------------------------------ state
 
     def _alloc(self, batch: int, max_len: int) -> None:
-        shape = (batch, self.K, max_len, self.D)
-        n = len(self.layers)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        shape = (batch, 2 * self.K, max_len, self.D)
+        self.kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.k_cache = [k.index_select(0, index) for k in self.k_cache]
-        self.v_cache = [v.index_select(0, index) for v in self.v_cache]
+        self.kv = [kv.index_select(0, index) for kv in self.kv]
+
+    def _rope(self, qk: torch.Tensor, pos: torch.Tensor | slice) -> torch.Tensor:
+        """Rotate q/k (..., heads, D) by position; `pos` indexes the tables to (..., 1, D)."""
+        if self.complex_rope:
+            z = torch.view_as_complex(qk.reshape(*qk.shape[:-1], self.D // 2, 2))  # (..., heads, D/2)
+            return torch.view_as_real(z * self.cis[pos].unsqueeze(-2)).flatten(-2)
+        cos, sin = self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)
+        return qk * cos + qk.roll(self.D // 2, dims=-1) * sin
 
     # ------------------------------------------------------------------ forward passes
 
@@ -85,8 +111,8 @@ class GPTDecoder:
         last: tuple[list[int], torch.Tensor] | None = None
         for row, prompt in enumerate(prompts):
             if last is not None and last[0] == list(prompt):  # n samples / beams: same prompt, copy
-                for k, v in zip(self.k_cache, self.v_cache):
-                    k[row], v[row] = k[row - 1], v[row - 1]
+                for kv in self.kv:
+                    kv[row] = kv[row - 1]
                 out.append(last[1])
                 continue
             logits = self._prefill_row(row, torch.tensor(prompt, dtype=torch.long, device=self.device))
@@ -98,51 +124,56 @@ class GPTDecoder:
         T = idx.shape[0]
         H, K, D = self.H, self.K, self.D
         x = self.emb[idx][None]  # (1, T, C)
-        cos, sin = self.cos[:T, None], self.sin[:T, None]  # (T, 1, D): broadcast over heads
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), an, self.eps)
-            qkv = F.linear(h, qkv_w).view(1, T, H + 2 * K, D)  # (1, T, H+2K, D)
-            qk = qkv[:, :, : H + K] * cos + qkv[:, :, : H + K].roll(D // 2, dims=-1) * sin
+            qkv = torch.matmul(h, qkv_w).view(1, T, H + 2 * K, D)  # (1, T, H+2K, D)
+            qk = self._rope(qkv[:, :, : H + K], slice(0, T))  # (1, T, H+K, D)
             q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (1, H, T, D), (1, K, T, D)
             v = qkv[:, :, H + K :].transpose(1, 2)  # (1, K, T, D)
-            self.k_cache[i][row, :, :T] = k[0]
-            self.v_cache[i][row, :, :T] = v[0]
+            self.kv[i][row, :K, :T] = k[0]
+            self.kv[i][row, K:, :T] = v[0]
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)  # (1, H, T, D)
-            x = x + F.linear(y.transpose(1, 2).reshape(1, T, H * D), proj_w)
+            x = x + torch.matmul(y.transpose(1, 2).reshape(1, T, H * D), proj_w)
             h = F.rms_norm(x, (x.shape[-1],), mn, self.eps)
-            gate, up = F.linear(h, gu_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, down_w)  # (1, T, C)
+            gate, up = torch.matmul(h, gu_w).chunk(2, dim=-1)
+            x = x + torch.matmul(F.silu(gate) * up, down_w)  # (1, T, C)
         x = F.rms_norm(x[:, -1], (x.shape[-1],), self.norm, self.eps)  # (1, C): last position only
-        return F.linear(x, self.head)[0]  # (V,)
+        return torch.matmul(x, self.head)[0]  # (V,)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B,), positions (B,) -> logits (B, V); writes each row's k/v at its position."""
         B = tokens.shape[0]
         H, K, D = self.H, self.K, self.D
-        rows = torch.arange(B, device=self.device)
-        p_max = int(positions.max())
+        pos = positions.tolist()
+        p_max, same = max(pos), min(pos) == max(pos)
         S = p_max + 1  # attend over the cache up to the furthest row
-        mask = None
-        if B > 1 and int(positions.min()) != p_max:
+        mask, rows = None, None
+        if not same:  # rows at different positions: mask each row's future (unwritten) slots
             mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]  # (B,1,1,S)
-        x = self.emb[tokens]  # (B, C)
-        cos, sin = self.cos[positions, None], self.sin[positions, None]  # (B, 1, D)
+            rows = torch.arange(B, device=self.device)
+        at = slice(p_max, p_max + 1) if same else positions  # table index: (1, ...) or (B, ...)
+        x = F.embedding(tokens, self.emb)  # (B, C)
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), an, self.eps)
-            qkv = F.linear(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)
-            qk = qkv[:, : H + K] * cos + qkv[:, : H + K].roll(D // 2, dims=-1) * sin
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[rows, :, positions] = qk[:, H:]  # (B, K, D) written at each row's position
-            vc[rows, :, positions] = qkv[:, H + K :]
-            q = qk[:, :H, None]  # (B, H, 1, D)
-            y = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask, enable_gqa=K != H)
-            x = x + F.linear(y.reshape(B, H * D), proj_w)  # (B, C)
+            qkv = torch.mm(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)
+            qk = self._rope(qkv[:, : H + K], at)  # (B, H+K, D)
+            kv = self.kv[i]
+            if same:  # one position for all rows: a plain strided copy
+                kv[:, :K, p_max] = qk[:, H:]
+                kv[:, K:, p_max] = qkv[:, H + K :]
+            else:
+                kv[:, :K][rows, :, positions] = qk[:, H:]  # (B, K, D) at each row's own position
+                kv[:, K:][rows, :, positions] = qkv[:, H + K :]
+            y = F.scaled_dot_product_attention(
+                qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H
+            )  # (B, H, 1, D)
+            x = x + torch.mm(y.reshape(B, H * D), proj_w)  # (B, C)
             h = F.rms_norm(x, (x.shape[-1],), mn, self.eps)
-            gate, up = F.linear(h, gu_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, down_w)
+            gate, up = torch.mm(h, gu_w).chunk(2, dim=-1)
+            x = x + torch.mm(F.silu(gate) * up, down_w)
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
-        return F.linear(x, self.head).float()  # (B, V)
+        return torch.mm(x, self.head).float()  # (B, V)
 
 
 class LSTMDecoder:

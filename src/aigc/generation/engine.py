@@ -136,7 +136,11 @@ class Engine:
         )
         return [
             Completion(
-                tokens=h.tokens, finish_reason=h.finish_reason, prompt_tokens=len(prompt), score=h.score, warnings=warns
+                tokens=h.tokens,
+                finish_reason=h.finish_reason,
+                prompt_tokens=len(prompt),
+                score=h.score,
+                warnings=warns,
             )
             for h in hyps
         ]
@@ -182,7 +186,10 @@ class DecodeRun:
         gens = [make_generator(params[i].seed) if params[i].sampling else None for i in active]
         stop_sets = [set(eng.stop_ids(params[i])) for i in active]
         histories = [list(prompts[i]) for i in active]
-        ngrams = [P.NGramIndex(params[i].no_repeat_ngram_size, prompts[i]) if rp.ngram[j] else None for j, i in enumerate(active)]
+        ngrams = [
+            P.NGramIndex(params[i].no_repeat_ngram_size, prompts[i]) if rp.ngram[j] else None
+            for j, i in enumerate(active)
+        ]
         seen = counts = None
         if rp.use_rep:
             seen = torch.zeros(len(active), V, dtype=torch.bool)
@@ -204,7 +211,7 @@ class DecodeRun:
                 lp, top = token_logprobs(logits, tokens, top_n)
             # 3. record, and update the history structures the processors read
             done = []
-            for j, (i, t) in enumerate(zip(active, tok_list)):
+            for j, (i, t) in enumerate(zip(active, tok_list, strict=True)):
                 c = self.completions[i]
                 c.tokens.append(t)
                 histories[j].append(t)
@@ -216,14 +223,16 @@ class DecodeRun:
                 if t in stop_sets[j]:
                     c.finish_reason = "stop"
                     done.append(j)
-                elif len(c.tokens) >= params[i].max_new_tokens or (lim is not None and int(positions[j]) >= cache_len):
+                elif len(c.tokens) >= params[i].max_new_tokens or (
+                    lim is not None and int(positions[j]) >= cache_len
+                ):
                     c.finish_reason = "length"
                     done.append(j)
             if seen is not None:
                 seen[torch.arange(len(active)), tokens] = True
             if counts is not None:
                 counts[torch.arange(len(active)), tokens] += 1
-            yield list(zip(active, tok_list))
+            yield list(zip(active, tok_list, strict=True))
             # 4. drop rows that finished (stop token, length, or a stop string seen by the caller)
             done_set = set(done) | {j for j, i in enumerate(active) if i in self._stopped}
             if done_set:

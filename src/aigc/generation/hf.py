@@ -50,7 +50,9 @@ class HFDecoder:
         self.model = model.eval()
         cfg = model.config
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_len: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.max_len: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(
+            cfg, "n_positions", None
+        )
         self.device = next(model.parameters()).device
         self.cache = None
         self.mask: torch.Tensor | None = None  # (B, S) 1 = real token, 0 = left padding
@@ -108,13 +110,17 @@ class HFTextGenerator(TextGenerator):
 
     def format_chat(self, messages: Sequence[dict[str, str]]) -> str:
         if getattr(self.hf_tokenizer, "chat_template", None):
-            return self.hf_tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return self.hf_tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
         return super().format_chat(messages)
 
     def encode(self, text: str) -> list[int]:
         # a chat template already holds its special tokens: don't add a second BOS
-        if getattr(self.hf_tokenizer, "chat_template", None) and self.hf_tokenizer.bos_token and text.startswith(
-            self.hf_tokenizer.bos_token
+        if (
+            getattr(self.hf_tokenizer, "chat_template", None)
+            and self.hf_tokenizer.bos_token
+            and text.startswith(self.hf_tokenizer.bos_token)
         ):
             return self.hf_tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(text)
@@ -136,7 +142,9 @@ def load_hf(spec: str, dtype: torch.dtype | None = None) -> HFTextGenerator:
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local:
         if not path.is_dir():
-            raise AigcError(f"{name} is not a directory; hf: needs a saved transformers model folder or a hub id")
+            raise AigcError(
+                f"{name} is not a directory; hf: needs a saved transformers model folder or a hub id"
+            )
         missing = [f for f in ("config.json",) if not (path / f).is_file()]
         if not any(path.glob("*.safetensors")):
             missing.append("*.safetensors weights")

@@ -36,7 +36,9 @@ class GenerationParams:
     presence_penalty: float = 0.0  # OpenAI: over generated tokens; 0: off
     frequency_penalty: float = 0.0  # OpenAI: over generated tokens; 0: off
     no_repeat_ngram_size: int = 0  # 0: off
-    bad_words: list[str] = field(default_factory=list)  # strings never to produce (tokenized by the text layer)
+    bad_words: list[str] = field(
+        default_factory=list
+    )  # strings never to produce (tokenized by the text layer)
     bad_words_ids: list[list[int]] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     # beam search
@@ -71,17 +73,29 @@ class GenerationParams:
         _num("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, rule="a number in (0, 1] (1 = off)")
         _num("min_p", self.min_p, lo=0.0, hi=1.0, rule="a number in [0, 1] (0 = off)")
         _num("typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True, rule="a number in (0, 1] (1 = off)")
-        _num("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True, rule="a number > 0 (1 = off)")
+        _num(
+            "repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True, rule="a number > 0 (1 = off)"
+        )
         _num("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0, rule="a number in [-2, 2] (0 = off)")
-        _num("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0, rule="a number in [-2, 2] (0 = off)")
+        _num(
+            "frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0, rule="a number in [-2, 2] (0 = off)"
+        )
         _int("no_repeat_ngram_size", self.no_repeat_ngram_size, lo=0, rule="an integer >= 0 (0 = off)")
         _int("num_beams", self.num_beams, lo=1, rule="an integer >= 1 (1 = no beam search)")
         _num("length_penalty", self.length_penalty, rule="a finite number")
         if self.early_stopping not in (True, False, "never"):
-            raise AigcError(f"early_stopping={self.early_stopping!r} is invalid; allowed: true, false or 'never'")
+            raise AigcError(
+                f"early_stopping={self.early_stopping!r} is invalid; allowed: true, false or 'never'"
+            )
         _int("num_return_sequences", self.num_return_sequences, lo=1, rule="an integer >= 1")
         _int("n", self.n, lo=1, hi=128, rule="an integer in [1, 128]")
-        _int("top_logprobs", self.top_logprobs, lo=0, hi=MAX_TOP_LOGPROBS, rule=f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        _int(
+            "top_logprobs",
+            self.top_logprobs,
+            lo=0,
+            hi=MAX_TOP_LOGPROBS,
+            rule=f"an integer in [0, {MAX_TOP_LOGPROBS}]",
+        )
         if self.seed is not None:
             _int("seed", self.seed, lo=0, hi=2**63 - 1, rule="an integer in [0, 2**63)")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -90,7 +104,9 @@ class GenerationParams:
             raise AigcError(f"bad_words={self.bad_words!r} is invalid; allowed: a list of non-empty strings")
         for seq in self.bad_words_ids:
             if not seq or not all(isinstance(t, int) and t >= 0 for t in seq):
-                raise AigcError(f"bad_words_ids={self.bad_words_ids!r} is invalid; allowed: non-empty lists of token ids")
+                raise AigcError(
+                    f"bad_words_ids={self.bad_words_ids!r} is invalid; allowed: non-empty lists of token ids"
+                )
         for t in self.stop_token_ids:
             _int("stop_token_ids", t, lo=0, rule="a list of token ids >= 0")
         for v in self.logit_bias.values():
@@ -124,7 +140,9 @@ class GenerationParams:
                 "use n for several samples"
             )
         if self.do_sample is True and self.temperature == 0:
-            raise AigcError("do_sample=true cannot be combined with temperature=0 (greedy); set temperature > 0")
+            raise AigcError(
+                "do_sample=true cannot be combined with temperature=0 (greedy); set temperature > 0"
+            )
 
     # ------------------------------------------------------------------ derived values
 
@@ -159,7 +177,9 @@ class GenerationParams:
         return cls(**data)
 
 
-def make_params(params: GenerationParams | dict[str, Any] | None = None, **overrides: Any) -> GenerationParams:
+def make_params(
+    params: GenerationParams | dict[str, Any] | None = None, **overrides: Any
+) -> GenerationParams:
     """GenerationParams from an instance, a dict and/or keyword overrides (None values are ignored)."""
     base = dataclasses.asdict(params) if isinstance(params, GenerationParams) else dict(params or {})
     base.update({k: v for k, v in overrides.items() if v is not None})

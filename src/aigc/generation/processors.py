@@ -40,7 +40,11 @@ def presence_frequency_penalty(
     logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
 ) -> torch.Tensor:
     """OpenAI penalties: logit - presence * [count > 0] - frequency * count."""
-    return logits - presence[:, None] * (counts > 0).to(logits.dtype) - frequency[:, None] * counts.to(logits.dtype)
+    return (
+        logits
+        - presence[:, None] * (counts > 0).to(logits.dtype)
+        - frequency[:, None] * counts.to(logits.dtype)
+    )
 
 
 def ban_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -251,7 +255,9 @@ def process(
     if ngrams is not None and rp.use_ngram:
         logits = ban_tokens(logits, [ix.banned() if ix is not None else [] for ix in ngrams])
     if histories is not None and rp.use_bad:
-        logits = ban_tokens(logits, [bad_words_banned(h, b) for h, b in zip(histories, rp.bad_words_ids)])
+        logits = ban_tokens(
+            logits, [bad_words_banned(h, b) for h, b in zip(histories, rp.bad_words_ids, strict=True)]
+        )
     # 2. warpers: reshape the distribution of sampling rows only (greedy rows keep temperature 1)
     if not rp.any_sample:
         return logits

@@ -60,5 +60,5 @@ def token_logprobs(
     if top_n <= 0:
         return chosen, [[] for _ in chosen]
     vals, idx = torch.topk(logp, top_n, dim=-1)
-    top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    top = [list(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), vals.tolist(), strict=False)]
     return chosen, top

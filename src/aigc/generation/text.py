@@ -89,7 +89,9 @@ class TextGenerator:
             load_artifact = _load_text_artifact
         art = load_artifact(path)
         if getattr(art, "family", None) not in ("gpt", "lstm"):
-            raise AigcError(f"{path} holds a {getattr(art, 'family', '?')} model; text generation needs gpt or lstm")
+            raise AigcError(
+                f"{path} holds a {getattr(art, 'family', '?')} model; text generation needs gpt or lstm"
+            )
         return cls(art.model, art.tokenizer, model_id=str(path), dtype=dtype)
 
     # ------------------------------------------------------------------ text <-> ids
@@ -130,7 +132,9 @@ class TextGenerator:
             ids = self.start_ids()
         params = params.resolved()
         if params.bad_words:
-            params = dataclasses.replace(params, bad_words_ids=params.bad_words_ids + self.token_ids(params.bad_words))
+            params = dataclasses.replace(
+                params, bad_words_ids=params.bad_words_ids + self.token_ids(params.bad_words)
+            )
         # n samples: seeds seed, seed+1, ... so each one is reproducible alone with its own seed
         rows = [dataclasses.replace(params, n=1, seed=(params.seed + k) % 2**63) for k in range(params.n)]
         return ids, rows
@@ -168,7 +172,9 @@ class TextGenerator:
             r.index = i
         return results  # type: ignore[return-value]
 
-    def stream(self, prompt: str = "", params: GenerationParams | dict | None = None, **kwargs: Any) -> TextStream:
+    def stream(
+        self, prompt: str = "", params: GenerationParams | dict | None = None, **kwargs: Any
+    ) -> TextStream:
         """Text deltas as they are generated (never half a character); `.result` when done."""
         p = make_params(params, **kwargs)
         if p.num_beams > 1 or p.n > 1:
@@ -225,7 +231,7 @@ class TextGenerator:
                     "logprob": lp,
                     "top": [{"token": a, "text": self.decode([a]), "logprob": b} for a, b in top],
                 }
-                for t, lp, top in zip(c.tokens, c.logprobs, c.top_logprobs)
+                for t, lp, top in zip(c.tokens, c.logprobs, c.top_logprobs, strict=True)
             ]
         return GenerationResult(
             text=text,
@@ -353,7 +359,9 @@ def _load_text_artifact(path: str | Path) -> Any:
     cfg = read_json(path / "config.json")
     family = cfg.get("family")
     if family not in ("gpt", "lstm") or "model" not in cfg:
-        raise AigcError(f"{path}/config.json does not describe a gpt or lstm model (needs 'family' and 'model')")
+        raise AigcError(
+            f"{path}/config.json does not describe a gpt or lstm model (needs 'family' and 'model')"
+        )
     model = build_model(family, cfg["model"])
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -193,6 +193,24 @@ class DiffusionTask(_ImageTask):
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.unet}
 
+    def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+        self._optimizers = {"model": adamw(self.unet, cfg)}
+        return self._optimizers
+
+    def _match_optimizer_layout(self) -> None:
+        """Give restored Adam moments the memory layout of their (channels_last) parameters.
+
+        Checkpoints store tensors contiguous; torch's fused AdamW walks param and moments in memory
+        order, so a channels_last weight with contiguous moments would be updated with the wrong
+        elements after a resume. (Called from load_state_dict, which the Trainer runs after it has
+        restored the optimizer.)
+        """
+        for opt in getattr(self, "_optimizers", {}).values():
+            for param, state in opt.state.items():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                        state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
     def _labels(self, y: torch.Tensor) -> torch.Tensor | None:
         return y if self.cfg.num_classes > 0 else None
 
@@ -249,6 +267,7 @@ class DiffusionTask(_ImageTask):
         super().load_state_dict(state)
         ema = {k.removeprefix("ema."): v for k, v in state.tensors.items() if k.startswith("ema.")}
         self.ema.load_state_dict(ema, int(state.meta["ema_updates"]))
+        self._match_optimizer_layout()
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous().clone() for k, v in self.ema.state_dict().items()}

@@ -180,6 +180,10 @@ class Trainer:
         self.dist = dist_utils.setup(device)
         self.device = dist_utils.rank_device(device, self.dist)
         self.main = self.dist.is_main
+        if self.dist.enabled and self.main:
+            import torch.distributed as dist
+
+            self.log(f"distributed: {self.dist.world_size} processes ({dist.get_backend()})")
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.raw = self.task.modules()
         for m in self.raw.values():

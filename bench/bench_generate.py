@@ -25,51 +25,15 @@ from aigc.models.gpt import GPT, GPTConfig
 
 
 def to_llama(model: GPT):
-    """Our GPT as a transformers LlamaForCausalLM with the same weights."""
-    try:
-        from aigc.export import to_hf_model  # type: ignore[attr-defined]
-
-        return to_hf_model(model)
-    except ImportError:
-        pass
+    """Our GPT as a transformers LlamaForCausalLM with the same weights (what `aigc export` writes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    c = model.config
-    cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.n_embd,
-        intermediate_size=c.hidden_dim,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=c.kv_heads,
-        max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    hf = LlamaForCausalLM(cfg).eval()
-    H, K, D = c.n_head, c.kv_heads, c.head_dim
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm.weight}
-    sd["lm_head.weight"] = model.lm_head.weight
-    for i, b in enumerate(model.blocks):
-        q, k, v = b.attn.qkv.weight.split([H * D, K * D, K * D])
-        gate, up = b.mlp.gate_up.weight.chunk(2)
-        p = f"model.layers.{i}."
-        sd |= {
-            p + "input_layernorm.weight": b.attn_norm.weight,
-            p + "self_attn.q_proj.weight": q,
-            p + "self_attn.k_proj.weight": k,
-            p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": b.attn.proj.weight,
-            p + "post_attention_layernorm.weight": b.mlp_norm.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": b.mlp.down.weight,
-        }
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    from aigc.export import llama_config
+    from aigc.models.hf_causal import to_llama_state
+
+    cfg = {k: v for k, v in llama_config(model.config).items() if k not in ("architectures", "model_type")}
+    hf = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    hf.load_state_dict(to_llama_state(model, torch.float32), strict=False)  # strict=False: tied lm_head
     return hf
 
 

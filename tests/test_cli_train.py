@@ -27,7 +27,16 @@ def prepared(tmp_path) -> Path:
 def test_train_help(run_cli):
     code, out, _ = run_cli("train", "--help")
     assert code == 0
-    for option in ("--data", "--out", "--preset", "--set", "--max-steps", "--max-time", "--resume", "--init-from"):
+    for option in (
+        "--data",
+        "--out",
+        "--preset",
+        "--set",
+        "--max-steps",
+        "--max-time",
+        "--resume",
+        "--init-from",
+    ):
         assert option in out
     assert "gpt" in out and "lstm" in out
 
@@ -38,7 +47,9 @@ def test_models_help(run_cli):
 
 
 def test_train_then_list(run_cli, prepared, tmp_path):
-    code, out, err = run_cli("train", "gpt", "--data", prepared, "--out", tmp_path / "runs" / "g", *TINY, "--max-steps", "2")
+    code, out, err = run_cli(
+        "train", "gpt", "--data", prepared, "--out", tmp_path / "runs" / "g", *TINY, "--max-steps", "2"
+    )
     assert code == 0, err
     assert "trained gpt: 2 steps" in out and "best val loss" in out
     code, out, _ = run_cli("models", tmp_path / "runs")
@@ -53,12 +64,16 @@ def test_unknown_family_is_one_line(run_cli, prepared, tmp_path):
 
 
 def test_missing_data_is_one_line(run_cli, tmp_path):
-    code, _, err = run_cli("train", "gpt", "--data", tmp_path / "nothing", "--out", tmp_path / "r", "--max-steps", "1")
+    code, _, err = run_cli(
+        "train", "gpt", "--data", tmp_path / "nothing", "--out", tmp_path / "r", "--max-steps", "1"
+    )
     assert code == 1 and "prepared data directory" in err and "aigc data prepare" in err
 
 
 def test_bad_override_lists_valid_keys(run_cli, prepared, tmp_path):
-    code, _, err = run_cli("train", "gpt", "--data", prepared, "--out", tmp_path / "r", "--set", "train.lrr=1")
+    code, _, err = run_cli(
+        "train", "gpt", "--data", prepared, "--out", tmp_path / "r", "--set", "train.lrr=1"
+    )
     assert code == 1 and "unknown config key train.lrr" in err and "lr" in err
 
 

@@ -40,20 +40,40 @@ def test_two_cpu_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["train", "gpt", "--data", str(data), *ARGS]
     single = subprocess.run(
-        [sys.executable, "-m", "aigc", *train, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "aigc", *train, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert single.returncode == 0, single.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "aigc"]
-    ddp = subprocess.run([*launcher, *train, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "aigc",
+    ]
+    ddp = subprocess.run(
+        [*launcher, *train, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "distributed: 2 processes (gloo)" in ddp.stderr
 
-    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    one, two = (
+        read_metrics(tmp_path / "one" / "metrics.jsonl"),
+        read_metrics(tmp_path / "two" / "metrics.jsonl"),
+    )
     assert [(r["kind"], r["step"]) for r in one] == [(r["kind"], r["step"]) for r in two]  # rank 0 logs once
     for a, b in zip(one, two, strict=True):
         key = "loss" if a["kind"] == "train" else "val_loss"
         assert b[key] == pytest.approx(a[key], rel=1e-4)
-    wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    wa, wb = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)

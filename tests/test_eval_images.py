@@ -228,3 +228,33 @@ def test_mnist_real_vs_real_floor_and_speed(data_root, tmp_path):
     # noise is far from digits in this feature space
     noise = np.random.default_rng(0).integers(0, 256, (1000, 1, 28, 28), dtype=np.uint8)
     assert frechet_distance(f_train, extract_features(model, noise)) > 20 * m["fd"]
+
+
+def test_image_report_floor_copies_and_errors(tmp_path):
+    from aigc.evaluation.report import image_report, write_report
+
+    x, y = _bars(500, seed=17)
+    train_x, train_y, held = x[:300], y[:300], x[300:]
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32)
+    samples = np.concatenate([train_x[:10], noise])  # 10 copies, 40 garbage
+    cfg = FeatureTrainConfig(steps=60, batch_size=32)
+    report, grid = image_report(
+        samples, train_x, train_y, held, requested_labels=np.r_[train_y[:10], [0] * 40], feature_cfg=cfg
+    )
+    proto, model, real = report["protocol"], report["model"], report["real"]
+    assert proto["samples"] == 50 and proto["feature_network_test_accuracy"] >= 0.9
+    assert model["copies"]["flagged"] >= 10 and real["copies"]["flagged_share"] <= 0.1
+    assert model["fd"] > 5 * real["fd"] and model["precision"] < real["precision"]
+    assert model["label_accuracy"]["per_label"][1] == 1.0  # the copied bars keep their labels
+    assert grid.dtype == np.uint8 and grid.shape[1] == 2 * 12 + 2
+    path = write_report(tmp_path / "report.json", report, images={"copies": grid})
+    assert (tmp_path / "report-copies.png").is_file() and "report-copies.png" in (
+        tmp_path / "report.md"
+    ).read_text()
+    with pytest.warns(UserWarning, match="more than the real set"):
+        capped, _ = image_report(np.concatenate([samples] * 5), train_x, train_y, held, feature_cfg=cfg)
+    assert capped["protocol"]["samples"] == 200
+    with pytest.raises(AigcError, match="image shapes differ"):
+        image_report(samples[:, :, :8, :8], train_x, train_y, held, feature_cfg=cfg)
+    assert path.is_file()

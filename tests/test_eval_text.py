@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -222,3 +223,44 @@ def test_lm_loss_perplexity_bits_per_byte():
     assert bits_per_byte(math.log(2), n_tokens=100, n_bytes=200) == pytest.approx(0.5)
     _, count = lm_loss(_Uniform(50), tokens, block_size=16, batch_size=2, max_batches=1)
     assert count == 32
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def test_text_report_floor_protocol_and_card_link(tmp_path):
+    from aigc.errors import AigcError
+    from aigc.evaluation.report import check_same_tokenizer, link_in_card, text_report, write_report
+
+    rng = np.random.default_rng(5)
+    train = rng.integers(0, 50, 5000)
+    val = rng.integers(0, 50, 1000)
+    copies = [train[i : i + 40].tolist() for i in range(0, 400, 40)]  # a model that recites
+    loops = [[7, 8] * 20 for _ in range(10)]  # a model stuck in a loop
+    report = text_report(
+        copies + loops, train, val, seed=3, sampler={"temperature": 0.8}, extra={"val_loss": 2.5}
+    )
+    proto = report["protocol"]
+    assert (
+        proto["samples"] == 20 and proto["sample_tokens"] == 40 and proto["sampler"] == {"temperature": 0.8}
+    )
+    assert report["model"]["val_loss"] == 2.5 and report["model"]["repetition_rate"] == 0.5
+    assert report["model"]["lcs_max"] == 40 and report["real"]["lcs_max"] < 10  # real text is not memorized
+    assert report["real"]["repetition_rate"] == 0.0
+    assert report["model"]["distinct_2"] < report["real"]["distinct_2"]
+    # more samples than the real set holds: capped with a warning
+    with pytest.warns(UserWarning, match="using 16"):
+        capped = text_report([[1, 2, 3] * 20] * 30, train, val[:1500])
+    assert capped["protocol"]["samples"] == 16  # 1000 tokens / 60 per window
+    with pytest.raises(AigcError, match="tokenizer .* differs"):
+        check_same_tokenizer("bpe-1234", "char-9999")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "card.md").write_text("# run\n\n## Data\n\nx\n", encoding="utf-8")
+    path = write_report(run / "report.json", report)
+    assert json.loads(path.read_text())["model"]["lcs_max"] == 40
+    assert "| repetition_rate | 0.5 | 0 |" in (run / "report.md").read_text()
+    link_in_card(run, path)
+    link_in_card(run, path)  # idempotent: one section
+    card = (run / "card.md").read_text()
+    assert card.count("## Evaluation") == 1 and "[report.json](report.json)" in card and "## Data" in card

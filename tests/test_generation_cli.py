@@ -13,7 +13,7 @@ CORPUS = "ROMEO: But soft, what light through yonder window breaks?\nUser: Assis
 
 @pytest.fixture
 def run_dir(tmp_path):
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     from aigc.models.gpt import GPT, GPTConfig
     from aigc.tokenizers import train_tokenizer
@@ -25,9 +25,7 @@ def run_dir(tmp_path):
     model = GPT(GPTConfig(**cfg))
     out = tmp_path / "run"
     out.mkdir()
-    save_file(
-        {k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors")
-    )
+    save_model(model, str(out / "model.safetensors"))
     atomic_write_json(out / "config.json", {"family": "gpt", "model": cfg, "train": {}, "data": {}})
     tok.save(out / "tokenizer.json")
     return out

@@ -267,3 +267,11 @@ def test_chat_keeps_history_within_context(char_tok):
     assert len(gen.encode(prompt)) + 10 <= 64 and prompt.endswith("User: JULIET\nAssistant:")
     chat.reset()
     assert chat.messages == []
+
+
+def test_lstm_text_generator_generate_and_stream(char_tok):
+    gen = TextGenerator(_lstm(char_tok.vocab_size), char_tok, model_id="lstm")
+    assert gen.context_length is None  # recurrent: no context limit
+    [r] = gen.generate("ROMEO:", max_new_tokens=30, seed=2, temperature=0.9, top_k=10)
+    assert "".join(gen.stream("ROMEO:", max_new_tokens=30, seed=2, temperature=0.9, top_k=10)) == r.text
+    assert len(r.tokens) == 30 or r.finish_reason == "stop"

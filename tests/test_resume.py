@@ -17,6 +17,13 @@ from aigc.training.metrics import read_metrics
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(400))
 STEPS = 60
+
+
+def env() -> dict[str, str]:
+    """The test's environment (AIGC_HOME in tmp_path), one thread: same in every run, no oversubscription."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 ARGS = [
     "--preset", "auto",
     "--set", "model.n_layer=2", "--set", "model.n_head=2", "--set", "model.n_embd=32",
@@ -44,14 +51,13 @@ def cli(data: Path, out: Path, precision: str, *extra: str) -> list[str]:
 
 def losses(run: Path) -> list[tuple[str, int, float]]:
     return [
-        (r["kind"], r["step"], r.get("loss", r.get("val_loss")))
-        for r in read_metrics(run / "metrics.jsonl")
+        (r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(run / "metrics.jsonl")
     ]
 
 
 def kill_after_first_checkpoint(cmd: list[str], run: Path) -> int:
     """Start `cmd`, SIGKILL it once a checkpoint exists (mid-run); return the checkpoint's step."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -63,7 +69,9 @@ def kill_after_first_checkpoint(cmd: list[str], run: Path) -> int:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"run was not killed mid-way: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"run was not killed mid-way: {proc.stderr.read().decode()[-2000:]}"
+    )
     path = ckpt.latest_checkpoint(run / "checkpoints")
     assert path is not None
     return ckpt.load_checkpoint(path)[1]["step"]
@@ -78,11 +86,11 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, precision):
         pytest.skip("this CPU has no bf16 support")
     data = make_prepared(tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
-    subprocess.run(cli(data, a, precision), check=True, capture_output=True)
+    subprocess.run(cli(data, a, precision), check=True, capture_output=True, env=env())
 
     step = kill_after_first_checkpoint(cli(data, b, precision), b)
     assert 0 < step < STEPS
-    done = subprocess.run(cli(data, b, precision, "--resume"), capture_output=True, text=True)
+    done = subprocess.run(cli(data, b, precision, "--resume"), capture_output=True, text=True, env=env())
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stderr
 

@@ -66,6 +66,8 @@ def _data_kinds() -> list[str]:
     kinds = ["text"]
     if importlib.util.find_spec("aigc.data.images") is not None:
         kinds.append("image")
+    if importlib.util.find_spec("aigc.data.music") is not None:
+        kinds.append("music")
     return kinds
 
 
@@ -79,7 +81,7 @@ def data_prepare(
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Output directory (must be new or empty).")],
     kind: Annotated[
-        str, typer.Option("--kind", help="What the data is: text (image where available).")
+        str, typer.Option("--kind", help="What the data is: text (image, music where available).")
     ] = "text",
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="char | bpe (default char).")] = None,
     vocab_size: Annotated[
@@ -144,6 +146,24 @@ def data_prepare(
         meta = prepare_images(source, out, overrides=set_, overwrite=overwrite)
         stats = {k: v for k, v in meta.items() if not isinstance(v, (dict, list))}
         typer.echo(f"prepared {out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        return
+    if kind == "music":  # MIDI / MusicXML / ABC / kern, or music21:bach | music21:folk
+        if given or download:
+            names = ", ".join("--" + k.replace("_", "-") for k in given) or "--download"
+            raise AigcError(
+                f"{names}: text options do not apply to --kind music; use --set for music settings "
+                "(e.g. --set limit=50 --set transpose=2 --set val_fraction=0.1)"
+            )
+        from aigc.data.music import prepare_music
+
+        meta = prepare_music(source, out, overrides=set_, overwrite=overwrite, log=lambda m: err.print(m))
+        skipped = meta["skipped"]
+        typer.echo(
+            f"prepared {out}: {meta['documents']:,} pieces ({meta['train_documents']:,} train / "
+            f"{meta['val_documents']:,} val), {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
+            f"tokens, music tokenizer with vocab {meta['vocab_size']:,}; skipped {skipped['corrupt']} "
+            f"corrupt file(s){' e.g. ' + ', '.join(skipped['corrupt_files']) if skipped['corrupt'] else ''}"
+        )
         return
 
     from aigc.data import prepare_text
@@ -211,6 +231,8 @@ def data_show(
     for key, value in meta.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list) and len(value) > 10:  # e.g. music's per-piece rows
+            value = f"[{len(value)} entries; see meta.json]"
         typer.echo(f"{key}: {value}")
     if sample is not None:
         typer.echo(f"--- first {tokens} train tokens, decoded ---")
@@ -232,18 +254,30 @@ TRAINERS: dict[str, str] = {
 def train_cmd(
     family: Annotated[str, typer.Argument(help=f"Model family: {', '.join(TRAINERS)}.", show_default=False)],
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared data directory (aigc data prepare).")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory to write (artifact + checkpoints).")],
+    out_dir: Annotated[
+        str, typer.Option("--out", "-o", help="Run directory to write (artifact + checkpoints).")
+    ],
     preset: Annotated[
-        str, typer.Option("--preset", "-p", help="Preset name (tiny, small, base), a .toml path, or auto (sized to --max-time).")
+        str,
+        typer.Option(
+            "--preset",
+            "-p",
+            help="Preset name (tiny, small, base), a .toml path, or auto (sized to --max-time).",
+        ),
     ] = "auto",
     set_: SetOpt = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")
+    ] = None,
     max_time: Annotated[
         float | None, typer.Option("--max-time", help="Stop after S seconds; the LR decays over the budget.")
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
+    ] = False,
     init_from: Annotated[
-        str | None, typer.Option("--init-from", help="Start from the weights of a trained run directory (fine-tune).")
+        str | None,
+        typer.Option("--init-from", help="Start from a trained run dir or a transformers Llama folder."),
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -279,21 +313,41 @@ MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Tokens to gene
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1] (1 = off).")]
-MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p x the top probability (0 = off).")]
+MinPOpt = Annotated[
+    float, typer.Option("--min-p", help="Drop tokens below min-p x the top probability (0 = off).")
+]
 TypicalOpt = Annotated[float, typer.Option("--typical-p", help="Locally typical sampling mass (1 = off).")]
 RepOpt = Annotated[float, typer.Option("--repetition-penalty", help="Penalty for seen tokens (1 = off).")]
 PresenceOpt = Annotated[float, typer.Option("--presence-penalty", help="OpenAI presence penalty [-2, 2].")]
 FreqOpt = Annotated[float, typer.Option("--frequency-penalty", help="OpenAI frequency penalty [-2, 2].")]
-NgramOpt = Annotated[int, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off).")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (recorded; same seed -> same text).")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")]
+NgramOpt = Annotated[
+    int, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off).")
+]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Random seed (recorded; same seed -> same text).")
+]
+StopOpt = Annotated[
+    list[str] | None,
+    typer.Option("--stop", help="Stop at this string (repeatable; \\n and \\t are escapes)."),
+]
+
+
+def _stops(stop: list[str] | None) -> list[str]:
+    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in stop or []]
+
+
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights for decoding: float32 or bfloat16.")]
 
 
 def _dtype(name: str):
     import torch
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if name not in table:
         raise AigcError(f"--dtype {name!r} is not supported; use float32 or bfloat16")
     return table[name]
@@ -307,7 +361,9 @@ def _write(text: str) -> None:
 @generate_app.command("text")
 def generate_text(
     model: ModelOpt,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue; empty = unconditional.")] = "",
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="Text to continue; empty = unconditional.")
+    ] = "",
     stream: Annotated[bool, typer.Option("--stream", help="Print the text as it is generated.")] = False,
     n: Annotated[int, typer.Option("--n", "-n", help="Number of samples (seeds seed, seed+1, ...).")] = 1,
     max_new_tokens: MaxNewOpt = 200,
@@ -320,15 +376,23 @@ def generate_text(
     presence_penalty: PresenceOpt = 0.0,
     frequency_penalty: FreqOpt = 0.0,
     no_repeat_ngram_size: NgramOpt = 0,
-    num_beams: Annotated[int, typer.Option("--num-beams", help="Beam search width (1 = sampling/greedy).")] = 1,
+    num_beams: Annotated[
+        int, typer.Option("--num-beams", help="Beam search width (1 = sampling/greedy).")
+    ] = 1,
     num_return_sequences: Annotated[
         int, typer.Option("--num-return-sequences", help="Beams to return (<= --num-beams).")
     ] = 1,
-    length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam score / length**this.")] = 1.0,
+    length_penalty: Annotated[
+        float, typer.Option("--length-penalty", help="Beam score / length**this.")
+    ] = 1.0,
     seed: SeedOpt = None,
     stop: StopOpt = None,
-    echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prompt before the continuation.")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result per line (with provenance).")] = False,
+    echo: Annotated[
+        bool, typer.Option("--echo/--no-echo", help="Print the prompt before the continuation.")
+    ] = True,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON result per line (with provenance).")
+    ] = False,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Generate text from a prompt: the text goes to stdout, the seed and timing to stderr."""
@@ -353,7 +417,7 @@ def generate_text(
         length_penalty=length_penalty,
         n=n,
         seed=seed,
-        stop=list(stop or []),
+        stop=_stops(stop),
     )
     gen = load_generator(model, dtype=_dtype(dtype))
     t0 = time.perf_counter()
@@ -414,7 +478,7 @@ def chat_cmd(
         repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
         seed=seed,
-        stop=list(stop or []),
+        stop=_stops(stop),
     )
     session = ChatSession(load_generator(model, dtype=_dtype(dtype)), system=system, params=params)
     interactive = sys.stdin.isatty()
@@ -519,10 +583,12 @@ def sentiment_cmd(
     if not items:
         raise AigcError('nothing to classify: pass text(s), e.g. aigc sentiment "I love it", or --file FILE')
     for text, (label, prob) in zip(items, sentiment(items, model=model), strict=True):
+        # plain lines (label TAB probability TAB text), so scripts can cut/awk them
         if as_json:
-            out.print(json.dumps({"text": text, "label": label, "probability": round(prob, 4)}), highlight=False)
+            row = {"text": text, "label": label, "probability": round(prob, 4)}
+            typer.echo(json.dumps(row, ensure_ascii=False))
         else:
-            out.print(f"{label}\t{prob:.4f}\t{text}", highlight=False, soft_wrap=True, markup=False)
+            typer.echo(f"{label}\t{prob:.4f}\t{text}")
 
 
 # ============================================================================ entry point

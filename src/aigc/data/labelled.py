@@ -26,7 +26,13 @@ from typing import Literal
 from aigc.errors import AigcError
 
 Format = Literal["tsv", "csv", "jsonl"]
-FORMATS: dict[str, Format] = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+FORMATS: dict[str, Format] = {
+    ".tsv": "tsv",
+    ".txt": "tsv",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+}
 HEADER_LABELS = {"label", "labels", "sentiment", "class", "target"}
 MAX_CLASSES = 100
 

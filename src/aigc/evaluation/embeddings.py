@@ -25,7 +25,9 @@ def find_sentence_model(path: str | Path | None = None) -> Path | None:
     if path is not None:
         p = Path(path)
         if not (p / "config.json").is_file():
-            raise AigcError(f"{p} is not a model directory (no config.json); pass a local sentence-transformers dir")
+            raise AigcError(
+                f"{p} is not a model directory (no config.json); pass a local sentence-transformers dir"
+            )
         return p
     if os.environ.get(ENV):
         return find_sentence_model(os.environ[ENV])

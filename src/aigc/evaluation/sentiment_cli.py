@@ -22,7 +22,7 @@ err = Console(stderr=True)
 
 
 def parse_label_names(text: str | None) -> dict[str, str] | None:
-    """"0=negative,1=positive" -> {"0": "negative", "1": "positive"}."""
+    """ "0=negative,1=positive" -> {"0": "negative", "1": "positive"}."""
     if not text:
         return None
     names = {}
@@ -37,13 +37,18 @@ def parse_label_names(text: str | None) -> dict[str, str] | None:
 def train_classifier_cmd(
     data: Annotated[
         list[Path],
-        typer.Option("--data", "-d", help="Labelled file(s): TSV text<TAB>label, CSV text,label, or JSONL (repeatable)."),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Labelled file(s): TSV text<TAB>label, CSV text,label, or JSONL (repeatable).",
+        ),
     ],
     out_dir: Annotated[
         Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/classifier-<time>).")
     ] = None,
     kind: Annotated[
-        str, typer.Option("--kind", help="ngram (trained from scratch) or embeddings (local MiniLM + logistic).")
+        str,
+        typer.Option("--kind", help="ngram (trained from scratch) or embeddings (local MiniLM + logistic)."),
     ] = "ngram",
     fmt: Annotated[
         str | None, typer.Option("--format", help="tsv, csv or jsonl (default: from the file extension).")
@@ -54,13 +59,17 @@ def train_classifier_cmd(
     label_names: Annotated[
         str | None, typer.Option("--label-names", help="Display names, e.g. 0=negative,1=positive.")
     ] = None,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Held-out share (stratified).")] = 0.2,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data (ngram kind).")] = 10,
+    test_fraction: Annotated[
+        float, typer.Option("--test-fraction", help="Held-out share (stratified).")
+    ] = 0.2,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data (ngram kind).")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the training.")] = 0,
     encoder: Annotated[
         Path | None, typer.Option("--encoder", help="Local sentence-embedding model dir (embeddings kind).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")
+    ] = False,
 ) -> None:
     """Train a text classifier (e.g. sentiment) on your labelled data; report held-out accuracy."""
     from aigc.evaluation.sentiment import ClassifierTrainConfig, train_classifier

@@ -63,9 +63,14 @@ class GPTDecoder:
                 w[: H + K] = w[: H + K, perm]  # q and k heads interleaved; v heads as they are
             return w.reshape((H + 2 * K) * D, -1)
 
+        # fp32: weights stored (in, out) contiguous, x @ W as a plain NN matmul is ~30% faster at
+        # batch 1 than F.linear's x @ W^T; bf16 kernels prefer F.linear's (out, in) layout
+        self.transposed = self.dtype == torch.float32
+        self.mm2 = torch.mm if self.transposed else F.linear  # (B, C) inputs, decode step
+        self.mm3 = torch.matmul if self.transposed else F.linear  # (1, T, C) inputs, prefill
+
         def tr(w: torch.Tensor) -> torch.Tensor:
-            # stored (in, out) contiguous: x @ W^T as a plain NN matmul is ~30% faster at batch 1
-            return t(w).t().contiguous()
+            return t(w).t().contiguous() if self.transposed else t(w)
 
         self.emb = t(model.tok_emb.weight)
         self.layers = [
@@ -126,19 +131,19 @@ class GPTDecoder:
         x = self.emb[idx][None]  # (1, T, C)
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), an, self.eps)
-            qkv = torch.matmul(h, qkv_w).view(1, T, H + 2 * K, D)  # (1, T, H+2K, D)
+            qkv = self.mm3(h, qkv_w).view(1, T, H + 2 * K, D)  # (1, T, H+2K, D)
             qk = self._rope(qkv[:, :, : H + K], slice(0, T))  # (1, T, H+K, D)
             q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (1, H, T, D), (1, K, T, D)
             v = qkv[:, :, H + K :].transpose(1, 2)  # (1, K, T, D)
             self.kv[i][row, :K, :T] = k[0]
             self.kv[i][row, K:, :T] = v[0]
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)  # (1, H, T, D)
-            x = x + torch.matmul(y.transpose(1, 2).reshape(1, T, H * D), proj_w)
+            x = x + self.mm3(y.transpose(1, 2).reshape(1, T, H * D), proj_w)
             h = F.rms_norm(x, (x.shape[-1],), mn, self.eps)
-            gate, up = torch.matmul(h, gu_w).chunk(2, dim=-1)
-            x = x + torch.matmul(F.silu(gate) * up, down_w)  # (1, T, C)
+            gate, up = self.mm3(h, gu_w).chunk(2, dim=-1)
+            x = x + self.mm3(F.silu(gate) * up, down_w)  # (1, T, C)
         x = F.rms_norm(x[:, -1], (x.shape[-1],), self.norm, self.eps)  # (1, C): last position only
-        return torch.matmul(x, self.head)[0]  # (V,)
+        return self.mm3(x, self.head)[0]  # (V,)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -150,13 +155,15 @@ class GPTDecoder:
         S = p_max + 1  # attend over the cache up to the furthest row
         mask, rows = None, None
         if not same:  # rows at different positions: mask each row's future (unwritten) slots
-            mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]  # (B,1,1,S)
+            mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[
+                :, None, None, :
+            ]  # (B,1,1,S)
             rows = torch.arange(B, device=self.device)
         at = slice(p_max, p_max + 1) if same else positions  # table index: (1, ...) or (B, ...)
         x = F.embedding(tokens, self.emb)  # (B, C)
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), an, self.eps)
-            qkv = torch.mm(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)
+            qkv = self.mm2(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)
             qk = self._rope(qkv[:, : H + K], at)  # (B, H+K, D)
             kv = self.kv[i]
             if same:  # one position for all rows: a plain strided copy
@@ -168,12 +175,12 @@ class GPTDecoder:
             y = F.scaled_dot_product_attention(
                 qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H
             )  # (B, H, 1, D)
-            x = x + torch.mm(y.reshape(B, H * D), proj_w)  # (B, C)
+            x = x + self.mm2(y.reshape(B, H * D), proj_w)  # (B, C)
             h = F.rms_norm(x, (x.shape[-1],), mn, self.eps)
-            gate, up = torch.mm(h, gu_w).chunk(2, dim=-1)
-            x = x + torch.mm(F.silu(gate) * up, down_w)
+            gate, up = self.mm2(h, gu_w).chunk(2, dim=-1)
+            x = x + self.mm2(F.silu(gate) * up, down_w)
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
-        return torch.mm(x, self.head).float()  # (B, V)
+        return self.mm2(x, self.head).float()  # (B, V)
 
 
 class LSTMDecoder:

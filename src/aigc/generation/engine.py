@@ -52,16 +52,17 @@ class Completion:
 class Engine:
     """Generate token ids from a decoder (see `decoders.py`)."""
 
-    def __init__(self, decoder, eos_id: int | None = None) -> None:
+    def __init__(self, decoder, eos_id: int | Sequence[int] | None = None) -> None:
         self.decoder = decoder
-        self.eos_id = eos_id
+        self.eos_id = eos_id  # one id or several (HF models may end on any of a few)
 
     # ------------------------------------------------------------------ helpers
 
     def stop_ids(self, params: GenerationParams) -> list[int]:
+        """Token ids that end a row: the request's stop_token_ids, plus EOS unless ignore_eos."""
         ids = list(params.stop_token_ids)
         if self.eos_id is not None and not params.ignore_eos:
-            ids.append(self.eos_id)
+            ids.extend([self.eos_id] if isinstance(self.eos_id, int) else self.eos_id)
         return sorted(set(ids))
 
     def fit_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> tuple[list[int], list[str]]:

@@ -101,11 +101,17 @@ class HFTextGenerator(TextGenerator):
     """TextGenerator for a transformers causal LM; chat uses the tokenizer's template if it has one."""
 
     def __init__(self, model: Any, tokenizer: Any, model_id: str = "hf") -> None:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            eos = gc_eos[0] if isinstance(gc_eos, list) else gc_eos
-        super().__init__(model, HFTokenizer(tokenizer, eos), model_id=model_id, decoder=HFDecoder(model))
+        # end of text: the tokenizer's EOS and every EOS the model's generation config lists
+        gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_ids = [tokenizer.eos_token_id] + (gc_eos if isinstance(gc_eos, list) else [gc_eos])
+        eos_ids = list(dict.fromkeys(e for e in eos_ids if e is not None))
+        super().__init__(
+            model,
+            HFTokenizer(tokenizer, eos_ids[0] if eos_ids else None),
+            model_id=model_id,
+            decoder=HFDecoder(model),
+        )
+        self.engine.eos_id = eos_ids or None
         self.hf_tokenizer = tokenizer
 
     def format_chat(self, messages: Sequence[dict[str, str]]) -> str:

@@ -83,10 +83,8 @@ class TextGenerator:
     @classmethod
     def from_artifact(cls, path: str | Path, dtype: torch.dtype | None = None) -> TextGenerator:
         """Load a trained run directory (config.json, model.safetensors, tokenizer.json)."""
-        try:
-            from aigc.registry import load_artifact
-        except ModuleNotFoundError:  # registry not there yet: read the artifact contract directly
-            load_artifact = _load_text_artifact
+        from aigc.registry import load_artifact
+
         art = load_artifact(path)
         if getattr(art, "family", None) not in ("gpt", "lstm"):
             raise AigcError(
@@ -342,33 +340,3 @@ class ChatSession:
             parts.append(d)
             yield d
         self.messages.append({"role": "assistant", "content": "".join(parts).strip()})
-
-
-def _load_text_artifact(path: str | Path) -> Any:
-    """Minimal reader of a text run directory (docs/internals.md "Artifacts"), used when
-    `aigc.registry` is unavailable: config.json -> model, model.safetensors -> weights."""
-    from types import SimpleNamespace
-
-    from safetensors.torch import load_file
-
-    from aigc.models import build_model
-    from aigc.tokenizers import load_tokenizer
-    from aigc.utils.io import read_json
-
-    path = Path(path)
-    cfg = read_json(path / "config.json")
-    family = cfg.get("family")
-    if family not in ("gpt", "lstm") or "model" not in cfg:
-        raise AigcError(
-            f"{path}/config.json does not describe a gpt or lstm model (needs 'family' and 'model')"
-        )
-    model = build_model(family, cfg["model"])
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise AigcError(
-            f"{path}/model.safetensors does not match config.json: missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
-    return SimpleNamespace(model=model.eval(), tokenizer=load_tokenizer(path), config=cfg, family=family)

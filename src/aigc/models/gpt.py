@@ -70,7 +70,7 @@ def attention(
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
         att = q @ k.transpose(-2, -1)  # (B, H, T, S)
         if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
+            att = torch.where(mask, att, float("-inf"))
         att = (att * q.shape[-1] ** -0.5).softmax(dim=-1)
         if dropout:
             att = F.dropout(att, dropout, training=True)

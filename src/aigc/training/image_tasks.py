@@ -208,7 +208,11 @@ class DiffusionTask(_ImageTask):
         for opt in getattr(self, "_optimizers", {}).values():
             for param, state in opt.state.items():
                 for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    if (
+                        isinstance(value, torch.Tensor)
+                        and value.shape == param.shape
+                        and value.stride() != param.stride()
+                    ):
                         state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
     def _labels(self, y: torch.Tensor) -> torch.Tensor | None:

@@ -157,6 +157,7 @@ class Progress:
         self.bar = None
         if not (enabled and sys.stderr.isatty()):
             return
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.bar = Progress(
@@ -166,6 +167,7 @@ class Progress:
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=Console(stderr=True),
             transient=False,
         )
         # with a time budget the bar tracks seconds; otherwise steps

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,20 +330,45 @@ def open_prepared(path: str | Path) -> Any:
 # ----------------------------------------------------------------------------- init-from
 
 
-def read_init_source(path: str | Path, family: str, prepared: Any) -> tuple[dict[str, Any], Path]:
-    """Config and weights file of an artifact to start from; its tokenizer must be the data's."""
+def read_init_source(
+    path: str | Path, family: str, prepared: Any
+) -> tuple[dict[str, Any], Callable[[nn.Module], None]]:
+    """(model config dict, weight loader) of what `--init-from` names: a run directory of ours or a
+    transformers Llama folder (gpt only, e.g. from `aigc export`). Its tokenizer must be the data's."""
+    from aigc.models.hf_causal import import_llama, read_hf_config
     from aigc.tokenizers import load_tokenizer
     from aigc.utils.io import read_json
 
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise AigcError(f"--init-from {path}: not a trained run (needs config.json and model.safetensors)")
-    src = read_json(path / "config.json")
-    if src.get("family") != family:
+    if not (path / "config.json").is_file():
         raise AigcError(
-            f"--init-from {path} is a {src.get('family')!r} model; train it with `aigc train {src.get('family')}`"
+            f"--init-from {path}: no config.json; give a run directory or a transformers Llama folder"
         )
-    src_tok = load_tokenizer(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    src = read_json(path / "config.json")
+    if "family" in src:  # one of our runs
+        if src["family"] != family:
+            raise AigcError(
+                f"--init-from {path} is a {src['family']!r} model; train it with `aigc train {src['family']}`"
+            )
+        if not (path / "model.safetensors").is_file():
+            raise AigcError(f"--init-from {path}: no model.safetensors (the run never saved weights)")
+        model_cfg = src["model"]
+
+        def load(model: nn.Module) -> None:
+            from safetensors.torch import load_model
+
+            load_model(model, str(path / "model.safetensors"))
+    else:  # a transformers folder: only Llama-shaped ones map onto our GPT
+        read_hf_config(path)
+        if family != "gpt":
+            raise AigcError(f"--init-from {path} is a transformers model; it fine-tunes as gpt, not {family}")
+        gpt_cfg, state = import_llama(path)
+        model_cfg = C.to_dict(gpt_cfg)
+
+        def load(model: nn.Module) -> None:
+            model.load_state_dict(state, strict=False)  # rope tables are buffers we compute ourselves
+
+    src_tok = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     data_tok = prepared.meta["tokenizer"]
     if src_tok is None or src_tok.id != data_tok["id"]:
         raise AigcError(
@@ -350,7 +376,7 @@ def read_init_source(path: str | Path, family: str, prepared: Any) -> tuple[dict
             f"{prepared.path} was prepared with tokenizer {data_tok['id']} ({data_tok['kind']}); "
             "train on data prepared with the same tokenizer, or drop --init-from to train from scratch"
         )
-    return src, path / "model.safetensors"
+    return model_cfg, load
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -371,8 +397,6 @@ def train_text(
     log: Any = None,
 ):
     """Train a gpt/lstm language model on a prepared text directory into run directory `out`."""
-    from safetensors.torch import load_model
-
     from aigc.models import build_model
     from aigc.training.distributed import env_info
     from aigc.training.trainer import Trainer, seed_everything
@@ -381,7 +405,7 @@ def train_text(
     prepared = open_prepared(data)
     src = read_init_source(init_from, family, prepared) if init_from else None
     run_cfg = resolve_text_config(
-        family, prepared, preset, overrides, max_steps, max_time, init_from=src[0] if src else None
+        family, prepared, preset, overrides, max_steps, max_time, init_from={"model": src[0]} if src else None
     )
     if src:
         run_cfg["init_from"] = str(Path(init_from).resolve())
@@ -402,7 +426,7 @@ def train_text(
     seed_everything(train_cfg.seed)
     model = build_model(family, run_cfg["model"])
     if src:
-        load_model(model, str(src[1]))
+        src[1](model)
     task = TextTask(family, model, prepared, train_cfg, C.from_dict(SampleConfig, run_cfg["sample"]))
     return Trainer(task, train_cfg, out, run_cfg, resume=resume, progress=progress, log=log).fit()
 

@@ -121,9 +121,11 @@ def lr_factor(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume when anything but budgets/bookkeeping changed."""
-    changes = [
-        d for d in diff(saved, current) if d.split(":")[0].removeprefix("train.") not in RESUMABLE_CHANGES
-    ]
+
+    def allowed(key: str) -> bool:
+        return key.startswith("sample.") or (key.startswith("train.") and key[6:] in RESUMABLE_CHANGES)
+
+    changes = [d for d in diff(saved, current) if not allowed(d.split(":")[0])]
     if changes:
         raise AigcError(
             "cannot resume: the config differs from the checkpoint's ("
@@ -344,7 +346,9 @@ class Trainer:
     def _loop(self, bar: Progress) -> str:
         cfg = self.cfg
         throughput = self.task.throughput()
-        peak = None
+        peak = None  # measured before the clock starts, so it costs no budget
+        if self.main and throughput is not None and throughput.flops_per_step:
+            peak = peak_flops(self.device, self.amp_dtype or torch.float32, cfg.peak_flops)
         clock = time.perf_counter() - self.elapsed  # the clock continues across a resume
         window_time, window_steps = 0.0, 0
         while (stopped := self._budget_left()) is None:
@@ -366,10 +370,7 @@ class Trainer:
                 if throughput is not None:
                     rate = throughput.per_step * window_steps / max(window_time, 1e-9)
                     record[f"{throughput.unit}_per_s"] = round(rate, 1)
-                    if throughput.flops_per_step:
-                        peak = peak or peak_flops(
-                            self.device, self.amp_dtype or torch.float32, cfg.peak_flops
-                        )
+                    if peak:
                         record["mfu"] = round(
                             throughput.flops_per_step * window_steps / window_time / peak, 4
                         )

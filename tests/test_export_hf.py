@@ -298,3 +298,36 @@ def test_cli_export_end_to_end(tmp_path, run_cli, char_tok):
     assert not (tmp_path / "l").exists() and not (tmp_path / "o").exists()
     code, stdout, _ = run_cli("export", "--help")
     assert code == 0 and "--format" in stdout
+
+
+@pytest.mark.slow
+def test_trained_run_exports_and_loads_in_transformers(tmp_path, run_cli):
+    """The real pipeline: data prepare -> train 2 steps -> export -> transformers, same logits."""
+    (tmp_path / "in.txt").write_text(TEXT * 40, encoding="utf-8")
+    data, run, hf_dir = tmp_path / "data", tmp_path / "run", tmp_path / "hf"
+    code, _, stderr = run_cli("data", "prepare", tmp_path / "in.txt", "--out", data)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(
+        "train",
+        "gpt",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--set",
+        "model.block_size=32",
+    )
+    assert code == 0, stderr
+    code, _, stderr = run_cli("export", "--model", run, "--out", hf_dir)
+    assert code == 0, stderr
+    art = load_artifact(run)
+    hf = hf_load(hf_dir)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = hf_tok("To be, or not", add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids[0].tolist() == art.tokenizer.encode("To be, or not")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, art.model(ids)[0], atol=1e-4, rtol=0)

@@ -203,3 +203,13 @@ def test_hf_chat_uses_the_tokenizer_template(gpt2_dir):
     chat = ChatSession(gen, params=GenerationParams(max_new_tokens=6, seed=0))
     reply = "".join(chat.send("the cat"))
     assert chat.messages[-1] == {"role": "assistant", "content": reply.strip()}
+
+
+def test_cli_generate_with_hf_model(run_cli, gpt2_dir):
+    code, out, err = run_cli("generate", "text", "-m", f"hf:{gpt2_dir}", "-p", "the cat", "--num-beams", "5",
+                             "--no-repeat-ngram-size", "2", "--max-new-tokens", "10")  # fmt: skip
+    assert code == 0, err
+    [r] = load_generator(f"hf:{gpt2_dir}").generate(
+        "the cat", num_beams=5, no_repeat_ngram_size=2, max_new_tokens=10
+    )
+    assert out == "the cat" + r.text + "\n"

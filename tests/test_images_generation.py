@@ -108,7 +108,7 @@ def test_png_params_grid_and_gif(cond_run, tmp_path):
     with Image.open(paths[0]) as im:
         assert im.size == (16, 16) and im.text["sampler"] == "ddim" and im.text["label"] == "2"
     with Image.open(paths[-1]) as im:
-        assert im.size == (2 * (2 * 8 + 2) + 2 * 2,) * 2 and json.loads(im.text["parameters"])["seed"] == 5
+        assert im.size == ((2 * (8 + 2) + 2) * 2,) * 2 and json.loads(im.text["parameters"])["seed"] == 5
     frames, p = gen.animate(frames=5, seed=0, label=1, steps=2)
     gif = gen.save_animation(frames, p, tmp_path / "o" / "walk.gif", scale=2)
     with Image.open(gif) as im:

@@ -217,8 +217,10 @@ def test_kv_cache_smaller_batch_and_limits():
     with torch.no_grad():
         logits = m(idx, kv_cache=cache)[0]
     torch.testing.assert_close(logits, m(idx)[0], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="KV cache holds 10"):
+    with pytest.raises(ValueError, match=r"does not fit the KV cache \(4 rows, 10 positions\)"):
         m(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache, start_pos=6)
+    with pytest.raises(ValueError, match="batch 5 up to position 1 does not fit"):
+        m(torch.zeros(5, 1, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="exceeds block_size"):
         KVCache(m.config, batch_size=1, max_len=64)
 

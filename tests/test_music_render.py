@@ -121,6 +121,10 @@ def test_thirty_seconds_of_chorale_render_in_under_a_second():
 def test_unknown_instrument_and_missing_fluidsynth_are_clear_errors(monkeypatch):
     with pytest.raises(AigcError, match="choose one of: piano, organ, strings"):
         synthesize(Piece([Note(0, 4, 60)]), "banjo")
+    with pytest.raises(AigcError, match="tempo 0.0 is out of range"):
+        midi_bytes(Piece([Note(0, 4, 60)], tempo=0.0))
+    with pytest.raises(AigcError, match="pitch must be 0..127"):
+        synthesize(Piece([Note(0, 4, 130)]))
     monkeypatch.setenv("AIGC_SOUNDFONT", "")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(AigcError, match="engine fluidsynth needs"):

@@ -139,6 +139,16 @@ def test_featurizer_and_model_shapes():
     assert torch.allclose(model.emb(*pack([feat.encode("Loved it")]))[0], row, atol=1e-6)
 
 
+def test_fit_temperature_recovers_the_scale():
+    from aigc.evaluation.sentiment import fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 3, generator=g) * 2  # true logits
+    y = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)  # labels drawn from them
+    assert fit_temperature(z * 3, y) == pytest.approx(3.0, rel=0.1)  # overconfident by 3x
+    assert fit_temperature(z, y) == pytest.approx(1.0, rel=0.1)
+
+
 # ----------------------------------------------------------------------------- artifact + predict
 
 
@@ -157,6 +167,7 @@ def test_train_save_load_predict(tmp_path):
     assert cfg["data"]["examples"] == 120 and cfg["data"]["skipped_empty"] == 0
     test = json.loads((out / "metrics.jsonl").read_text().strip().split("\n")[-1])
     assert test["split"] == "test" and test["n"] == 24 and test["accuracy"] >= 0.9
+    assert test["train_n"] == 96 and test["calibration_n"] == 10 and cfg["temperature"] == test["temperature"]
     assert f"{test['accuracy']:.2%}" in (out / "card.md").read_text()
     clf = load_classifier(out)
     preds = clf.predict(["The pizza was excellent", "The battery was terrible"])
@@ -250,6 +261,44 @@ def test_train_classifier_command(tmp_path):
     assert isinstance(result.exception, AigcError) and "ngram or embeddings" in str(result.exception)
     result = CliRunner().invoke(app, ["classifier", "--help"])
     assert result.exit_code == 0 and "--label-names" in result.stdout
+
+
+def test_train_family_adapter(tmp_path):
+    from aigc.evaluation.sentiment_cli import train_family
+
+    data = _write_tsv(tmp_path / "s.tsv")
+    half = tmp_path / "b.tsv"
+    half.write_text("The phone was great\t1\nThe phone was awful\t0\n", encoding="utf-8")
+    result = train_family(
+        "classifier",
+        f"{data},{half}",
+        str(tmp_path / "c"),
+        preset="auto",
+        overrides=["epochs=8", "train.seed=1"],
+    )
+    assert result.run_dir == tmp_path / "c" and result.stopped == "epochs" and result.final["accuracy"] >= 0.8
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["train"]["epochs"] == 8 and cfg["train"]["seed"] == 1 and cfg["data"]["examples"] == 122
+    with pytest.raises(AigcError, match="unknown config key train.lr_max"):
+        train_family("classifier", str(data), str(tmp_path / "d"), overrides=["lr_max=1"])
+    with pytest.raises(AigcError, match="--resume"):
+        train_family("classifier", str(data), str(tmp_path / "d"), resume=True)
+
+
+def test_classifier_scores_generated_text(tmp_path):
+    import numpy as np
+
+    from aigc.evaluation.report import text_report
+
+    cfg = ClassifierTrainConfig(epochs=10)
+    clf = load_classifier(train_classifier(_write_tsv(tmp_path / "s.tsv"), tmp_path / "c", cfg))
+    vocab = ["the", "pizza", "phone", "was", "great", "awful", "love", "hate"]
+    decode = lambda ids: " ".join(vocab[i] for i in ids)  # noqa: E731
+    happy = [[0, 1, 3, 4], [0, 2, 3, 4]] * 6  # "the pizza was great", "the phone was great"
+    real = np.array([0, 1, 3, 5] * 30)  # the real texts are all "... awful"
+    report = text_report(happy, real, real, decode=decode, scorer=clf)
+    assert report["model"]["positive_share"] == 1.0 and report["real"]["positive_share"] == 0.0
+    assert report["protocol"]["scorer"] == str(clf.path)
 
 
 # ----------------------------------------------------------------------------- the UCI figures

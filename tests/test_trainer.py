@@ -169,6 +169,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
         Trainer(Regression(cfg, nan_at=7), cfg, tmp_path / "r", {}, progress=False).fit()
     tensors, state = ckpt.load_checkpoint(tmp_path / "r" / "checkpoints" / "step-00000005")
     assert state["step"] == 5 and torch.isfinite(tensors["module.model.weight"]).all()
+    # the advice works: a lower lr, then --resume, continues from step 5 with the new lr
+    lower = toy_cfg(ckpt_interval=5, max_steps=20, lr=0.01)
+    result = Trainer(Regression(lower), lower, tmp_path / "r", {}, resume=True, progress=False).fit()
+    assert result.steps == 20
+    _, state = ckpt.load_checkpoint(tmp_path / "r" / "checkpoints" / "step-00000020")
+    assert state["optimizers"]["model"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    steps = [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 21))  # the NaN steps 6-7 were cut from the log
 
 
 def test_disk_full_while_saving_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -321,6 +329,28 @@ def test_init_from_needs_the_same_tokenizer(tmp_path):
     same = Path(read_json(tmp_path / "base" / "config.json")["data"]["path"])
     train(tmp_path, "ft", data=same, steps=1, init_from=tmp_path / "base")
     assert read_json(tmp_path / "ft" / "config.json")["init_from"] == str((tmp_path / "base").resolve())
+    # the preset's [model] table does not apply: the shape is the source's; asking to change it is an error
+    from aigc.training.text import train_text
+
+    quick = ["train.batch_size=4", "train.eval_batches=1", "sample.num=0", "model.dropout=0.1"]
+    train_text(
+        "gpt", same, tmp_path / "ft2", "auto", quick, max_steps=1, init_from=tmp_path / "base", progress=False
+    )
+    ft2, base = (
+        read_json(tmp_path / "ft2" / "config.json")["model"],
+        read_json(tmp_path / "base" / "config.json")["model"],
+    )
+    assert ft2 == {**base, "dropout": 0.1}
+    with pytest.raises(ConfigError, match="--init-from fixes the model shape; cannot change model.n_layer"):
+        train_text(
+            "gpt",
+            same,
+            tmp_path / "ft3",
+            "auto",
+            ["model.n_layer=3"],
+            max_steps=1,
+            init_from=tmp_path / "base",
+        )
 
 
 def test_resume_refuses_a_changed_model_config(tmp_path):

@@ -247,6 +247,9 @@ def data_show(
 TRAINERS: dict[str, str] = {
     "gpt": "aigc.training.text:train_text",
     "lstm": "aigc.training.text:train_text",
+    "diffusion": "aigc.training.image_tasks:train_image",
+    "vae": "aigc.training.image_tasks:train_image",
+    "gan": "aigc.training.image_tasks:train_image",
 }
 
 
@@ -448,6 +451,70 @@ def generate_text(
     )
     for w in {w for r in results for w in r.warnings}:
         err.print(f"warning: {w}", highlight=False)
+
+
+@generate_app.command("image")
+def generate_image(
+    model: ModelOpt,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory for the PNGs (+ grid.png / .gif).")],
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of images.")] = 16,
+    label: Annotated[
+        str | None, typer.Option("--label", help="Class (index or name) for a class-conditional model.")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", "-g", help="Classifier-free guidance scale (diffusion).")
+    ] = None,
+    sampler: Annotated[
+        str | None, typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim or dpm (DPM-Solver++).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (diffusion).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text prompt (hf: text-to-image).")] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Output side in pixels (hf: pipelines).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in every PNG).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    scale: Annotated[int, typer.Option("--scale", help="Enlarge outputs N x (nearest) for viewing.")] = 1,
+    animate: Annotated[
+        bool, typer.Option("--animate", help="Write a latent-interpolation GIF (--n frames) instead.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Generate images (PNGs with their parameters + a grid), or a latent walk as an animated GIF."""
+    from pathlib import Path
+
+    from aigc.generation.image import ImageGenerator
+    from aigc.utils.io import commit_dir, prepare_out_dir, staging_dir
+
+    lab: int | str | None = int(label) if label is not None and label.lstrip("-").isdigit() else label
+    target = prepare_out_dir(out_dir, overwrite=overwrite)
+    gen = ImageGenerator.load(model)
+    if animate:
+        frames, params = gen.animate(frames=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps)
+    else:
+        result = gen.generate(
+            n=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps, prompt=prompt,
+            batch_size=batch_size, size=size,
+        )  # fmt: skip
+    stage = staging_dir(target)  # the whole directory appears at once, or not at all
+    try:
+        if animate:
+            gen.save_animation(frames, params, stage / "animation.gif", scale=scale)
+        else:
+            paths = result.save(stage, scale=scale)
+        commit_dir(stage, target)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if animate:
+        out.print(f"wrote {Path(target) / 'animation.gif'} ({len(frames)} frames, seed {seed})", highlight=False)
+        return
+    p = result.params[0]
+    out.print(
+        f"wrote {len(paths) - 1} images + grid.png to {target} (seed {seed}, sampler {p.get('sampler')}, "
+        f"steps {p.get('steps')}, guidance {p.get('guidance')})",
+        highlight=False,
+    )
 
 
 @app.command("chat")

@@ -4,7 +4,7 @@
 
   config.json             LlamaConfig (architectures ["LlamaForCausalLM"])
   model.safetensors       weights under Llama names (see aigc/models/hf_causal.py for the map)
-  generation_config.json  bos/eos ids and the context length
+  generation_config.json  bos/eos ids
   tokenizer.json, tokenizer_config.json   via `tokenizer.save_pretrained`
 
 Only our GPT exports: it is Llama-shaped, so `LlamaForCausalLM` computes the same logits. The LSTM
@@ -102,7 +102,9 @@ def export_hf(
     try:
         atomic_write_json(stage / "config.json", llama_config(model.config, dtype, eos_id))
         save_file(to_llama_state(model, dtype), str(stage / "model.safetensors"), metadata={"format": "pt"})
-        generation = {"bos_token_id": None, "eos_token_id": eos_id, "max_length": model.config.block_size}
+        # no max_length: transformers warns when it meets max_new_tokens; the context length is
+        # config.json's max_position_embeddings
+        generation = {"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None}
         atomic_write_json(stage / "generation_config.json", generation)
         tokenizer.save_pretrained(stage)
         return commit_dir(stage, out_dir)

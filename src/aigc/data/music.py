@@ -126,8 +126,10 @@ def read_midi(data: bytes | str | Path, resolution: int = 4, name: str = "") -> 
     Tempo, meter and key come from the first set_tempo / time_signature / key_signature events
     (key estimated from the notes when absent); an `aigc:{json}` text event gives the style.
     """
-    import mido
-
+    try:
+        import mido
+    except ModuleNotFoundError:
+        raise AigcError("reading MIDI needs mido: pip install 'aigc[music]'") from None
     raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
     mid = mido.MidiFile(file=io.BytesIO(raw))
     tpq = mid.ticks_per_beat
@@ -213,7 +215,10 @@ def score_to_pieces(obj: Any, resolution: int, name: str) -> list[Piece]:
     candidates = None
     if ks is not None:  # the signature fixes the key up to major / relative minor
         candidates = [parse_key(f"{ks.asKey(m).tonic.name} {m}") for m in ("major", "minor")]
-    meter = parse_meter(ts.ratioString) if ts is not None else "4/4"
+    try:
+        meter = parse_meter(ts.ratioString) if ts is not None else "4/4"
+    except AigcError:  # e.g. an unmeasured folk song notated as 116/4: kept raw, skipped later
+        meter = ts.ratioString
     tempo = float(mm.number) if mm is not None and mm.number else DEFAULT_TEMPO
     return [Piece(notes, estimate_key(notes, candidates), meter, None, resolution, tempo, name)]
 
@@ -223,8 +228,12 @@ def parse_file(path: Path, resolution: int, name: str | None = None) -> list[Pie
     name = name or path.name
     if path.suffix.lower() in MIDI_SUFFIXES:
         return [read_midi(path, resolution, name)]
-    from music21 import converter
-
+    try:
+        from music21 import converter
+    except ModuleNotFoundError:
+        raise AigcError(
+            f"{path.name}: reading {path.suffix} files needs music21: pip install 'aigc[music]'"
+        ) from None
     return score_to_pieces(converter.parse(str(path)), resolution, name)
 
 
@@ -328,8 +337,11 @@ def read_pieces(
             log(f"parsed {i}/{len(files)} files, {len(pieces)} pieces")
         try:
             found, digest = parse_cached(path, cfg.resolution, name, cfg.cache)
-        except AigcError:
-            raise
+        except AigcError as e:
+            if "pip install" in str(e):  # a missing dependency, not a bad file
+                raise
+            corrupt.append(name)
+            continue
         except Exception:  # music21 and mido raise many types on damaged input
             corrupt.append(name)
             continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,14 @@ def text_report(
     index: Any | None = None,
     sampler: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    scorer: Any | None = None,
 ) -> dict[str, Any]:
     """Metrics of generated token sequences and of as many real held-out windows of the same length.
 
     `index`: a `TrainingIndex` of `train_tokens` (built here when None). `sampler`: the generation
     settings, recorded in the protocol. `extra`: more entries for "model" (e.g. val loss).
+    `decode` + `scorer` (a trained classifier with a `positive` label): adds `positive_share`.
     """
     from aigc.evaluation.text import TrainingIndex
 
@@ -92,6 +95,10 @@ def text_report(
     real = real_snippets(val_tokens, len(seqs), length, seed)
     seqs = seqs[: len(real)]  # same number on both sides, so distinct-n and self-BLEU compare
     index = index or TrainingIndex.build(np.asarray(train_tokens))
+    model_m, real_m = {**(extra or {}), **_text_metrics(seqs, index)}, _text_metrics(real, index)
+    if scorer is not None and decode is not None:
+        model_m["positive_share"] = scorer.positive_share([decode(x) for x in seqs])
+        real_m["positive_share"] = scorer.positive_share([decode(x) for x in real])
     return {
         "kind": "text",
         "protocol": {
@@ -101,9 +108,10 @@ def text_report(
             "ngram_n": index.n,
             "train_tokens": len(train_tokens),
             "sampler": sampler or {},
+            "scorer": str(scorer.path) if scorer is not None and decode is not None else None,
         },
-        "model": {**(extra or {}), **_text_metrics(seqs, index)},
-        "real": _text_metrics(real, index),
+        "model": model_m,
+        "real": real_m,
     }
 
 

@@ -48,6 +48,15 @@ class ClassifierTrainConfig:
 
 # ----------------------------------------------------------------------------- training
 
+CALIBRATION_MIN = 50  # with fewer training examples, no calibration split is taken (T = 1)
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The T in [0.05, 20] (log-spaced grid, 1% steps) minimizing the NLL of softmax(logits / T)."""
+    grid = torch.logspace(-1.3, 1.3, 261).tolist()
+    with torch.no_grad():
+        return min(grid, key=lambda t: float(torch.nn.functional.cross_entropy(logits / t, y)))
+
 
 def _label_names(classes: list[str], names: dict[str, str] | None) -> list[str]:
     if names:
@@ -95,7 +104,7 @@ def _train_ngram(
     @torch.no_grad()
     def predict(batch: list[str]) -> torch.Tensor:
         model.eval()
-        return torch.softmax(model(*pack([feat.encode(t) for t in batch]))[0], -1)
+        return model(*pack([feat.encode(t) for t in batch]))[0]
 
     return model, feat, predict
 
@@ -131,7 +140,7 @@ def _train_embeddings(
 
     @torch.no_grad()
     def predict(batch: list[str]) -> torch.Tensor:
-        return torch.softmax(model(enc.encode(batch))[0], -1)
+        return model(enc.encode(batch))[0]
 
     model.encoder_source = path  # type: ignore[attr-defined]
     return model, None, predict
@@ -171,8 +180,12 @@ def train_classifier(
     names = _label_names(classes, label_names)
     say(f"{len(ds)} examples, classes {ds.counts}, {ds.skipped_empty} empty lines skipped")
 
-    # 1. held-out split, stratified and seeded
+    # 1. held-out split, stratified and seeded; a tenth of the rest calibrates the probabilities
     train_idx, test_idx = stratified_split(ds.labels, cfg.test_fraction, cfg.seed)
+    cal_idx: list[int] = []
+    if len(train_idx) >= CALIBRATION_MIN:
+        fit, cal = stratified_split([ds.labels[i] for i in train_idx], 0.1, cfg.seed)
+        train_idx, cal_idx = [train_idx[i] for i in fit], [train_idx[i] for i in cal]
     y_all = torch.tensor([classes.index(lab) for lab in ds.labels])
     texts = ds.texts
     random.seed(cfg.seed)
@@ -190,12 +203,26 @@ def train_classifier(
     model, feat, predict = train_fn(
         [texts[i] for i in train_idx], y_all[train_idx], cfg, len(classes), record
     )
+
+    def logits_of(idx: list[int]) -> torch.Tensor:
+        return torch.cat([predict([texts[i] for i in idx[j : j + 256]]) for j in range(0, len(idx), 256)])
+
+    # temperature scaling (Guo et al. 2017): one scalar T fitted on the calibration part, so the
+    # probabilities mean what they say; it leaves the argmax (and the accuracy) unchanged
+    temperature = fit_temperature(logits_of(cal_idx), y_all[cal_idx]) if cal_idx else 1.0
+    if cal_idx and cfg.kind == "ngram":
+        # the ngram model is cheap: refit on all training data (fit + calibration) with the same
+        # recipe and keep T (the embeddings kind keeps its 90% fit: re-encoding costs more)
+        train_idx = sorted(train_idx + cal_idx)
+        history.append({"refit_on": len(train_idx)})
+        torch.manual_seed(cfg.seed)
+        model, feat, predict = train_fn(
+            [texts[i] for i in train_idx], y_all[train_idx], cfg, len(classes), record
+        )
     train_seconds = time.perf_counter() - t0
 
     # 3. held-out accuracy (never used for any choice during training)
-    probs = torch.cat(
-        [predict([texts[i] for i in test_idx[j : j + 256]]) for j in range(0, len(test_idx), 256)]
-    )
+    probs = torch.softmax(logits_of(test_idx) / temperature, -1)
     pred = probs.argmax(-1)
     truth = y_all[test_idx]
     accuracy = float((pred == truth).double().mean())
@@ -207,6 +234,9 @@ def train_classifier(
         "accuracy": accuracy,
         "n": len(test_idx),
         "train_n": len(train_idx),
+        "calibration_n": len(cal_idx),
+        "temperature": temperature,
+        "nll": float(-probs[torch.arange(len(truth)), truth].clamp_min(1e-12).log().mean()),
         "confusion": confusion,
         "train_seconds": round(train_seconds, 2),
     }
@@ -219,6 +249,7 @@ def train_classifier(
         "labels": names,
         "raw_labels": classes,
         "positive_label": "positive" if "positive" in names else None,
+        "temperature": temperature,
         "model": asdict(model.config),
         "train": asdict(cfg),
         "data": {
@@ -268,6 +299,8 @@ Text classifier, {kind}. Labels: {", ".join(f"`{n}`" for n in names)}.
 
 **{test["accuracy"]:.2%}** on {test["n"]} held-out examples ({config["train"]["test_fraction"]:.0%} stratified split,
 seed {config["train"]["seed"]}); trained on {test["train_n"]} in {test["train_seconds"]} s.
+Probabilities are temperature-scaled (T = {test["temperature"]:.3g}, fitted on {test["calibration_n"]} examples
+set aside from the training part); held-out log-loss {test["nll"]:.3f}.
 
 Confusion (rows: true label, columns: predicted):
 
@@ -342,7 +375,7 @@ class SentimentClassifier:
                 logits = self.model(*pack([self.featurizer.encode(t) for t in batch]))[0]
             else:
                 logits = self.model(self.encoder.encode(batch))[0]
-            out.append(torch.softmax(logits, -1))
+            out.append(torch.softmax(logits / self.config.get("temperature", 1.0), -1))
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.labels)))
 
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:

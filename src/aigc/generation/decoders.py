@@ -13,7 +13,9 @@ FLOPs (PERFORMANCE-NOTES.md), so it reads the model's weights into plain tensors
 step function written for a single new token: no module calls, no per-step concatenation, each row
 at its own position (prompts of different lengths decode together). Its numerics are the model's:
 same ops in fp32, so greedy decoding with the cache gives the tokens of full recomputation.
-`dtype=torch.bfloat16` keeps bf16 weights and cache (decode at 124M is bound by weight reads).
+`dtype=torch.bfloat16` keeps bf16 weights and cache: half the bytes to read per token at 124M, where
+decode is bound by weight reads (whether it pays depends on the bf16 matrix-vector kernels: on the
+development box, torch 2.13 CPU at batch 1, it did not; measure with bench/bench_generate.py).
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ class GPTDecoder:
         ]
         self.norm = t(model.norm.weight)
         self.head = tr(model.lm_head.weight)
+        # RMSNorm of a (B, C) row as mean(x^2) = (x * x) @ (1/C): a tiny matmul is several times
+        # cheaper than a reduction kernel at this size (decode is per-op-overhead bound)
+        C = cfg.n_embd
+        self.inv_c = torch.full((C, 1), 1.0 / C, dtype=self.dtype, device=self.device)
+        self.eps_t = torch.full((1, 1), self.eps, dtype=self.dtype, device=self.device)
         self.kv: list[torch.Tensor] = []  # per layer (B, 2K, S, D): keys then values
 
     # ------------------------------------------------------------------ state
@@ -96,6 +103,10 @@ class GPTDecoder:
 
     def reorder(self, index: torch.Tensor) -> None:
         self.kv = [kv.index_select(0, index) for kv in self.kv]
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (B, C) / sqrt(mean(x^2) + eps) * w."""
+        return torch.addmm(self.eps_t, x * x, self.inv_c).rsqrt_().mul(x).mul_(w)
 
     def _rope(self, qk: torch.Tensor, pos: torch.Tensor | slice) -> torch.Tensor:
         """Rotate q/k (..., heads, D) by position; `pos` indexes the tables to (..., 1, D)."""
@@ -162,7 +173,7 @@ class GPTDecoder:
         at = slice(p_max, p_max + 1) if same else positions  # table index: (1, ...) or (B, ...)
         x = F.embedding(tokens, self.emb)  # (B, C)
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), an, self.eps)
+            h = self._rms(x, an)
             qkv = self.mm2(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)
             qk = self._rope(qkv[:, : H + K], at)  # (B, H+K, D)
             kv = self.kv[i]
@@ -176,10 +187,10 @@ class GPTDecoder:
                 qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H
             )  # (B, H, 1, D)
             x = x + self.mm2(y.reshape(B, H * D), proj_w)  # (B, C)
-            h = F.rms_norm(x, (x.shape[-1],), mn, self.eps)
+            h = self._rms(x, mn)
             gate, up = self.mm2(h, gu_w).chunk(2, dim=-1)
             x = x + self.mm2(F.silu(gate) * up, down_w)
-        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
+        x = self._rms(x, self.norm)
         return self.mm2(x, self.head).float()  # (B, V)
 
 

@@ -200,8 +200,8 @@ class DecodeRun:
             counts = torch.zeros(len(active), V)
         want_lp = [params[i].logprobs for i in active]
         top_n = max(params[i].top_logprobs for i in active)
-        positions = torch.tensor([len(prompts[i]) for i in active], dtype=torch.long)
-        lim = dec.max_len
+        plens = [len(prompts[i]) for i in active]
+        positions = torch.tensor(plens, dtype=torch.long)  # where each row's next token goes
 
         while active:
             # 2. processors, then greedy or sampled next token per row
@@ -224,9 +224,8 @@ class DecodeRun:
                 if t in stop_sets[j]:
                     c.finish_reason = "stop"
                     done.append(j)
-                elif len(c.tokens) >= params[i].max_new_tokens or (
-                    lim is not None and int(positions[j]) >= cache_len
-                ):
+                elif len(c.tokens) >= params[i].max_new_tokens or plens[j] + len(c.tokens) > cache_len:
+                    # out of new tokens, or the context is full: no room to feed this token back
                     c.finish_reason = "length"
                     done.append(j)
             if seen is not None:
@@ -249,6 +248,7 @@ class DecodeRun:
                 histories = [histories[j] for j in keep]
                 ngrams = [ngrams[j] for j in keep]
                 want_lp = [want_lp[j] for j in keep]
+                plens = [plens[j] for j in keep]
                 seen = None if seen is None else seen[idx]
                 counts = None if counts is None else counts[idx]
                 tokens, positions = tokens[idx], positions[idx]

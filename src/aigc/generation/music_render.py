@@ -51,8 +51,20 @@ def _meta(kind: int, data: bytes) -> bytes:
     return bytes([0xFF, kind]) + _vlq(len(data)) + data
 
 
+def check_piece(piece: Piece) -> None:
+    """Refuse what no renderer can play: a non-positive tempo, notes off the MIDI range or grid."""
+    if not 1.0 <= piece.tempo <= 1000.0:
+        raise AigcError(f"tempo {piece.tempo} is out of range; give 1 to 1000 quarter notes per minute")
+    bad = next(
+        (n for n in piece.notes if not (0 <= n.pitch <= 127 and n.start >= 0 and n.duration >= 1)), None
+    )
+    if bad is not None:
+        raise AigcError(f"cannot render {bad}: pitch must be 0..127, start >= 0, duration >= 1 step")
+
+
 def midi_bytes(piece: Piece, metadata: dict[str, Any] | None = None, program: int = 0) -> bytes:
     """A format-0 Standard MIDI File of `piece` (channel 0, General MIDI `program`)."""
+    check_piece(piece)
     step = TICKS_PER_QUARTER // piece.resolution
     num, den = (int(x) for x in parse_meter(piece.meter).split("/"))
     head = [_meta(0x03, (piece.name or "aigc").encode("utf-8")[:120])]
@@ -140,6 +152,7 @@ def synthesize(piece: Piece, instrument: str = "piano", sample_rate: int = SAMPL
     """Mono float32 audio in [-1, 1] (peak at -1 dBFS) of `piece`."""
     if instrument not in INSTRUMENTS:
         raise AigcError(f"unknown instrument {instrument!r}; choose one of: {', '.join(INSTRUMENTS)}")
+    check_piece(piece)
     spec = INSTRUMENTS[instrument]
     bright = _table(spec["partials"])
     dull = _table(spec["partials"][:2]) if spec["decay"] is not None else None

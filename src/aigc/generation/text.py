@@ -262,7 +262,13 @@ class TextGenerator:
         ctx = self.context_length
         while True:
             text = self.format_chat(system + turns)
-            if ctx is None or len(turns) <= 1 or len(self.encode(text)) + max_new_tokens <= ctx:
+            try:
+                n_tokens = len(self.encode(text))
+            except AigcError as e:  # e.g. a char vocabulary without the letters of "User:"
+                raise AigcError(
+                    f"{e} (the chat format writes turns as {CHAT_USER!r} / {CHAT_ASSISTANT!r} lines)"
+                ) from None
+            if ctx is None or len(turns) <= 1 or n_tokens + max_new_tokens <= ctx:
                 return text
             turns = turns[1:]  # drop the oldest message (then its reply) first
             while turns and turns[0]["role"] != "user" and len(turns) > 1:

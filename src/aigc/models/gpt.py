@@ -318,8 +318,11 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence reaches position {end} but block_size is {self.config.block_size}; crop the context"
             )
-        if kv_cache is not None and end > kv_cache.max_len:
-            raise ValueError(f"sequence reaches position {end} but the KV cache holds {kv_cache.max_len}")
+        if kv_cache is not None and (end > kv_cache.max_len or kv_cache.batch_size < B):
+            raise ValueError(
+                f"batch {B} up to position {end} does not fit the KV cache "
+                f"({kv_cache.batch_size} rows, {kv_cache.max_len} positions)"
+            )
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.dropout:
             x = F.dropout(x, self.config.dropout, self.training)

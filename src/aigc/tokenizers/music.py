@@ -49,7 +49,10 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS)
 BAR = "Bar"
 DEFAULT_STYLES = ("chorale", "folk", "other")
-METERS = ("2/2", "3/2", "4/2", "2/4", "3/4", "4/4", "5/4", "6/4", "3/8", "5/8", "6/8", "7/8", "9/8", "12/8")
+METERS = (
+    *("2/2", "3/2", "4/2", "2/4", "3/4", "4/4", "5/4", "6/4", "3/8", "5/8", "6/8", "7/8", "9/8", "12/8"),
+    *("1/4", "8/4", "12/4", "6/2", "2/1", "3/1", "4/1"),  # long bars of older and folk notations (Essen)
+)
 VELOCITY_LEVELS = (15, 31, 47, 63, 79, 95, 111, 127)
 DEFAULT_VELOCITY = 79
 DEFAULT_TEMPO = 100.0  # quarter notes per minute, when a source gives none

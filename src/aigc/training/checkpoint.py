@@ -35,13 +35,13 @@ LATEST = "latest"
 # ----------------------------------------------------------------------------- flattening
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
+def to_cpu(t: torch.Tensor) -> torch.Tensor:
     # clone: safetensors refuses tensors that share storage (tied embeddings); contiguous for views
     return t.detach().to("cpu").contiguous().clone()
 
 
 def module_tensors(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}{k}": _cpu(v) for k, v in state.items()}
+    return {f"{prefix}{k}": to_cpu(v) for k, v in state.items()}
 
 
 def optimizer_to_flat(
@@ -54,7 +54,7 @@ def optimizer_to_flat(
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}{idx}.{key}"] = _cpu(value)
+                tensors[f"{prefix}{idx}.{key}"] = to_cpu(value)
             else:
                 plain.setdefault(str(idx), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]

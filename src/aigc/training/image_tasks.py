@@ -563,40 +563,59 @@ def train_image(
     family: str,
     data: str | Path,
     out: str | Path,
-    preset: str | None = None,
+    preset: str | None = "auto",
     overrides: list[str] | dict | None = None,
+    max_steps: int | None = None,
+    max_time: float | None = None,
     resume: bool = False,
+    init_from: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     log: Any = None,
 ):
-    """Train an image model (`aigc train gan|vae|diffusion --data DIR --out RUN`); returns TrainResult."""
+    """Train an image model (`aigc train gan|vae|diffusion --data DIR --out RUN`); returns TrainResult.
+
+    Order: defaults -> preset ("auto" = small) -> `overrides` -> --max-steps/--max-time -> sizes from
+    the data. A --max-time without --max-steps lets the clock alone end the run.
+    """
+    import shutil
+
+    from aigc.config import load_preset, merge, parse_overrides
     from aigc.training.trainer import Trainer, seed_everything
     from aigc.utils.io import prepare_out_dir
 
+    if init_from is not None:
+        raise AigcError(
+            "--init-from is for text models; image runs start from scratch or continue with --resume"
+        )
+    raw = (
+        dict(overrides or {})
+        if isinstance(overrides, dict) or overrides is None
+        else parse_overrides(overrides)
+    )
+    budget: dict[str, Any] = {}
+    if max_time is not None:
+        budget["max_time"] = max_time
+        if max_steps is None and "max_steps" not in raw.get("train", {}):
+            budget["max_steps"] = None
+    if max_steps is not None:
+        budget["max_steps"] = max_steps
+    if budget:
+        raw = merge(raw, {"train": budget})
+    preset = "small" if preset == "auto" else preset
     out = Path(out)
     if not resume:
         prepare_out_dir(out, overwrite=overwrite)
         if overwrite and out.is_dir():
-            import shutil
-
             shutil.rmtree(out)  # a fresh run must not resume or mix with an old one's files
-    raw = None
-    if overrides is not None and not isinstance(overrides, dict):
-        from aigc.config import parse_overrides
-
-        raw = parse_overrides(overrides)
     # seed before building the model so its initialisation is repeatable
-    from aigc.config import load_preset, merge
-
-    seed_src = merge(load_preset(family, preset) if preset else {}, raw or overrides or {})
-    seed_everything(int(seed_src.get("train", {}).get("seed", TrainConfig.seed)))
-    task, run = build_image_task(family, data, preset, raw if raw is not None else overrides)
+    merged = merge(load_preset(family, preset) if preset else {}, raw)
+    seed_everything(int(merged.get("train", {}).get("seed", TrainConfig.seed)))
+    task, run = build_image_task(family, data, preset, raw)
     task.samples_dir = out / "samples"
     task.sample_interval = run.sample_interval
-    trainer = Trainer(
-        task, run.train, out, run_config_dict(family, run, data), resume=resume, progress=progress, log=log
-    )
+    run_config = run_config_dict(family, run, data)
+    trainer = Trainer(task, run.train, out, run_config, resume=resume, progress=progress, log=log)
     return trainer.fit()
 
 

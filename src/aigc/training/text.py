@@ -36,8 +36,8 @@ TEXT_FAMILIES = ("gpt", "lstm")
 class SampleConfig:
     """Samples written to samples/ (and the card) at the end of training."""
 
-    num: int = 2
-    tokens: int = 300
+    num: int = 1
+    tokens: int = 200
     temperature: float = 0.8
     top_k: int = 40
     prompt: str = ""  # empty = start from a newline (char) or end-of-text (bpe)
@@ -119,14 +119,15 @@ def resolve_text_config(
         raise ConfigError(f"unknown config section {unknown[0]!r}; valid sections: model, train, sample")
 
     model = dict(data.get("model", {}))
-    if init_from is not None:
-        changed = {k: v for k, v in model.items() if k != "dropout" and init_from["model"].get(k, v) != v}
+    if init_from is not None:  # the source's shape; the preset's [model] table does not apply
+        asked = over.get("model", {})
+        changed = [k for k, v in asked.items() if k != "dropout" and init_from["model"].get(k, v) != v]
         if changed:
             raise ConfigError(
-                f"--init-from fixes the model shape; cannot change model.{next(iter(changed))} "
+                f"--init-from fixes the model shape; cannot change model.{changed[0]} "
                 "(only model.dropout may be set)"
             )
-        model = {**init_from["model"], **({"dropout": model["dropout"]} if "dropout" in model else {})}
+        model = {**init_from["model"], **({"dropout": asked["dropout"]} if "dropout" in asked else {})}
     vocab = prepared.tokenizer.vocab_size
     if model.get("vocab_size", 0) in (0, None):
         model["vocab_size"] = vocab

@@ -33,8 +33,15 @@ from aigc.training.metrics import MetricsLog, Progress, TensorBoard, peak_flops,
 from aigc.training.task import Context, Task
 from aigc.utils.io import atomic_write, atomic_write_json
 
-# train.* keys that may change between a run and its resume (budgets and bookkeeping only)
+# train.* keys that may change between a run and its resume: budgets, bookkeeping, and the
+# optimizer hyperparameters one changes to recover from a NaN (shapes and batches may not change)
 RESUMABLE_CHANGES = {
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "grad_clip",
+    "precision",
     "max_steps",
     "max_time",
     "eval_interval",
@@ -221,7 +228,7 @@ class Trainer:
         rng_t, rng_meta = ckpt.rng_state()
         tensors.update(rng_t)
         task_state = self.task.state_dict()
-        tensors.update({f"task.{k}": ckpt._cpu(v) for k, v in task_state.tensors.items()})
+        tensors.update({f"task.{k}": ckpt.to_cpu(v) for k, v in task_state.tensors.items()})
         state = {
             "format_version": 1,
             "step": self.step,
@@ -258,7 +265,12 @@ class Trainer:
             prefix = f"module.{name}."
             m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         for name, opt in self.optimizers.items():
+            # moments come from the checkpoint, hyperparameters (lr, weight decay, ...) from the
+            # current config: after a NaN stop the user may lower train.lr and resume
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             ckpt.optimizer_from_flat(f"optim.{name}.", tensors, state["optimizers"][name], opt)
+            for group, hyper in zip(opt.param_groups, fresh, strict=True):
+                group.update(hyper)
         if self.ctx.scaler is not None and state["scaler"]:
             self.ctx.scaler.load_state_dict(state["scaler"])
         task_t = {k.removeprefix("task."): v for k, v in tensors.items() if k.startswith("task.")}
@@ -272,7 +284,7 @@ class Trainer:
 
     def _save_artifact_weights(self) -> None:
         if self.main:
-            tensors = {k: ckpt._cpu(v) for k, v in self.task.artifact_tensors().items()}
+            tensors = {k: ckpt.to_cpu(v) for k, v in self.task.artifact_tensors().items()}
             atomic_write(self.run_dir / "model.safetensors", lambda p: save_file(tensors, str(p)))
 
     # ---------------------------------------------------------------- evaluation
@@ -323,8 +335,8 @@ class Trainer:
         good = ckpt.latest_checkpoint(self.ckpt_root)
         raise AigcError(
             f"loss became {loss} at step {self.step}; last good checkpoint: {good or 'none'}"
-            f"{' (resume with --resume)' if good else ''}; lower train.lr (now {self.cfg.lr}), "
-            "raise train.warmup_steps or use train.precision=fp32"
+            f"; lower train.lr (now {self.cfg.lr}), raise train.warmup_steps or use train.precision=fp32"
+            f"{', then continue with --resume' if good else ''}"
         )
 
     def fit(self) -> TrainResult:

@@ -1,0 +1,138 @@
+"""UNet training speed: our DiffusionTask step vs the plain diffusers-example loop, one process.
+
+    python bench/bench_unet_train.py                 # 28x28, batch 16, MNIST if found else digits
+    python bench/bench_unet_train.py --quick         # fewer steps (a smoke check)
+    python bench/bench_unet_train.py --channels 128,128,256,256,512,512 --size 64   # the example's own UNet
+
+Both sides train the same `UNet2DModel` (same config, same initial weights) on the same images with
+the same noise-prediction loss. The peer is the loop of diffusers' `examples/unconditional_image_
+generation/train_unconditional.py` without accelerate: fp32, a torch DataLoader over float tensors,
+`torch.optim.AdamW`, `DDPMScheduler.add_noise`, `F.mse_loss`. Ours is exactly what the Trainer runs
+per step: `DiffusionTask.training_step` (bf16 autocast where supported, channels_last, uint8 images
+resident in memory, fused AdamW, EMA update included). Rounds alternate between the two so machine
+drift hits both; we print the median images/s of each and the ratio.
+
+The UNet layout: diffusers' example uses 6 levels (128..512 channels, attention at level 5), which
+needs sizes divisible by 32; at 28x28 we keep its shape rules (2 resnets per level, attention on the
+second-to-last level) at three levels, (64, 128, 128), the largest that divides 28 (28 -> 14 -> 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aigc.data.images import ImageDataConfig, PreparedImages, find_mnist, read_source
+from aigc.models.diffusion import DiffusionConfig, build_unet, make_scheduler
+from aigc.training.config import TrainConfig
+from aigc.training.image_tasks import DiffusionTask
+from aigc.training.task import Context
+from aigc.training.trainer import autocast_dtype
+
+
+def load_images(size: int, limit: int) -> PreparedImages:
+    """MNIST (or digits, resized) as uint8 (N, 1, size, size), in memory."""
+    from aigc.data.images import _fit_all
+
+    source = "mnist" if find_mnist() else "digits"
+    cfg = ImageDataConfig(size=size, limit=limit, fit="pad" if source == "mnist" else "resize")
+    images, labels, _ = _fit_all(read_source(source), cfg)
+    meta = {"shape": list(images.shape[1:]), "num_classes": 10, "classes": [str(i) for i in range(10)],
+            "count": len(images), "source": source, "source_hash": "-"}  # fmt: skip
+    return PreparedImages(images, labels, meta, cfg)
+
+
+def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, steps: int) -> float:
+    """The diffusers example's step (fp32, DataLoader, AdamW); returns images/s."""
+    unet = build_unet(cfg)
+    unet.load_state_dict(state)
+    unet.train()
+    sched = make_scheduler(cfg, "ddpm")
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    x_all = torch.from_numpy(data.images).float() / 127.5 - 1  # the example normalises to [-1, 1]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all), batch_size=batch, shuffle=True, drop_last=True)
+    it = iter(loader)
+
+    def step() -> None:
+        nonlocal it
+        try:
+            (clean,) = next(it)
+        except StopIteration:
+            it = iter(loader)
+            (clean,) = next(it)
+        noise = torch.randn(clean.shape)
+        t = torch.randint(0, sched.config.num_train_timesteps, (clean.shape[0],)).long()
+        noisy = sched.add_noise(clean, noise, t)
+        loss = F.mse_loss(unet(noisy, t, return_dict=False)[0], noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(2):  # warm-up (allocations, kernel selection)
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def our_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, steps: int, precision: str) -> float:
+    """DiffusionTask.training_step driven as the Trainer drives it; returns images/s."""
+    train = TrainConfig(batch_size=batch, lr=1e-4, weight_decay=0.0, max_steps=steps, precision=precision)
+    task = DiffusionTask(cfg, data, train)
+    task.unet.load_state_dict(state)
+    modules = task.modules()
+    for m in modules.values():
+        m.train()
+    device = torch.device("cpu")
+    ctx = Context(train, device, modules, modules, task.optimizers(train), autocast_dtype(precision, device))
+    for _ in range(2):
+        task.training_step(ctx)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        task.training_step(ctx)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--channels", default="64,128,128", help="UNet block_out_channels")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 3, 1
+    channels = tuple(int(c) for c in args.channels.split(","))
+    levels = len(channels)
+    cfg = DiffusionConfig(
+        image_size=args.size, in_channels=1, block_out_channels=channels, layers_per_block=2,
+        attention_levels=(levels - 2,) if levels > 1 else (), norm_num_groups=32 if min(channels) % 32 == 0 else 8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in build_unet(cfg).state_dict().items()}
+    data = load_images(args.size, limit=4096)
+    n_params = sum(v.numel() for v in state.values())
+    print(f"UNet2DModel {channels}, {n_params / 1e6:.1f}M params, {args.size}x{args.size}, batch {args.batch}, "
+          f"{data.meta['source']} ({len(data.images)} images), torch threads {torch.get_num_threads()}")  # fmt: skip
+    ours, plain = [], []
+    for r in range(args.rounds):
+        plain.append(plain_loop(cfg, state, data, args.batch, args.steps))
+        ours.append(our_loop(cfg, state, data, args.batch, args.steps, args.precision))
+        print(f"round {r + 1}: diffusers-example loop {plain[-1]:.1f} img/s, ours {ours[-1]:.1f} img/s", flush=True)
+    p, o = statistics.median(plain), statistics.median(ours)
+    print(f"median: diffusers-example loop {p:.1f} img/s | ours ({args.precision}) {o:.1f} img/s | ratio {o / p:.2f}x")
+    np.random.seed(0)
+
+
+if __name__ == "__main__":
+    main()

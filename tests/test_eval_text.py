@@ -171,6 +171,19 @@ def test_memorization_report_and_cache_roundtrip(tmp_path):
     assert memorization([copied, novel], again) == report
 
 
+def test_cached_index_reuses_and_rebuilds(tmp_path):
+    from aigc.evaluation.text import cached_index
+
+    tokens = np.arange(300) % 17
+    first = cached_index(tokens, "data/abc 123")
+    files = list((tmp_path / "aigc-home" / "cache" / "memorization").iterdir())
+    assert [f.name for f in files] == ["data_abc_123-n8.safetensors"]
+    again = cached_index(tokens, "data/abc 123")
+    assert np.array_equal(again.sa, first.sa) and again.n == 8
+    other = cached_index(tokens[:200], "data/abc 123")  # stale cache entry: rebuilt
+    assert len(other.tokens) == 200
+
+
 def test_ngram_hashes_distinguish_and_agree():
     a = ngram_hashes(np.array([1, 2, 3, 1, 2, 3]), 3)
     assert a[0] == a[3] and len(set(a.tolist())) == 3

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, load_model
+from safetensors.torch import load_file
 from torch import nn
 
 from aigc.errors import AigcError, ConfigError
@@ -266,8 +266,6 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt", "lstm"])
 def test_smoke_recipe_two_steps_then_load(tmp_path, family):
-    from aigc.models import build_model
-
     result = train(tmp_path, family=family, steps=2)
     run = tmp_path / "run"
     assert result.steps == 2
@@ -283,10 +281,16 @@ def test_smoke_recipe_two_steps_then_load(tmp_path, family):
     assert (run / "samples" / "sample-0.txt").is_file()
     cfg = read_json(run / "config.json")
     assert cfg["family"] == family and {"model", "train", "data"} <= set(cfg)
-    model = build_model(family, cfg["model"])  # rebuilt from the directory alone
-    load_model(model, str(run / "model.safetensors"))
-    logits, _ = model(torch.zeros(1, 5, dtype=torch.long))
-    assert logits.shape == (1, 5, cfg["model"]["vocab_size"]) and torch.isfinite(logits).all()
+    import aigc
+
+    art = aigc.load(run)  # rebuilt from the directory alone (aigc.registry.load_artifact)
+    ids = torch.tensor([art.tokenizer.encode("the fox")])
+    logits, _ = art.model(ids)
+    assert logits.shape == (1, ids.shape[1], cfg["model"]["vocab_size"]) and torch.isfinite(logits).all()
+    # the artifact holds the trained weights: those of the final checkpoint (the only eval is the best)
+    tensors, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))
+    for k, v in art.model.state_dict().items():
+        torch.testing.assert_close(v, tensors[f"module.model.{k}"])
     ev = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
     meta = read_json(Path(cfg["data"]["path"]) / "meta.json")
     assert ev["val_bpb"] == pytest.approx(
@@ -294,15 +298,6 @@ def test_smoke_recipe_two_steps_then_load(tmp_path, family):
     )
     tr = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"][-1]
     assert tr["tokens_per_s"] > 0 and tr["mfu"] > 0
-
-
-def test_aigc_load_rebuilds_the_model(tmp_path):
-    pytest.importorskip("aigc.registry")
-    import aigc
-
-    train(tmp_path, steps=2)
-    loaded = aigc.load(tmp_path / "run")
-    assert loaded is not None
 
 
 def test_context_longer_than_the_data(tmp_path):
@@ -389,3 +384,34 @@ def test_init_from_a_transformers_llama_folder(tmp_path):
     assert base.keys() == ft.keys()
     for k in base:
         torch.testing.assert_close(ft[k], base[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_music_event_data_trains_like_text(tmp_path):
+    pytest.importorskip("music21")
+    import aigc
+    from aigc.data.music import prepare_music
+    from aigc.training.text import train_text
+
+    prepare_music("music21:bach", tmp_path / "music", overrides=["limit=4"])
+    over = [*TINY_GPT, "model.block_size=32"]
+    result = train_text(
+        "gpt", tmp_path / "music", tmp_path / "run", overrides=over, max_steps=2, progress=False
+    )
+    assert result.steps == 2 and math.isfinite(result.best_val_loss)
+    art = aigc.load(tmp_path / "run")
+    assert art.tokenizer.kind == "music"
+
+
+def test_tensorboard_is_optional(tmp_path):
+    cfg = toy_cfg(max_steps=3, tensorboard=True)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match="tensorboard is not installed"):
+            Trainer(Regression(cfg), cfg, tmp_path / "r", {}, progress=False).fit()
+        assert not (tmp_path / "r" / "tensorboard").exists()
+    else:
+        Trainer(Regression(cfg), cfg, tmp_path / "r", {}, progress=False).fit()
+        assert any((tmp_path / "r" / "tensorboard").iterdir())
+    assert (tmp_path / "r" / "metrics.jsonl").is_file()

@@ -286,6 +286,7 @@ def train_cmd(
 ) -> None:
     """Train a model on prepared data; runs under torchrun for DDP with no change."""
     import importlib
+    import os
 
     if family not in TRAINERS:
         raise AigcError(f"unknown model family {family!r}; valid families: {', '.join(TRAINERS)}")
@@ -296,6 +297,8 @@ def train_cmd(
         resume=resume, init_from=init_from, overwrite=overwrite, progress=True,
         log=lambda msg: err.print(msg, highlight=False),
     )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     out.print(
         f"trained {family}: {result.steps} steps in {result.elapsed:.1f} s ({result.stopped}){best} -> {result.run_dir}",
@@ -656,6 +659,179 @@ def sentiment_cmd(
             typer.echo(json.dumps(row, ensure_ascii=False))
         else:
             typer.echo(f"{label}\t{prob:.4f}\t{text}")
+
+
+# ============================================================================ history/feedback
+# `aigc history`, `aigc feedback export|rate`: the content store (aigc.feedback.store)
+
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db", help="Store: SQLAlchemy URL or SQLite file (default $AIGC_DB or $AIGC_HOME/aigc.db)."
+    ),
+]
+
+
+@app.command("history")
+def history_cmd(
+    kind: Annotated[str | None, typer.Option("--kind", "-k", help="text, image, music or audio.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Only this model (name@version).")
+    ] = None,
+    q: Annotated[str | None, typer.Option("--q", help="Search prompts and text outputs.")] = None,
+    min_rating: Annotated[
+        float | None,
+        typer.Option("--min-rating", help="Mean rating at least this (1-5 stars; thumb up = 5)."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first (1-1000).")] = 20,
+    before: Annotated[int | None, typer.Option("--before", help="Page on: only ids below this.")] = None,
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per generation.")] = False,
+) -> None:
+    """List recorded generations, newest first (page on with --before LAST_ID)."""
+    import datetime
+    import json
+
+    from rich.table import Table
+
+    from aigc.feedback.store import Store
+
+    with Store.open(db) as store:
+        page = store.list_generations(
+            kind=kind, model=model, q=q, min_rating=min_rating, limit=limit, before=before
+        )
+    if as_json:
+        for row in page["data"]:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        return
+    if not page["data"]:
+        err.print("no generations recorded (yet) matching that")
+        return
+    table = Table(
+        "id", "time (UTC)", "kind", "model", "prompt", "output", "rating", title=f"history ({store.where})"
+    )
+    for row in page["data"]:
+        when = datetime.datetime.fromtimestamp(row["created"], datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
+        output = row["output_text"] if row["output_text"] is not None else (row["output_ref"] or "")
+        rating = f"{row['rating']:.1f} ({row['rating_count']})" if row["rating"] is not None else "-"
+        table.add_row(
+            str(row["id"]), when, row["kind"], row["model"], row["prompt"][:40], output[:40], rating
+        )
+    out.print(table)
+    if page["has_more"]:
+        err.print(f"more: aigc history --before {page['last_id']}", highlight=False)
+
+
+feedback_app = typer.Typer(help="Rate generations and export feedback for tuning.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="dpo, kto or sft (TRL's JSONL shapes).")],
+    out_file: Annotated[str, typer.Option("--out", "-o", help="JSON Lines file to write.")],
+    db: DbOpt = None,
+) -> None:
+    """Export ratings and comparisons as a TRL data set (dpo: prompt/chosen/rejected, kto, sft)."""
+    import json
+
+    from aigc.feedback.store import Store
+    from aigc.utils.io import atomic_write_text
+
+    with Store.open(db) as store:
+        rows = store.export_feedback(fmt)
+    atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    err.print(f"wrote {len(rows)} {fmt} rows to {out_file}", highlight=False)
+    out.print(out_file, highlight=False)
+
+
+@feedback_app.command("rate", context_settings={"ignore_unknown_options": True})  # so VALUE may be -1
+def feedback_rate(
+    generation_id: Annotated[int, typer.Argument(help="Generation id (see `aigc history`).")],
+    value: Annotated[int, typer.Argument(help="Thumb: -1 or 1; stars: 1-5.")],
+    kind: Annotated[str, typer.Option("--kind", help="thumb or stars.")] = "thumb",
+    comment: Annotated[str | None, typer.Option("--comment", help="A note on the output.")] = None,
+    correction: Annotated[
+        str | None, typer.Option("--correction", help="The output as it should have been (for sft).")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Who rates (default: $USER).")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Rate a recorded generation."""
+    import os
+
+    from aigc.feedback.store import Store
+
+    with Store.open(db) as store:
+        rid = store.add_rating(
+            generation_id,
+            value,
+            kind,
+            comment=comment,
+            correction=correction,
+            user=user or os.environ.get("USER"),
+        )
+    out.print(f"rating {rid} on generation {generation_id}", highlight=False)
+
+
+# ============================================================================ serve
+
+
+@app.command("serve")
+def serve_cmd(
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--models", help="Directory of model run dirs (repeatable; default $AIGC_HOME/models)."),
+    ] = None,
+    models_config: Annotated[
+        str | None, typer.Option("--models-config", help='JSON {"models": {"name": "hf:<dir>"}}.')
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (non-loopback needs API keys).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    api_key_file: Annotated[
+        str | None, typer.Option("--api-key-file", help="File of sha256:<hex> key hashes (one per line).")
+    ] = None,
+    cors: Annotated[
+        list[str] | None, typer.Option("--cors", help="Allowed browser origin (repeatable; default: CORS off).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Rows decoded together per model.")] = 32,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
+    from pathlib import Path
+
+    from aigc.serve.settings import LOOPBACK_HOSTS, Settings, default_models_dir
+
+    if host not in LOOPBACK_HOSTS and not api_key_file:
+        raise AigcError(
+            f"--host {host} exposes the server beyond this machine: pass --api-key-file too "
+            f"(or bind one of {', '.join(LOOPBACK_HOSTS)})"
+        )
+    if not 1 <= max_batch <= 1024:
+        raise AigcError(f"--max-batch {max_batch} is out of range; allowed: 1..1024")
+    dirs = [Path(d) for d in models] if models else [default_models_dir()]
+    for d in dirs:
+        if not d.is_dir():
+            raise AigcError(f"--models {d} is not a directory; pass a folder holding run directories")
+    settings = Settings(
+        models_dirs=dirs,
+        models_config=Path(models_config) if models_config else None,
+        api_keys_file=Path(api_key_file) if api_key_file else None,
+        cors_origins=list(cors or []),
+        host=host,
+        port=port,
+        max_batch=max_batch,
+    )
+    import uvicorn
+
+    from aigc.serve.app import create_app
+
+    application = create_app(settings)
+    err.print(f"serving {', '.join(map(str, dirs))} on http://{host}:{port} (docs: /docs)", highlight=False)
+    uvicorn.run(application, host=host, port=port, log_level="info")
 
 
 # ============================================================================ entry point

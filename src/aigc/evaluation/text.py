@@ -447,6 +447,31 @@ class TrainingIndex:
         return int(found.sum()), len(h)
 
 
+def cached_index(
+    tokens: np.ndarray, key: str, n: int = 8, cache_dir: str | Path | None = None
+) -> TrainingIndex:
+    """`TrainingIndex` of `tokens`, saved under `$AIGC_HOME/cache/memorization/` and reused by `key`.
+
+    `key` must identify the tokens (e.g. the prepared data's `source_hash` + tokenizer id); a
+    cached index whose token count differs is rebuilt.
+    """
+    import os
+    import re
+
+    if cache_dir is not None:
+        root = Path(cache_dir)
+    else:
+        root = Path(os.environ.get("AIGC_HOME") or Path.home() / ".aigc") / "cache" / "memorization"
+    path = root / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}-n{n}.safetensors"
+    if path.is_file():
+        index = TrainingIndex.load(path)
+        if len(index.tokens) == len(tokens) and index.n == n:
+            return index
+    index = TrainingIndex.build(tokens, n)
+    index.save(path)
+    return index
+
+
 def memorization(samples: Sequence[Sequence[int]], index: TrainingIndex) -> dict[str, Any]:
     """Memorization of generated samples against a `TrainingIndex`.
 
@@ -474,6 +499,7 @@ __all__ = [
     "TrainingIndex",
     "bits_per_byte",
     "bits_per_token",
+    "cached_index",
     "corpus_bleu",
     "distinct_n",
     "find_loop",

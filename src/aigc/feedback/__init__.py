@@ -1,0 +1,1 @@
+"""Feedback: the content store (generations, ratings, comparisons, jobs) and the output folder."""

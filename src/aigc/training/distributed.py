@@ -83,6 +83,17 @@ def broadcast_flag(value: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def broadcast_float(value: float, info: DistInfo) -> float:
+    """Rank 0's value (e.g. its clock, so a time-based LR is the same on every rank)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -318,13 +318,20 @@ def sample_text(model: nn.Module, tok: Any, s: SampleConfig, gen: torch.Generato
 
 
 def open_prepared(path: str | Path) -> Any:
-    """`aigc.data.load_prepared(path)`, with a hint when the directory is missing."""
+    """Prepared text (`aigc.data.load_prepared`) or music event data (the same layout), with a
+    hint when the directory is missing."""
     from aigc.data import load_prepared
+    from aigc.utils.io import read_json
 
-    if not Path(path).exists():
+    path = Path(path)
+    if not path.exists():
         raise AigcError(
             f"prepared data directory {path} not found; create it with `aigc data prepare SOURCE --out {path}`"
         )
+    if (path / "meta.json").is_file() and read_json(path / "meta.json").get("kind") == "music":
+        from aigc.data.music import load_prepared_music  # event tokens train exactly like text
+
+        return load_prepared_music(path)
     return load_prepared(path)
 
 

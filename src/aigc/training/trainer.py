@@ -244,10 +244,19 @@ class Trainer:
         return tensors, state
 
     def _save_checkpoint(self) -> None:
+        error = None
         if self.main:
             tensors, state = self._state()
-            ckpt.save_checkpoint(self.ckpt_root, self.step, tensors, state, self.cfg.keep_last)
-        dist_utils.barrier(self.dist)
+            try:
+                ckpt.save_checkpoint(self.ckpt_root, self.step, tensors, state, self.cfg.keep_last)
+            except AigcError as e:
+                error = e
+        # rank 0 tells the others whether it worked (so a full disk stops every rank, none hangs)
+        ok = dist_utils.broadcast_flag(error is None, self.dist)
+        if error is not None:
+            raise error
+        if not ok:
+            raise AigcError(f"rank 0 could not write the checkpoint at step {self.step}; see its message")
 
     def _load_checkpoint(self) -> None:
         from aigc.training.task import TaskState
@@ -317,11 +326,18 @@ class Trainer:
         cfg = self.cfg
         if cfg.max_steps is not None and self.step >= cfg.max_steps:
             return "max_steps"
-        if cfg.max_time is not None and dist_utils.broadcast_flag(self.elapsed >= cfg.max_time, self.dist):
+        if cfg.max_time is not None and self.elapsed >= cfg.max_time:
             return "max_time"
         if cfg.early_stop_patience and self.bad_evals >= cfg.early_stop_patience:
             return "early_stop"
         return None
+
+    def _tick(self, clock: float) -> None:
+        """Update the elapsed time; under DDP with a time budget every rank takes rank 0's clock,
+        so the time-based LR and the stop decision are identical everywhere."""
+        self.elapsed = time.perf_counter() - clock
+        if self.cfg.max_time is not None:
+            self.elapsed = dist_utils.broadcast_float(self.elapsed, self.dist)
 
     def _set_lr(self) -> float:
         factor = lr_factor(self.cfg, self.step, self.elapsed)
@@ -357,12 +373,12 @@ class Trainer:
 
     def _loop(self, bar: Progress) -> str:
         cfg = self.cfg
-        throughput = self.task.throughput()
-        peak = None  # measured before the clock starts, so it costs no budget
-        if self.main and throughput is not None and throughput.flops_per_step:
-            peak = peak_flops(self.device, self.amp_dtype or torch.float32, cfg.peak_flops)
+        self.throughput = self.task.throughput()
+        self.peak = None  # the MFU ceiling, measured before the clock starts so it costs no budget
+        if self.main and self.throughput is not None and self.throughput.flops_per_step:
+            self.peak = peak_flops(self.device, self.amp_dtype or torch.float32, cfg.peak_flops)
         clock = time.perf_counter() - self.elapsed  # the clock continues across a resume
-        window_time, window_steps = 0.0, 0
+        self.window = [0.0, 0]  # training seconds and steps since the last log line
         while (stopped := self._budget_left()) is None:
             self.step += 1
             self.ctx.step_num = self.step
@@ -370,34 +386,37 @@ class Trainer:
             t0 = time.perf_counter()
             out = self.task.training_step(self.ctx)
             loss = float(out["loss"])
-            window_time += time.perf_counter() - t0
-            window_steps += 1
+            self.window[0] += time.perf_counter() - t0
+            self.window[1] += 1
             if not math.isfinite(loss):
                 self._nan_stop(loss)
-            self.elapsed = time.perf_counter() - clock
+            self._tick(clock)
             if self.step % cfg.log_interval == 0 or self.step == 1:
-                record = {"kind": "train", "step": self.step, **out, "lr": lr}
-                if not math.isnan(norm := next(iter(self.ctx.grad_norms.values()), math.nan)):
-                    record["grad_norm"] = norm
-                if throughput is not None:
-                    rate = throughput.per_step * window_steps / max(window_time, 1e-9)
-                    record[f"{throughput.unit}_per_s"] = round(rate, 1)
-                    if peak:
-                        record["mfu"] = round(
-                            throughput.flops_per_step * window_steps / window_time / peak, 4
-                        )
-                record["time"] = round(self.elapsed, 3)
-                self.metrics.write(record)
-                self.tb.write(record)
-                window_time, window_steps = 0.0, 0
+                self._log_train(out, lr)
                 bar.update(self.step, self.elapsed, f"loss {loss:.3f} lr {lr:.2e}")
             if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                 self._evaluate()
-                self.elapsed = time.perf_counter() - clock
+                self._tick(clock)
             if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
                 self._save_checkpoint()
-                self.elapsed = time.perf_counter() - clock
+                self._tick(clock)
         return stopped
+
+    def _log_train(self, out: dict[str, float], lr: float) -> None:
+        """One train record: the task's metrics, lr, grad norm, throughput and MFU over the window."""
+        record: dict[str, Any] = {"kind": "train", "step": self.step, **out, "lr": lr}
+        norm = next(iter(self.ctx.grad_norms.values()), math.nan)
+        if not math.isnan(norm):
+            record["grad_norm"] = norm
+        seconds, steps = max(self.window[0], 1e-9), self.window[1]
+        if self.throughput is not None:
+            record[f"{self.throughput.unit}_per_s"] = round(self.throughput.per_step * steps / seconds, 1)
+            if self.peak:
+                record["mfu"] = round(self.throughput.flops_per_step * steps / seconds / self.peak, 4)
+        record["time"] = round(self.elapsed, 3)
+        self.metrics.write(record)
+        self.tb.write(record)
+        self.window = [0.0, 0]
 
     def _finish(self) -> None:
         """Final eval (unless this step had one), final checkpoint, artifact files, card."""

@@ -1,0 +1,236 @@
+"""The FastAPI app factory: `create_app(settings)` wires the registry, limits, auth and routes.
+
+    uvicorn.run(create_app(Settings(models_dirs=[Path("runs")])), host="127.0.0.1", port=8000)
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}, "detail": message}`,
+so the official client raises its usual exceptions: 400 out-of-range parameter (naming the bound)
+or a user error (AigcError), 401 API key, 404 unknown model (listing the available ones), 413 body
+too large, 422 malformed JSON / wrong type (naming the field), 429 too many requests for one key,
+503 server queue full (both with Retry-After), 504 timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aigc.errors import AigcError
+from aigc.serve import settings as S
+from aigc.serve.auth import KeyChecker, load_keys
+from aigc.serve.metrics import Metrics
+from aigc.serve.registry import ModelRegistry, UnknownModel
+from aigc.serve.settings import Settings
+
+log = logging.getLogger("aigc.serve")
+
+# pydantic error types that mean "a value out of its documented range": 400 naming the bound
+BOUND_ERRORS = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "too_long",
+    "too_short",
+    "string_too_long",
+    "string_too_short",
+}
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI-shaped body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 retry: bool = False) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.retry = status, message, code, param, retry
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   retry: bool = False) -> JSONResponse:  # fmt: skip
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}, "detail": message}
+    headers = {"Retry-After": str(S.RETRY_AFTER_S)} if retry else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Admission:
+    """Bounded in-flight requests: per key (429) and over the whole server (503)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.per_key: dict[str, int] = {}
+        self.total = 0
+        self.settings = settings
+
+    def acquire(self, key: str) -> None:
+        s = self.settings
+        if self.per_key.get(key, 0) >= s.max_inflight_per_key:
+            raise ApiError(
+                429, f"too many requests in flight for this key (limit {s.max_inflight_per_key}); retry later",
+                "rate_limit_exceeded", retry=True,
+            )  # fmt: skip
+        if self.total >= s.max_queue:
+            raise ApiError(
+                503, f"server busy ({s.max_queue} requests in flight); retry later", "overloaded", retry=True
+            )
+        self.per_key[key] = self.per_key.get(key, 0) + 1
+        self.total += 1
+
+    def release(self, key: str) -> None:
+        self.total -= 1
+        self.per_key[key] -= 1
+        if not self.per_key[key]:
+            del self.per_key[key]
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over MAX_BODY_BYTES (413) before anything parses them."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = error_response(
+            413, f"request body over {self.limit} bytes; send a smaller request", "body_too_large"
+        )
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(
+                        413, f"request body over {self.limit} bytes; send a smaller request", "body_too_large"
+                    )
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    # keep field names and list indices; drop pydantic's union tags ("constrained-str", "list[...]")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and re.fullmatch(r"\w+", str(x))]
+    field = ".".join(loc) or "body"
+    if first.get("type") == "json_invalid":
+        return error_response(
+            422, f"malformed JSON body: {first.get('msg')}; send a JSON object", "invalid_json"
+        )
+    if first.get("type") == "extra_forbidden":
+        return error_response(422, f"unknown field {field!r}; see GET /openapi.json for the accepted ones",
+                              "unknown_field", field)  # fmt: skip
+    status = 400 if first.get("type") in BOUND_ERRORS else 422
+    msg = f"{field}: {first.get('msg')}"
+    if status == 422:
+        msg += f" (got {json.dumps(first.get('input'), default=str)[:80]})"
+    return error_response(status, msg, "invalid_value" if status == 400 else "invalid_type", field)
+
+
+DOCS_HTML = """<!doctype html><meta charset="utf-8"><title>AIGC Studio API</title>
+<style>body{font:15px system-ui;max-width:60em;margin:2em auto}code{background:#eee;padding:0 .3em}</style>
+<h1>AIGC Studio API</h1><p>OpenAI-compatible. Machine-readable spec: <a href="openapi.json">/openapi.json</a>.</p>
+<div id="ops">loading...</div><script>
+fetch("openapi.json").then(r=>r.json()).then(s=>{let h="";for(const[p,ms]of Object.entries(s.paths))
+for(const[m,o]of Object.entries(ms))h+=`<h3><code>${m.toUpperCase()} ${p}</code></h3><p>${o.summary||""}</p>`
++`<pre>${(o.description||"").replace(/</g,"&lt;")}</pre>`;document.getElementById("ops").innerHTML=h})
+</script>"""
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """The server for `settings` (API keys are read here: a bad key file fails at startup)."""
+    from aigc.serve.routes import chat, completions, health, images, models
+
+    settings = settings or Settings()
+    keys = load_keys(settings.api_keys_file) if settings.api_keys_file else None
+    metrics = Metrics()
+    registry = registry or ModelRegistry(settings, metrics)
+    registry.metrics = registry.metrics or metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        registry.close()  # stop the batching threads
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="AIGC Studio",
+        version="0.1.0",
+        description="OpenAI-compatible API for models trained with aigc.",
+        docs_url=None,  # the default pages load Swagger/ReDoc from a CDN; ours works offline
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    app.state.admission = Admission(settings)
+    app.state.check_key = KeyChecker(keys)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.retry)
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown_model(request: Request, exc: UnknownModel):
+        return error_response(404, str(exc), "model_not_found", "model")
+
+    @app.exception_handler(AigcError)
+    async def _aigc_error(request: Request, exc: AigcError):
+        return error_response(400, str(exc), "invalid_request")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), None)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.count_request(request.method, getattr(route, "path", "unmatched"), response.status_code)
+        return response
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        if "*" in settings.cors_origins:
+            raise AigcError("--cors '*' is not allowed; list the origins that may call the API")
+        # an explicit allow-list only: origins are never reflected, credentials are not sent
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    app.add_middleware(BodyLimit, limit=S.MAX_BODY_BYTES)
+
+    auth = [Depends(identity)]
+    app.include_router(health.router)
+    for r in (models, completions, chat, images):
+        app.include_router(r.router, dependencies=auth)
+
+    @app.get("/docs", include_in_schema=False, dependencies=auth)
+    async def _docs() -> HTMLResponse:
+        return HTMLResponse(DOCS_HTML)
+
+    return app
+
+
+async def identity(request: Request) -> str:
+    """The caller's identity for rate limits (resolved by the auth dependency again: cheap)."""
+    return request.app.state.check_key(request)

@@ -1,0 +1,340 @@
+"""Continuous batching: concurrent text requests to one model decoded together, step by step.
+
+The generation `Engine` decodes a fixed batch to its end. A server needs requests to JOIN a
+running batch between steps (Orca / vLLM "iteration-level scheduling"), so this scheduler drives
+the decoder protocol itself (`generation/decoders.py`):
+
+  1. admit: prefill the new prompts into fresh decoder state and append it to the running rows
+     (GPT: concatenate the KV caches along the batch axis; LSTM: the (h, c) state)
+  2. process + sample every row at once with the engine's own pieces (`processors.process`,
+     `sampling.sample_next`, one `torch.Generator` per row seeded from the request's seed)
+  3. detokenize, watch stop strings, hand text deltas to each request's callback
+  4. drop finished / cancelled rows (`decoder.reorder`), then `decoder.step` the rest
+
+A row's tokens depend only on its own prompt, parameters and seed (the engine's contract), so a
+request gives the same text here as through `TextGenerator.generate` with the same seed, whatever
+else shares the batch. Decoders without a known state layout (transformers models) cannot take
+rows mid-run: for them new requests wait until the running batch is empty, then start together.
+
+One worker thread per model does all tensor work, off the asyncio event loop; `submit` is called
+from the loop and results come back through the callback (which must be thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aigc.errors import AigcError
+from aigc.generation import processors as P
+from aigc.generation.decoders import GPTDecoder, LSTMDecoder
+from aigc.generation.engine import Completion
+from aigc.generation.params import GenerationParams
+from aigc.generation.sampling import make_generator, sample_next, token_logprobs
+from aigc.generation.stream import Detokenizer, StopMatcher
+
+log = logging.getLogger("aigc.serve")
+
+# emit(kind, choice_index, payload): kind "delta" (str), "done" (GenerationResult), "error" (str)
+Emit = Callable[[str, int, Any], None]
+
+
+class QueueFull(Exception):
+    """The scheduler holds its maximum of waiting + running rows."""
+
+
+@dataclass
+class Row:
+    """One sequence being generated (a request with n > 1 has n rows)."""
+
+    prompt: str
+    ids: list[int]
+    params: GenerationParams  # resolved: n = 1, concrete seed
+    index: int  # choice index within its request
+    emit: Emit
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # decoding state, set when the row is admitted
+    completion: Completion = field(default_factory=Completion)
+    history: list[int] = field(default_factory=list)
+    gen: torch.Generator | None = None
+    stops: set[int] = field(default_factory=set)
+    ngram: P.NGramIndex | None = None
+    detok: Detokenizer | None = None
+    matcher: StopMatcher | None = None
+    limit: int = 0  # total length (prompt + generated) at which the row ends with "length"
+    plen: int = 0
+
+
+class Ticket:
+    """The rows of one request; `cancel()` frees their slots at the next step."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+
+    def cancel(self) -> None:
+        for r in self.rows:
+            r.cancelled = True
+
+
+class Scheduler:
+    """Continuous batching for one `TextGenerator` in its own worker thread."""
+
+    def __init__(self, gen: Any, max_batch: int = 32, max_rows: int = 256, metrics: Any = None) -> None:
+        self.gen = gen
+        self.engine = gen.engine
+        self.decoder = gen.decoder
+        self.max_batch = max_batch
+        self.max_rows = max_rows
+        self.metrics = metrics
+        self.can_join = isinstance(self.decoder, (GPTDecoder, LSTMDecoder))
+        self.pending: deque[Row] = deque()
+        self.rows: list[Row] = []  # running, in decoder row order
+        self.cv = threading.Condition()
+        self.closed = False
+        self.steps = 0
+        self._logits: torch.Tensor | None = None  # (B, V) for the next sampling step
+        self._positions: torch.Tensor | None = None  # (B,) where each row's next token goes
+        self._dirty = True  # batch membership changed: rebuild per-row tensors
+        self.thread = threading.Thread(target=self._loop, name=f"aigc-batch-{gen.model_id}", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ asyncio side
+
+    @property
+    def load(self) -> int:
+        """Rows waiting or running."""
+        return len(self.pending) + len(self.rows)
+
+    def submit(self, prompt: str, params: GenerationParams, emit: Emit) -> Ticket:
+        """Queue a request (n rows); tokenizing errors raise AigcError here, in the caller."""
+        if params.num_beams > 1:
+            raise AigcError(
+                "num_beams > 1 is not served (beam search decodes alone); use n for several samples"
+            )
+        ids, row_params = self.gen._requests(prompt, params)
+        rows = [Row(prompt, ids, p, k, emit) for k, p in enumerate(row_params)]
+        with self.cv:
+            if self.closed:
+                raise AigcError("the model is being unloaded; retry the request")
+            if self.load + len(rows) > self.max_rows:
+                raise QueueFull
+            self.pending.extend(rows)
+            self.cv.notify()
+        return Ticket(rows)
+
+    def close(self) -> None:
+        """Stop the worker after the running rows; rows still waiting get an error."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.pending and not self.rows and not self.closed:
+                    self.cv.wait()
+                if self.closed and not self.rows:
+                    for r in self.pending:
+                        r.emit("error", r.index, "the model was unloaded; retry the request")
+                    self.pending.clear()
+                    return
+                new = []
+                if self.can_join or not self.rows:
+                    while self.pending and len(self.rows) + len(new) < self.max_batch:
+                        new.append(self.pending.popleft())
+            try:
+                if new:
+                    self._admit(new)
+                if self.rows:
+                    self._step()
+            except Exception as e:  # a bug: fail the rows in flight, keep serving the others
+                log.exception("batch step failed")
+                for r in self.rows + new:
+                    if not r.cancelled:
+                        r.emit("error", r.index, f"internal error while generating: {type(e).__name__}")
+                self.rows, self._logits, self._positions, self._dirty = [], None, None, True
+
+    def _admit(self, new: list[Row]) -> None:
+        """Prefill the new rows and append them to the running batch."""
+        eng, dec = self.engine, self.decoder
+        ready = []
+        for r in new:
+            if r.cancelled:
+                continue
+            p = r.params
+            prompt, warns = eng.fit_prompt(r.ids, p.max_new_tokens)
+            r.ids, r.plen = prompt, len(prompt)
+            r.completion = Completion(prompt_tokens=len(prompt), warnings=warns)
+            if p.max_new_tokens == 0:  # nothing to generate: done before it starts
+                self._finish(r)
+                continue
+            # the engine ends a row when its next token would not fit the cache
+            r.limit = len(prompt) + p.max_new_tokens
+            if dec.max_len is not None:
+                r.limit = min(r.limit, dec.max_len)
+            r.history = list(prompt)
+            r.gen = make_generator(p.seed) if p.sampling else None
+            r.stops = set(eng.stop_ids(p))
+            r.ngram = P.NGramIndex(p.no_repeat_ngram_size, prompt) if p.no_repeat_ngram_size else None
+            if self.metrics is not None:
+                self.metrics.observe_wait(time.perf_counter() - r.submitted)
+            r.detok = Detokenizer(self.gen.decode, prompt)
+            r.matcher = StopMatcher(p.stop)
+            ready.append(r)
+        if not ready:
+            return
+        prompts = [r.ids for r in ready]
+        positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        if not self.rows:
+            self._logits = dec.prefill(prompts, max_len=self._cache_len(ready))  # (B, V)
+            self._positions = positions
+        else:
+            old = self._take_state()
+            logits = dec.prefill(prompts, max_len=self._cache_len(ready))
+            self._join_state(old)
+            self._logits = torch.cat([self._logits, logits])
+            self._positions = torch.cat([self._positions, positions])
+        self.rows.extend(ready)
+        self._dirty = True
+
+    def _cache_len(self, rows: list[Row]) -> int | None:
+        # GPT rows joining later must share one cache length: always the full context
+        if isinstance(self.decoder, GPTDecoder):
+            return self.decoder.max_len
+        return max(r.limit for r in rows)
+
+    def _take_state(self) -> Any:
+        dec = self.decoder
+        return dec.kv if isinstance(dec, GPTDecoder) else dec.state
+
+    def _join_state(self, old: Any) -> None:
+        """Running rows' state first, then the freshly prefilled rows'."""
+        dec = self.decoder
+        if isinstance(dec, GPTDecoder):
+            dec.kv = [torch.cat([a, b]) for a, b in zip(old, dec.kv, strict=True)]  # (B, 2K, S, D)
+        else:
+            (h0, c0), (h1, c1) = old, dec.state
+            dec.state = (torch.cat([h0, h1], dim=1), torch.cat([c0, c1], dim=1))  # (L, B, H)
+
+    def _rebuild(self) -> None:
+        """Per-row tensors the processors read, from each row's own history (after joins/leaves)."""
+        V = self.decoder.vocab_size
+        rows = self.rows
+        self._rp = P.RowParams.from_params([r.params for r in rows], V)
+        self._seen = self._counts = None
+        if self._rp.use_rep:
+            self._seen = torch.zeros(len(rows), V, dtype=torch.bool)
+            for j, r in enumerate(rows):
+                self._seen[j, torch.tensor(r.history)] = True
+        if self._rp.use_pf:
+            self._counts = torch.zeros(len(rows), V)
+            for j, r in enumerate(rows):
+                if r.completion.tokens:
+                    self._counts[j] = torch.bincount(torch.tensor(r.completion.tokens), minlength=V)[
+                        :V
+                    ].float()
+        self._top_n = max(r.params.top_logprobs for r in rows)
+        self._dirty = False
+
+    def _step(self) -> None:
+        """One token for every running row (the engine's steps 2-5)."""
+        t0 = time.perf_counter()
+        if self._dirty:
+            self._rebuild()
+        rows, rp = self.rows, self._rp
+        logits = self._logits
+        scores = P.process(
+            logits,
+            rp,
+            seen=self._seen,
+            counts=self._counts,
+            histories=[r.history for r in rows],
+            ngrams=[r.ngram for r in rows],
+        )
+        tokens = sample_next(scores, rp.sample, [r.gen for r in rows], rp.any_sample)  # (B,)
+        tok_list = tokens.tolist()
+        if any(r.params.logprobs for r in rows):
+            lp, top = token_logprobs(logits, tokens, self._top_n)
+        keep = []
+        first_tokens = 0
+        for j, (r, t) in enumerate(zip(rows, tok_list, strict=True)):
+            c = r.completion
+            if not c.tokens:
+                first_tokens += 1
+                if self.metrics is not None:
+                    self.metrics.observe_ttft(time.perf_counter() - r.submitted)
+            c.tokens.append(t)
+            r.history.append(t)
+            if r.ngram is not None:
+                r.ngram.add(t)
+            if r.params.logprobs:
+                c.logprobs.append(lp[j])
+                c.top_logprobs.append(top[j][: r.params.top_logprobs])
+            done = False
+            if t in r.stops:
+                c.finish_reason, done = "stop", True
+            else:
+                if not r.matcher.stopped:
+                    shown = r.matcher.feed(r.detok.push(t))
+                    if shown and not r.cancelled:
+                        r.emit("delta", r.index, shown)
+                    if r.matcher.stopped:
+                        c.finish_reason, done = "stop", True
+                if not done and (
+                    len(c.tokens) >= r.params.max_new_tokens or r.plen + len(c.tokens) > r.limit
+                ):
+                    c.finish_reason, done = "length", True
+            if done or r.cancelled:
+                self._finish(r)
+            else:
+                keep.append(j)
+        if self._seen is not None:
+            self._seen[torch.arange(len(rows)), tokens] = True
+        if self._counts is not None:
+            self._counts[torch.arange(len(rows)), tokens] += 1
+        # drop finished rows, then feed the new tokens at each row's position
+        positions = self._positions
+        if len(keep) < len(rows):
+            if not keep:
+                self.rows, self._logits, self._positions = [], None, None
+                self._dirty = True
+                self._record(len(rows), time.perf_counter() - t0)
+                return
+            idx = torch.tensor(keep, dtype=torch.long)
+            self.decoder.reorder(idx)
+            self.rows = [rows[j] for j in keep]
+            self._rp = rp.select(idx)
+            self._seen = None if self._seen is None else self._seen[idx]
+            self._counts = None if self._counts is None else self._counts[idx]
+            tokens, positions = tokens[idx], positions[idx]
+        self._logits = self.decoder.step(tokens, positions)
+        self._positions = positions + 1
+        self._record(len(rows), time.perf_counter() - t0)
+
+    def _record(self, batch: int, seconds: float) -> None:
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.observe_step(batch, seconds)
+
+    def _finish(self, r: Row) -> None:
+        """Flush the row's held-back text and hand over its GenerationResult."""
+        if r.cancelled:
+            return
+        m = r.matcher
+        if m is not None and not m.stopped:
+            tail = m.feed(r.detok.flush()) + m.flush()
+            if tail:
+                r.emit("delta", r.index, tail)
+        text = m.final_text if m is not None else ""
+        r.emit("done", r.index, self.gen._result(r.prompt, r.params, r.completion, text))

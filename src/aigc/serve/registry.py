@@ -1,0 +1,260 @@
+"""The models a server offers: artifacts under the model dirs plus `hf:` entries from a config file.
+
+Ids (what clients send as `model`):
+
+  DIR/<name>/config.json             -> `name`
+  DIR/<name>/<version>/config.json   -> `name@version`; plain `name` is the newest version
+                                        (versions sorted numerically where they are numbers)
+  {"models": {"<name>": "hf:<dir>"}} -> `name` (a transformers causal LM folder; --models-config)
+
+A client's name is only ever looked up in this table, never joined to a path, so `../x` cannot
+reach outside the model dirs (the schema also refuses such names). The dirs are listed again at
+most every RESCAN_INTERVAL_S, so a new version (or a run directory replaced in place: its weights'
+mtime changes) is picked up without a restart. Models load lazily on first use; when the loaded
+ones exceed the memory budget, the least recently used idle ones are unloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aigc.errors import AigcError
+from aigc.serve.settings import RESCAN_INTERVAL_S, Settings
+
+log = logging.getLogger("aigc.serve")
+
+TEXT_FAMILIES = ("gpt", "lstm")
+IMAGE_FAMILIES = ("diffusion", "vae", "gan")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class UnknownModel(AigcError):
+    """A model id the registry does not hold (the server answers 404)."""
+
+
+@dataclass
+class ModelEntry:
+    id: str  # "name" or "name@version"
+    name: str
+    version: str | None
+    spec: str  # a run directory or "hf:<dir or id>"
+    kind: str  # "text" | "image"
+    created: int
+    signature: tuple  # changes when the artifact is replaced in place
+    size_bytes: int = 0
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    generator: Any  # TextGenerator | ImageGenerator
+    scheduler: Any = None  # batching.Scheduler for text models
+    lock: threading.Lock = field(default_factory=threading.Lock)  # image models: one call at a time
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def busy(self) -> int:
+        return self.scheduler.load if self.scheduler is not None else int(self.lock.locked())
+
+
+def _version_key(v: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", v.lstrip("vV")))
+
+
+def _artifact_kind(path: Path) -> tuple[str, tuple, int] | None:
+    """(kind, signature, bytes) of an artifact dir, or None if it is not a servable one."""
+    cfg, weights = path / "config.json", path / "model.safetensors"
+    if not (cfg.is_file() and weights.is_file()):
+        return None
+    try:
+        family = json.loads(cfg.read_text(encoding="utf-8")).get("family")
+    except (OSError, ValueError, AttributeError):
+        return None
+    kind = "text" if family in TEXT_FAMILIES else "image" if family in IMAGE_FAMILIES else None
+    if kind is None:
+        return None
+    st = weights.stat()
+    return kind, (st.st_mtime_ns, st.st_size, cfg.stat().st_mtime_ns), st.st_size
+
+
+class ModelRegistry:
+    """Name -> entry table, rescanned lazily; name -> loaded model, LRU within a memory budget."""
+
+    def __init__(self, settings: Settings, metrics: Any = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.entries: dict[str, ModelEntry] = {}  # every id, incl. plain names of versioned models
+        self.versions: dict[str, list[str]] = {}  # name -> ids, oldest first
+        self.loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()  # (spec, signature) -> model
+        self.lock = threading.RLock()
+        self.load_locks: dict[tuple, threading.Lock] = {}
+        self._scanned = 0.0
+        self.scan(force=True)
+
+    # ------------------------------------------------------------------ the table
+
+    def scan(self, force: bool = False) -> None:
+        """List the model dirs again (at most every RESCAN_INTERVAL_S unless forced)."""
+        now = time.monotonic()
+        if not force and now - self._scanned < RESCAN_INTERVAL_S:
+            return
+        entries: dict[str, ModelEntry] = {}
+        versions: dict[str, list[str]] = {}
+        for d in self.settings.models_dirs:
+            d = Path(d).expanduser()
+            if not d.is_dir():
+                continue
+            for sub in sorted(d.iterdir()):
+                if not sub.is_dir() or not NAME_RE.match(sub.name) or sub.name in entries:
+                    continue
+                found = _artifact_kind(sub)
+                if found is not None:
+                    kind, sig, size = found
+                    entries[sub.name] = ModelEntry(
+                        sub.name, sub.name, None, str(sub), kind, int(sig[0] // 1e9), sig, size
+                    )
+                    versions[sub.name] = [sub.name]
+                    continue
+                vs = []
+                for vdir in sub.iterdir():
+                    if vdir.is_dir() and NAME_RE.match(vdir.name) and (f := _artifact_kind(vdir)) is not None:
+                        kind, sig, size = f
+                        mid = f"{sub.name}@{vdir.name}"
+                        vs.append(
+                            ModelEntry(
+                                mid, sub.name, vdir.name, str(vdir), kind, int(sig[0] // 1e9), sig, size
+                            )
+                        )
+                if vs:
+                    vs.sort(key=lambda e: _version_key(e.version))
+                    for e in vs:
+                        entries[e.id] = e
+                    entries[sub.name] = vs[-1]  # plain name: the newest version
+                    versions[sub.name] = [e.id for e in vs]
+        for name, spec in self._config_entries().items():
+            if name not in entries:
+                entries[name] = ModelEntry(name, name, None, spec, "text", 0, (spec,), 0)
+                versions[name] = [name]
+        with self.lock:
+            self.entries, self.versions, self._scanned = entries, versions, now
+
+    def _config_entries(self) -> dict[str, str]:
+        path = self.settings.models_config
+        if path is None:
+            return {}
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            models = data["models"]
+            assert isinstance(models, dict)
+        except (OSError, ValueError, KeyError, AssertionError, TypeError):
+            raise AigcError(
+                f'models config {path} must be JSON like {{"models": {{"name": "hf:<dir or id>"}}}}'
+            ) from None
+        for name, spec in models.items():
+            if not NAME_RE.match(name) or not isinstance(spec, str) or not spec.startswith("hf:"):
+                raise AigcError(
+                    f"models config {path}: entry {name!r}: names are letters, digits, '.', '_', '-' "
+                    "and values are 'hf:<dir or hub id>'"
+                )
+        return models
+
+    def list(self) -> list[tuple[str, ModelEntry, list[str]]]:
+        """(name, newest entry, all version ids) per model name."""
+        self.scan()
+        with self.lock:
+            return [(n, self.entries[n], list(v)) for n, v in sorted(self.versions.items())]
+
+    def resolve(self, model_id: str) -> ModelEntry:
+        self.scan()
+        with self.lock:
+            entry = self.entries.get(model_id)
+            if entry is None:
+                available = ", ".join(sorted(self.entries)) or "none (put run directories under --models DIR)"
+                raise UnknownModel(f"model {model_id!r} not found; available: {available}")
+            return entry
+
+    # ------------------------------------------------------------------ loading
+
+    def get(self, model_id: str, kind: str | None = None) -> LoadedModel:
+        """The loaded model for an id, loading it on first use (blocking: call off the event loop)."""
+        entry = self.resolve(model_id)
+        if kind is not None and entry.kind != kind:
+            raise AigcError(f"model {model_id!r} is a {entry.kind} model; this route needs a {kind} model")
+        key = (entry.spec, entry.signature)
+        with self.lock:
+            lm = self.loaded.get(key)
+            if lm is not None:
+                self.loaded.move_to_end(key)
+                lm.last_used = time.monotonic()
+                return lm
+            load_lock = self.load_locks.setdefault(key, threading.Lock())
+        with load_lock:  # one load per model, concurrent requests wait for it
+            with self.lock:
+                if key in self.loaded:
+                    return self.loaded[key]
+            t0 = time.perf_counter()
+            lm = self._load(entry)
+            if self.metrics is not None:
+                self.metrics.observe_load(entry.id, time.perf_counter() - t0)
+            with self.lock:
+                self.loaded[key] = lm
+                self._evict(keep=key)
+        return lm
+
+    def _load(self, entry: ModelEntry) -> LoadedModel:
+        log.info("loading model %s from %s", entry.id, entry.spec)
+        if entry.kind == "image":
+            from aigc.generation.image import ImageGenerator
+
+            return LoadedModel(entry, ImageGenerator.load(entry.spec))
+        from aigc.generation import load_generator
+        from aigc.serve.batching import Scheduler
+
+        gen = load_generator(entry.spec)
+        gen.model_id = entry.id
+        s = self.settings
+        sched = Scheduler(gen, max_batch=s.max_batch, max_rows=s.max_queue, metrics=self.metrics)
+        return LoadedModel(entry, gen, sched)
+
+    def _evict(self, keep: tuple) -> None:
+        """Unload least recently used idle models while over the memory budget (or replaced)."""
+        # a replaced artifact (new weights at the same path) is unloaded as soon as it is idle
+        current = {(e.spec, e.signature) for e in self.entries.values()}
+        for key, lm in list(self.loaded.items()):
+            if key != keep and key not in current and not lm.busy:
+                self._unload(key)
+        # the decoder keeps about one more copy of the weights: budget twice the file size
+        total = sum(2 * lm.entry.size_bytes for lm in self.loaded.values())
+        for key, lm in list(self.loaded.items()):  # oldest first
+            if total <= self.settings.memory_budget_bytes:
+                break
+            if key != keep and not lm.busy:
+                total -= 2 * lm.entry.size_bytes
+                self._unload(key)
+
+    def _unload(self, key: tuple) -> None:
+        lm = self.loaded.pop(key)
+        log.info("unloading model %s", lm.entry.id)
+        if lm.scheduler is not None:
+            lm.scheduler.close()
+
+    def queue_depth(self) -> dict[str, int]:
+        with self.lock:
+            return {lm.entry.id: lm.busy for lm in self.loaded.values()}
+
+    def loaded_ids(self) -> list[str]:
+        with self.lock:
+            return [lm.entry.id for lm in self.loaded.values()]
+
+    def close(self) -> None:
+        with self.lock:
+            for key in list(self.loaded):
+                self._unload(key)

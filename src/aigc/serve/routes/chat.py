@@ -1,0 +1,122 @@
+"""POST /v1/chat/completions: conversations, OpenAI's shape (stream, stream_options, n, logprobs).
+
+The messages become one prompt through the model's chat format (`TextGenerator.chat_prompt`):
+a transformers model's own chat template when it has one, else the documented plain-text format
+"System: ... / User: ... / Assistant:" with generation stopped at the next "\\nUser:". The oldest
+turns are dropped when the conversation does not fit the context. A reply's leading whitespace
+(after "Assistant:") is not part of its content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+
+from aigc.generation.params import make_params
+from aigc.serve.app import ApiError, identity
+from aigc.serve.routes.common import (
+    Slot,
+    chat_logprobs,
+    collect,
+    load_text_model,
+    new_id,
+    stream_response,
+    usage,
+)
+from aigc.serve.schemas import ChatRequest, ChatResponse, ErrorResponse
+from aigc.serve.streaming import SSE_DONE, TextCall, sse
+
+router = APIRouter(tags=["text"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
+
+
+@router.post(
+    "/v1/chat/completions", summary="Reply to a conversation", response_model=ChatResponse, responses=ERRORS
+)
+async def chat_completions(body: ChatRequest, request: Request, key: str = Depends(identity)):
+    st = request.app.state
+    if body.stream and body.logprobs:
+        raise ApiError(
+            400, "logprobs are not streamed; drop logprobs or set stream=false", "unsupported", "logprobs"
+        )
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs=true", "invalid_value", "top_logprobs")
+    kw = body.generation_params(st.settings.default_max_tokens)
+    if body.max_completion_tokens is not None:
+        kw["max_new_tokens"] = body.max_completion_tokens
+    params = make_params(**kw, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    lm = await load_text_model(request, body.model)
+    gen = lm.generator
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    prompt = gen.chat_prompt(messages, params.max_new_tokens)
+    params = dataclasses.replace(params, stop=list(params.stop) + gen.chat_stops())
+    slot = Slot(request, key)
+    call = TextCall(lm.scheduler, st.settings.request_timeout_s)
+    try:
+        call.add(prompt, params)
+    except BaseException:
+        slot.release()
+        raise
+    rid, created, model = new_id("chatcmpl"), int(time.time()), lm.entry.id
+    seeds = call.seeds
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(choices, **extra):
+                return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
+
+            for i in range(call.n):
+                yield chunk(
+                    [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+                )
+            started = [False] * call.n  # leading whitespace is dropped until the reply starts
+            results = {}
+            async for kind, idx, payload in call.events():
+                if kind == "delta":
+                    text = payload if started[idx] else payload.lstrip()
+                    if text:
+                        started[idx] = True
+                        yield chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}])
+                else:
+                    results[idx] = payload
+                    yield chunk([{"index": idx, "delta": {}, "finish_reason": payload.finish_reason,
+                                  "seed": payload.seed}], parameters=payload.params)  # fmt: skip
+            if include_usage:
+                rs = [results[i] for i in range(call.n)]
+                yield chunk([], usage=usage(rs, {0}))
+            yield SSE_DONE
+
+        return stream_response(events, call, slot)
+
+    try:
+        results = await collect(request, call)
+    finally:
+        slot.release()
+    rs = [results[i] for i in range(call.n)]
+    return ChatResponse(
+        id=rid,
+        created=created,
+        model=model,
+        choices=[
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text.lstrip()},
+                "finish_reason": r.finish_reason,
+                "logprobs": chat_logprobs(r),
+                "seed": r.seed,
+            }  # fmt: skip
+            for i, r in enumerate(rs)
+        ],
+        usage=usage(rs, {0}),
+        seed=rs[0].seed,
+        parameters=rs[0].params,
+        warnings=sorted({w for r in rs for w in r.warnings}),
+    )

@@ -1,0 +1,129 @@
+"""POST /v1/completions: text continuation, OpenAI's shape (several prompts, n, stream, logprobs).
+
+Choice index = prompt index * n + sample index (OpenAI's order); sample k of a request uses seed
+`seed + k`, so each choice can be reproduced alone. A prompt longer than the model's context keeps
+its tail (the engine's context policy); the response's `warnings` says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+
+from aigc.generation.params import make_params
+from aigc.serve.app import ApiError, identity
+from aigc.serve.routes.common import (
+    Slot,
+    collect,
+    completion_logprobs,
+    load_text_model,
+    new_id,
+    stream_response,
+    usage,
+)
+from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse
+from aigc.serve.streaming import SSE_DONE, TextCall, sse
+
+router = APIRouter(tags=["text"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
+
+
+@router.post(
+    "/v1/completions", summary="Continue a prompt", response_model=CompletionResponse, responses=ERRORS
+)
+async def completions(body: CompletionRequest, request: Request, key: str = Depends(identity)):
+    st = request.app.state
+    if body.stream and body.logprobs is not None:
+        raise ApiError(
+            400, "logprobs are not streamed; drop logprobs or set stream=false", "unsupported", "logprobs"
+        )
+    params = make_params(
+        **body.generation_params(st.settings.default_max_tokens),
+        logprobs=body.logprobs is not None,
+        top_logprobs=body.logprobs or 0,
+    )
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    lm = await load_text_model(request, body.model)
+    slot = Slot(request, key)
+    call = TextCall(lm.scheduler, st.settings.request_timeout_s)
+    try:
+        for p in prompts:
+            call.add(p, params)
+    except BaseException:
+        slot.release()
+        raise
+    rid, created, model = new_id("cmpl"), int(time.time()), lm.entry.id
+    seeds = call.seeds
+    first_of_prompt = {k * params.n for k in range(len(prompts))}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(choices, **extra):
+                return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                            "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
+
+            results = {}
+            if body.echo:
+                for i in range(call.n):
+                    yield chunk(
+                        [
+                            {
+                                "index": i,
+                                "text": prompts[i // params.n],
+                                "finish_reason": None,
+                                "logprobs": None,
+                            }
+                        ]
+                    )
+            async for kind, idx, payload in call.events():
+                if kind == "delta":
+                    yield chunk([{"index": idx, "text": payload, "finish_reason": None, "logprobs": None}])
+                else:
+                    results[idx] = payload
+                    yield chunk(
+                        [
+                            {
+                                "index": idx,
+                                "text": "",
+                                "finish_reason": payload.finish_reason,
+                                "logprobs": None,
+                                "seed": payload.seed,
+                            }
+                        ],  # fmt: skip
+                        parameters=payload.params,
+                    )
+            if include_usage:
+                rs = [results[i] for i in range(call.n)]
+                yield chunk([], usage=usage(rs, first_of_prompt))
+            yield SSE_DONE
+
+        return stream_response(events, call, slot)
+
+    try:
+        results = await collect(request, call)
+    finally:
+        slot.release()
+    rs = [results[i] for i in range(call.n)]
+    return CompletionResponse(
+        id=rid,
+        created=created,
+        model=model,
+        choices=[
+            {
+                "index": i,
+                "text": (prompts[i // params.n] if body.echo else "") + r.text,
+                "finish_reason": r.finish_reason,
+                "logprobs": completion_logprobs(r),
+                "seed": r.seed,
+            }  # fmt: skip
+            for i, r in enumerate(rs)
+        ],
+        usage=usage(rs, first_of_prompt),
+        seed=rs[0].seed,
+        parameters=rs[0].params,
+        warnings=sorted({w for r in rs for w in r.warnings}),
+    )

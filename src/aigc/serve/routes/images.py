@@ -1,0 +1,95 @@
+"""POST /v1/images/generations: images from a diffusion / GAN / VAE run (or a diffusers pipeline).
+
+OpenAI's shape (`n`, `size`, `response_format` b64_json | url) plus our extensions `seed`, `steps`,
+`guidance`, `label`, `sampler`. `url` is a `data:image/png;base64,...` URL: the server stores
+nothing, so there is no file to expire or leak. Each PNG carries its parameters in text chunks
+(as `aigc generate image` writes them). Our models have one native size: `size` must be it (or
+omitted); a text-to-image pipeline takes any square size up to MAX_IMAGE_SIZE.
+
+One call per model at a time runs in a worker thread (image work is seconds long: it never blocks
+the event loop). Requests are not merged into one batch: the generator draws all images of a call
+from one seeded generator, so merging would change every image a seed gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import secrets
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from aigc.errors import AigcError
+from aigc.serve import settings as S
+from aigc.serve.app import ApiError, identity
+from aigc.serve.routes.common import Slot
+from aigc.serve.schemas import ErrorResponse, ImageRequest, ImageResponse
+
+router = APIRouter(tags=["images"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
+
+
+def native_size(gen) -> int | None:
+    """Side of the images a run of ours makes (None for a diffusers pipeline: it takes a size)."""
+    return None if gen.family == "hf" else int(gen.config.image_size)
+
+
+def _png(image, params: dict) -> bytes:
+    from aigc.generation.image_io import png_info
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(params))
+    return buf.getvalue()
+
+
+def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dict]]:
+    """Generate in the calling (worker) thread, one call per model at a time."""
+    gen = lm.generator
+    size = None
+    if body.size is not None:
+        w, h = (int(x) for x in body.size.split("x"))
+        native = native_size(gen)
+        if w != h or (native is not None and w != native) or not 8 <= w <= S.MAX_IMAGE_SIZE:
+            allowed = (
+                f"{native}x{native}"
+                if native is not None
+                else f"a square WxW with 8 <= W <= {S.MAX_IMAGE_SIZE}"
+            )
+            raise AigcError(f"size {body.size!r} is not available for {lm.entry.id}; allowed: {allowed}")
+        size = None if native is not None else w
+    with lm.lock:
+        out = gen.generate(n=body.n, seed=seed, label=body.label, guidance=body.guidance, sampler=body.sampler,
+                           steps=body.steps, prompt=body.prompt, size=size)  # fmt: skip
+    return [_png(img, p) for img, p in zip(out.images, out.params, strict=True)], out.params
+
+
+@router.post(
+    "/v1/images/generations", summary="Generate images", response_model=ImageResponse, responses=ERRORS
+)
+async def generate_images(body: ImageRequest, request: Request, key: str = Depends(identity)):
+    st = request.app.state
+    lm = await asyncio.to_thread(st.registry.get, body.model, "image")
+    seed = body.seed if body.seed is not None else secrets.randbits(63)
+    slot = Slot(request, key)
+    try:
+        pngs, params = await asyncio.wait_for(
+            asyncio.to_thread(run_images, lm, body, seed), timeout=st.settings.request_timeout_s
+        )
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"image generation took longer than {st.settings.request_timeout_s:g} s; ask for fewer "
+                       "steps or images", "timeout") from None  # fmt: skip
+    finally:
+        slot.release()
+    st.metrics.observe_images(len(pngs))
+    data = []
+    for png, p in zip(pngs, params, strict=True):
+        b64 = base64.b64encode(png).decode("ascii")
+        item = (
+            {"b64_json": b64}
+            if body.response_format == "b64_json"
+            else {"url": "data:image/png;base64," + b64}
+        )
+        data.append({**item, "seed": seed, "parameters": p, "revised_prompt": body.prompt})
+    return ImageResponse(created=int(time.time()), data=data, seed=seed, parameters=params[0])

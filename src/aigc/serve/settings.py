@@ -1,0 +1,64 @@
+"""Server limits (module constants, the one place they are set) and the `Settings` of one server.
+
+Every bound a request is checked against is a constant here; the pydantic schemas and the error
+messages are built from the same constants, so the documented limit is the enforced one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# request bodies and parameters
+MAX_BODY_BYTES = 1_000_000  # a larger body is refused with 413 before it is parsed
+MAX_TOKENS = 4096  # max_tokens per completion
+DEFAULT_MAX_TOKENS = 128  # when the request gives none
+MAX_N = 8  # completions per request
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+MAX_PROMPT_CHARS = 100_000  # one prompt or one chat message
+MAX_MESSAGES = 256  # chat messages per request
+MAX_STOP = 4  # stop strings (OpenAI allows 4)
+MAX_LOGPROBS = 5  # /v1/completions `logprobs` (OpenAI allows 5)
+MAX_TOP_LOGPROBS = 20  # chat `top_logprobs`
+MAX_MODEL_NAME = 128
+
+# scheduling
+MAX_BATCH = 32  # rows decoded together per model
+MAX_QUEUE = 256  # requests waiting or running over all models: above it 503
+MAX_INFLIGHT_PER_KEY = 64  # requests of one API key at a time: above it 429
+RETRY_AFTER_S = 1  # the Retry-After header of a 429 / 503
+REQUEST_TIMEOUT_S = 300.0  # a request still running after this is cancelled (504)
+MEMORY_BUDGET_BYTES = 8 * 2**30  # loaded models above it: least recently used ones are unloaded
+RESCAN_INTERVAL_S = 1.0  # model dirs are listed again at most this often (new versions appear)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".aigc") / "models"
+
+
+@dataclass
+class Settings:
+    """What one server serves and how; limits default to the constants above."""
+
+    models_dirs: list[Path] = field(default_factory=lambda: [default_models_dir()])
+    models_config: Path | None = None  # JSON {"models": {"name": "hf:<dir>"}} for extra entries
+    api_keys_file: Path | None = None  # lines "sha256:<hex>" (see auth.py)
+    cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = MAX_BATCH
+    max_queue: int = MAX_QUEUE
+    max_inflight_per_key: int = MAX_INFLIGHT_PER_KEY
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    memory_budget_bytes: int = MEMORY_BUDGET_BYTES
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+
+
+# images
+MAX_IMAGES = 8  # images per request
+MAX_STEPS = 1000  # denoising steps
+MAX_GUIDANCE = 30.0
+MAX_IMAGE_SIZE = 1024  # side in pixels (text-to-image pipelines)

@@ -1,0 +1,59 @@
+"""Tiny artifacts and a client factory shared by the tests/test_serve_*.py files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = "ROMEO: But soft, what light through yonder window breaks?\nUser: Assistant: 春眠不觉晓\n"
+
+
+def write_text_run(out: Path, family: str = "gpt", seed: int = 0, block_size: int = 64) -> Path:
+    """A run directory as training writes it (config.json, model.safetensors, tokenizer.json)."""
+    from safetensors.torch import save_model
+
+    from aigc.models import build_model
+    from aigc.tokenizers import train_tokenizer
+    from aigc.utils.io import atomic_write_json
+
+    tok = train_tokenizer("char", [CORPUS])
+    if family == "gpt":
+        cfg = dict(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16)
+    else:
+        cfg = dict(vocab_size=tok.vocab_size, block_size=block_size, n_embd=16, n_hidden=16, n_layer=1)
+    torch.manual_seed(seed)
+    model = build_model(family, cfg)
+    out.mkdir(parents=True)
+    save_model(model, str(out / "model.safetensors"))
+    atomic_write_json(out / "config.json", {"family": family, "model": cfg, "train": {}, "data": {}})
+    tok.save(out / "tokenizer.json")
+    return out
+
+
+def write_image_run(out: Path) -> Path:
+    """A tiny unconditional 8x8 diffusion run (as tests/test_images_generation.py builds one)."""
+    from safetensors.torch import save_file
+
+    from aigc.config import to_dict
+    from aigc.models.diffusion import DiffusionConfig, build_unet
+    from aigc.utils.io import atomic_write_json
+
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4)
+    unet = build_unet(cfg)
+    out.mkdir(parents=True)
+    cfg_json = {"family": "diffusion", "model": to_dict(cfg), "train": {}, "data": {"classes": []}}
+    atomic_write_json(out / "config.json", cfg_json)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(out / "model.safetensors"))
+    return out
+
+
+def models_dir(root: Path) -> Path:
+    """tiny (GPT), rnn (LSTM), story@1 / story@2 (versions), pix (diffusion)."""
+    write_text_run(root / "tiny")
+    write_text_run(root / "rnn", family="lstm")
+    write_text_run(root / "story" / "1", seed=1)
+    write_text_run(root / "story" / "2", seed=2)
+    write_image_run(root / "pix")
+    return root

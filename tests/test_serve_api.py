@@ -1,0 +1,191 @@
+"""The HTTP API through FastAPI's TestClient: OpenAI shapes, errors, auth, limits, registry, metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from serve_helpers import models_dir, write_text_run
+
+from aigc.generation import load_generator
+from aigc.serve import settings as S
+from aigc.serve.app import create_app
+from aigc.serve.auth import hash_key
+from aigc.serve.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return models_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def client(root):
+    with TestClient(create_app(Settings(models_dirs=[root]))) as c:
+        yield c
+
+
+def test_models_list_and_versions(client):
+    data = client.get("/v1/models").json()["data"]
+    by_id = {m["id"]: m for m in data}
+    assert set(by_id) == {"tiny", "rnn", "story", "pix"}
+    assert by_id["story"]["versions"] == ["story@1", "story@2"] and by_id["pix"]["kind"] == "image"
+    assert client.get("/v1/models/story").json()["id"] == "story@2"  # plain name: newest version
+    assert client.get("/v1/models/nope").status_code == 404
+
+
+def test_completion_equals_text_generator(client, root):
+    """Same seed, same request -> same text via the server as via TextGenerator."""
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 20, "seed": 11, "temperature": 0.8, "top_k": 10, "n": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    refs = load_generator(root / "tiny").generate("ROMEO:", max_new_tokens=20, seed=11, temperature=0.8, top_k=10, n=2)
+    assert [c["text"] for c in out["choices"]] == [ref.text for ref in refs]
+    assert [c["seed"] for c in out["choices"]] == [11, 12] and out["seed"] == 11
+    assert out["parameters"]["temperature"] == 0.8 and out["parameters"]["seed"] == 11
+    assert out["usage"] == {"prompt_tokens": 6, "completion_tokens": 40, "total_tokens": 46}
+    # several prompts: OpenAI's order (prompt-major), echo, logprobs
+    r = client.post("/v1/completions", json={"model": "rnn", "prompt": ["soft", "light"], "max_tokens": 4,
+                                             "temperature": 0, "echo": True, "logprobs": 2})  # fmt: skip
+    ch = r.json()["choices"]
+    assert [c["text"][:5] for c in ch] == ["soft", "light"][:1] + ["light"] or ch[0]["text"].startswith("soft")
+    assert ch[1]["text"].startswith("light") and len(ch[0]["logprobs"]["top_logprobs"][0]) == 2
+
+
+def test_chat_and_streaming(client, root):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "soft"}]
+    body = {"model": "story@1", "messages": msgs, "max_tokens": 15, "seed": 4}
+    full = client.post("/v1/chat/completions", json=body).json()
+    gen = load_generator(root / "story" / "1")
+    [ref] = gen.generate(gen.chat_prompt(msgs, 15), max_new_tokens=15, seed=4, stop=gen.chat_stops())
+    assert full["choices"][0]["message"]["content"] == ref.text.lstrip()
+    assert full["model"] == "story@1" and full["object"] == "chat.completion"
+    with client.stream("POST", "/v1/chat/completions",
+                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:  # fmt: skip
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == full["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == full["usage"] and all(c["seed"] == 4 for c in chunks)
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"model": "nope", "prompt": "a"}, 404, ["not found", "tiny", "story@2"]),
+        ({"model": "../tiny", "prompt": "a"}, 422, ["model"]),
+        ({"model": "tiny", "prompt": "a", "max_tokens": S.MAX_TOKENS + 1}, 400, ["max_tokens", str(S.MAX_TOKENS)]),
+        ({"model": "tiny", "prompt": "a", "n": S.MAX_N + 1}, 400, ["n", str(S.MAX_N)]),
+        ({"model": "tiny", "prompt": "a", "temperature": "hot"}, 422, ["temperature"]),
+        ({"model": "tiny", "prompt": "a", "bogus": 1}, 422, ["bogus"]),
+        ({"model": "tiny", "prompt": "a", "logit_bias": {"x": 1}}, 422, ["logit_bias"]),
+        ({"model": "pix", "prompt": "a"}, 400, ["image model"]),
+        ({"model": "tiny", "prompt": "Zebra"}, 400, ["'Z'", "vocabulary"]),  # char not in the tokenizer
+        ({"model": "tiny", "prompt": "a", "stream": True, "logprobs": 1}, 400, ["logprobs"]),
+    ],
+)
+def test_bad_requests(client, body, status, words):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["detail"] == err["error"]["message"] and "Traceback" not in r.text
+    for w in words:
+        assert w in err["detail"]
+
+
+def test_malformed_json_body_size_and_long_prompt(client):
+    r = client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    big = "a" * (S.MAX_BODY_BYTES + 10)
+    r = client.post("/v1/completions", content=json.dumps({"model": "tiny", "prompt": big}),
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 413
+    # over the context (64): the prompt's tail is kept, and the response says so
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "soft " * 40, "max_tokens": 5, "seed": 1})
+    assert r.status_code == 200 and "kept the last" in r.json()["warnings"][0]
+
+
+def test_images_b64_and_url(client):
+    from PIL import Image
+
+    body = {"model": "pix", "n": 2, "seed": 3, "steps": 2, "sampler": "ddim", "size": "8x8"}
+    a = client.post("/v1/images/generations", json=body).json()
+    b = client.post("/v1/images/generations", json={**body, "response_format": "url"}).json()
+    assert len(a["data"]) == 2 and a["seed"] == 3 and a["parameters"]["steps"] == 2
+    png = base64.b64decode(a["data"][0]["b64_json"])
+    assert Image.open(io.BytesIO(png)).size == (8, 8)
+    assert b["data"][0]["url"] == "data:image/png;base64," + a["data"][0]["b64_json"]  # same seed, same image
+    r = client.post("/v1/images/generations", json={**body, "size": "16x16"})
+    assert r.status_code == 400 and "8x8" in r.json()["detail"]
+    r = client.post("/v1/images/generations", json={**body, "steps": S.MAX_STEPS + 1})
+    assert r.status_code == 400 and "steps" in r.json()["detail"]
+
+
+def test_health_metrics_and_docs_offline(client):
+    assert client.get("/health").json()["status"] == "ok"
+    client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 3})
+    text = client.get("/metrics").text
+    for name in ("aigc_requests_total", "aigc_queue_depth", "aigc_time_to_first_token_seconds_count",
+                 "aigc_generated_tokens_total", "aigc_model_loads_total", "aigc_queue_wait_seconds"):  # fmt: skip
+        assert name in text
+    assert 'aigc_model_loads_total{model="tiny"} 1' in text
+    docs = client.get("/docs").text
+    assert "openapi.json" in docs and "cdn" not in docs.lower()
+    assert "/v1/chat/completions" in client.get("/openapi.json").json()["paths"]
+
+
+def test_api_keys_cors_and_rate_limits(tmp_path, root):
+    keys = tmp_path / "keys"
+    keys.write_text(f"# team\n{hash_key('s3cret')}\n")
+    settings = Settings(models_dirs=[root], api_keys_file=keys, cors_origins=["http://studio.local"],
+                        max_inflight_per_key=0)  # fmt: skip
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/health").status_code == 200  # open to load balancers
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/models", headers=auth).status_code == 200
+        assert c.get("/metrics").status_code == 401
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "a"}, headers=auth)
+        assert r.status_code == 429 and r.headers["Retry-After"] == str(S.RETRY_AFTER_S)
+        ok = c.options("/v1/models", headers={"Origin": "http://studio.local", "Access-Control-Request-Method": "GET"})
+        assert ok.headers["access-control-allow-origin"] == "http://studio.local"
+        assert "access-control-allow-credentials" not in ok.headers
+        bad = c.get("/v1/models", headers={**auth, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in bad.headers
+    with TestClient(create_app(Settings(models_dirs=[root], max_queue=0))) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "a"})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+    keys.write_text("s3cret\n")
+    with pytest.raises(Exception, match="not a hashed key"):
+        create_app(Settings(models_dirs=[root], api_keys_file=keys))
+
+
+def test_hot_new_version_and_memory_budget(tmp_path):
+    root = tmp_path / "models"
+    write_text_run(root / "poem" / "1", seed=1)
+    write_text_run(root / "other", seed=3)
+    body = {"model": "poem", "prompt": "soft", "max_tokens": 8, "temperature": 0}
+    with TestClient(create_app(Settings(models_dirs=[root], memory_budget_bytes=1))) as c:
+        one = c.post("/v1/completions", json=body).json()
+        assert one["model"] == "poem@1"
+        write_text_run(root / "poem" / "2", seed=2)
+        time.sleep(S.RESCAN_INTERVAL_S + 0.1)
+        two = c.post("/v1/completions", json=body).json()
+        assert two["model"] == "poem@2" and two["choices"][0]["text"] != one["choices"][0]["text"]
+        assert c.post("/v1/completions", json={**body, "model": "poem@1"}).json()["choices"] == one["choices"]
+        c.post("/v1/completions", json={**body, "model": "other"})
+        # a budget of 1 byte keeps only the model in use loaded
+        assert c.get("/health").json()["models_loaded"] == ["other"]
+        shutil.rmtree(root / "poem" / "2")
+        time.sleep(S.RESCAN_INTERVAL_S + 0.1)
+        assert c.post("/v1/completions", json=body).json()["model"] == "poem@1"

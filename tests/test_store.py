@@ -1,0 +1,418 @@
+"""The content store: schema + migrations, validation, paging, export, blobs, open errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+
+from aigc.errors import AigcError
+from aigc.feedback.blobs import Blobs, check_ref
+from aigc.feedback.store import SCHEMA_VERSION, Base, NotFoundError, Store, default_url
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(str(tmp_path / "aigc.db"))
+    yield s
+    s.close()
+
+
+def gen(store: Store, prompt: str = "p", text: str | None = "out", **kw) -> int:
+    return store.add_generation(
+        kind=kw.pop("kind", "text"), model=kw.pop("model", "m@1"), prompt=prompt, output_text=text, **kw
+    )
+
+
+# ----------------------------------------------------------------------------- schema + migrations
+
+
+def _schema(url: str) -> dict[str, tuple[set[str], set[str]]]:
+    """{table: (column names, index names)} as the database has them."""
+    engine = sa.create_engine(url)
+    insp = sa.inspect(engine)
+    out = {
+        t: ({c["name"] for c in insp.get_columns(t)}, {i["name"] for i in insp.get_indexes(t)})
+        for t in insp.get_table_names()
+    }
+    engine.dispose()
+    return out
+
+
+def test_fresh_store_matches_orm_and_pragmas(tmp_path):
+    path = tmp_path / "sub" / "fresh.db"  # the folder is created
+    Store.open(str(path)).close()
+    schema = _schema(f"sqlite:///{path}")
+    for name, table in Base.metadata.tables.items():
+        cols, idx = schema[name]
+        assert cols == {c.name for c in table.columns}, name
+        assert {i.name for i in table.indexes} <= idx, name
+    assert {
+        "ix_generations_kind_id",
+        "ix_generations_model_id",
+        "ix_generations_created",
+        "ix_generations_rating",
+    } <= schema["generations"][1]
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+
+
+def test_pragmas_on_every_connection(store):
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+V1_SQL = """
+CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied FLOAT NOT NULL);
+CREATE TABLE generations (
+    id INTEGER NOT NULL PRIMARY KEY, created FLOAT NOT NULL, kind VARCHAR(16) NOT NULL,
+    model VARCHAR(256) NOT NULL, prompt TEXT NOT NULL, params JSON NOT NULL, seed BIGINT,
+    output_text TEXT, output_ref VARCHAR(128), duration FLOAT);
+CREATE INDEX ix_generations_created ON generations (created);
+CREATE INDEX ix_generations_kind_id ON generations (kind, id);
+CREATE INDEX ix_generations_model_id ON generations (model, id);
+CREATE TABLE ratings (
+    id INTEGER NOT NULL PRIMARY KEY,
+    generation_id INTEGER NOT NULL REFERENCES generations (id) ON DELETE CASCADE,
+    created FLOAT NOT NULL, kind VARCHAR(8) NOT NULL, value INTEGER NOT NULL, comment TEXT);
+CREATE INDEX ix_ratings_generation_id ON ratings (generation_id);
+CREATE INDEX ix_ratings_created ON ratings (created);
+INSERT INTO schema_version VALUES (1, 1700000000.0);
+INSERT INTO generations VALUES (1, 1700000001.0, 'text', 'gpt@1', 'Once upon', '{"temperature": 0.8}', 7,
+                                'a time', NULL, 0.5);
+INSERT INTO generations VALUES (2, 1700000002.0, 'image', 'ddpm@2', 'a cat', '{}', 8, NULL,
+                                '%s.png', 1.5);
+INSERT INTO ratings VALUES (1, 1, 1700000003.0, 'thumb', 1, 'nice');
+INSERT INTO ratings VALUES (2, 1, 1700000004.0, 'stars', 2, NULL);
+"""
+
+
+def test_migrates_a_v1_file_and_keeps_the_data(tmp_path):
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.executescript(V1_SQL % ("ab" * 32))
+    con.close()
+
+    store = Store.open(str(path))
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    g1 = store.get_generation(1)
+    assert (g1["prompt"], g1["output_text"], g1["params"], g1["seed"]) == (
+        "Once upon",
+        "a time",
+        {"temperature": 0.8},
+        7,
+    )
+    # the rating summary is back-filled from the old ratings: thumb up = 5 stars, then 2 stars
+    assert g1["rating_count"] == 2 and g1["rating"] == pytest.approx(3.5)
+    assert store.get_generation(2)["rating"] is None and store.get_generation(2)["rating_count"] == 0
+    assert [r["comment"] for r in store.list_ratings()["data"]] == [None, "nice"]
+    # new tables and columns work; new ids follow the old ones
+    assert store.add_comparison(1, 2, winner=1, user="u") == 1
+    assert store.add_rating(1, 5, "stars", user="bob") == 3
+    assert store.get_generation(1)["rating"] == pytest.approx(4.0)
+    store.close()
+    # same schema as a fresh store, and opening again migrates nothing
+    fresh = tmp_path / "fresh.db"
+    Store.open(str(fresh)).close()
+    assert _schema(f"sqlite:///{path}") == _schema(f"sqlite:///{fresh}")
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,)]
+    con.close()
+
+
+def test_refuses_newer_schema_and_foreign_db(tmp_path):
+    path = tmp_path / "new.db"
+    Store.open(str(path)).close()
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO schema_version VALUES (99, 0)")
+    con.commit()
+    con.close()
+    with pytest.raises(AigcError, match="version 99, newer"):
+        Store.open(str(path))
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE generations (x)")
+    con.close()
+    with pytest.raises(AigcError, match="not an aigc store"):
+        Store.open(str(other))
+
+
+# ----------------------------------------------------------------------------- open errors
+
+
+def test_unwritable_or_locked_store_fails_at_open(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(AigcError, match="cannot create the store's folder"):
+        Store.open(str(blocker / "aigc.db"))
+    with pytest.raises(AigcError, match="is a directory"):
+        Store.open(str(tmp_path))
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"definitely not sqlite" * 100)
+    with pytest.raises(AigcError, match="junk.db"):
+        Store.open(str(junk))
+    # read-only (root ignores file modes, so use SQLite's read-only open)
+    path = tmp_path / "ro.db"
+    Store.open(str(path)).close()
+    with pytest.raises(AigcError, match="for writing: attempt to write a readonly database"):
+        Store.open(f"sqlite:///file:{path}?mode=ro&uri=true")
+    # locked: another program holds the write lock
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(AigcError, match="database is locked"):
+        Store.open(str(path), lock_timeout=0.2)
+    con.execute("ROLLBACK")
+    con.close()
+    Store.open(str(path)).close()
+
+
+def test_default_url_and_bad_url(tmp_path, monkeypatch):
+    assert default_url() == f"sqlite:///{tmp_path / 'aigc-home' / 'aigc.db'}"
+    with Store.open() as s:  # $AIGC_HOME/aigc.db
+        gen(s)
+    assert (tmp_path / "aigc-home" / "aigc.db").is_file()
+    monkeypatch.setenv("AIGC_DB", f"sqlite:///{tmp_path / 'env.db'}")
+    Store.open().close()
+    assert (tmp_path / "env.db").is_file()
+    with pytest.raises(AigcError, match="not a database URL"):
+        Store.open("sqlite:/x://")
+    with pytest.raises(AigcError, match="unknown database kind 'nosuchdialect'"):
+        Store.open("nosuchdialect://x/y")
+    with pytest.raises(AigcError, match="no driver for postgresql\\+nosuchdriver|unknown database kind"):
+        Store.open("postgresql+nosuchdriver://u@h/db")
+
+
+# ----------------------------------------------------------------------------- generations
+
+
+def test_generation_roundtrip_and_validation(store):
+    ref = "0" * 64 + ".png"
+    gid = store.add_generation(
+        kind="image",
+        model="ddpm@3",
+        model_hash="abc",
+        prompt="a cat",
+        params={"steps": 20, "guidance": 3.0},
+        seed=123,
+        output_ref=ref,
+        duration=1.25,
+        moderation="ok",
+    )
+    g = store.get_generation(gid)
+    assert g | {"created": 0} == {
+        "id": gid,
+        "object": "generation",
+        "created": 0,
+        "kind": "image",
+        "model": "ddpm@3",
+        "model_hash": "abc",
+        "prompt": "a cat",
+        "params": {"steps": 20, "guidance": 3.0},
+        "seed": 123,
+        "output_text": None,
+        "output_ref": ref,
+        "duration": 1.25,
+        "moderation": "ok",
+        "rating": None,
+        "rating_count": 0,
+    }
+    with pytest.raises(NotFoundError, match="no generation with id 999"):
+        store.get_generation(999)
+    with pytest.raises(AigcError, match="kind must be one of text, image, music, audio"):
+        gen(store, kind="video")
+    with pytest.raises(AigcError, match="JSON"):
+        gen(store, params={"x": object()})
+    with pytest.raises(AigcError, match="invalid output ref"):
+        gen(store, output_ref="../../etc/passwd")
+
+
+def test_list_filters_and_keyset_paging(store):
+    ids = []
+    for i in range(25):
+        ids.append(
+            gen(
+                store,
+                prompt=f"prompt {i} {'cat' if i % 5 == 0 else 'dog'}",
+                kind="text" if i % 2 == 0 else "music",
+                model=f"m@{i % 3}",
+            )
+        )
+    page = store.list_generations(limit=10)
+    assert page["object"] == "list" and page["has_more"]
+    assert [g["id"] for g in page["data"]] == ids[::-1][:10]
+    seen, before = [], None
+    while True:
+        page = store.list_generations(limit=7, before=before)
+        seen += [g["id"] for g in page["data"]]
+        if not page["has_more"]:
+            break
+        before = page["last_id"]
+    assert seen == ids[::-1]
+    assert [g["id"] for g in store.list_generations(kind="music", limit=100)["data"]] == ids[1::2][::-1]
+    assert {g["model"] for g in store.list_generations(model="m@1", limit=100)["data"]} == {"m@1"}
+    assert [g["id"] for g in store.list_generations(q="CAT", limit=100)["data"]] == ids[::5][::-1]
+    assert store.list_generations(q="100%", limit=5)["data"] == []  # % is literal, not a wildcard
+    store.add_rating(ids[3], 1, "thumb")
+    store.add_rating(ids[4], 3, "stars")
+    assert [g["id"] for g in store.list_generations(min_rating=4, limit=100)["data"]] == [ids[3]]
+    for bad in (0, 1001, "5"):
+        with pytest.raises(AigcError, match="limit must be an integer from 1 to 1000"):
+            store.list_generations(limit=bad)
+
+
+# ----------------------------------------------------------------------------- ratings, comparisons
+
+
+def test_ratings_validation_and_summary(store):
+    g = gen(store)
+    with pytest.raises(NotFoundError, match="no such generation"):
+        store.add_rating(12345, 1)
+    for kind, value, allowed in [
+        ("thumb", 0, "-1 or 1"),
+        ("thumb", 2, "-1 or 1"),
+        ("stars", 0, "from 1 to 5"),
+        ("stars", 6, "from 1 to 5"),
+        ("stars", 3.5, "from 1 to 5"),
+        ("thumb", True, "-1 or 1"),
+    ]:
+        with pytest.raises(AigcError, match=allowed):
+            store.add_rating(g, value, kind)
+    with pytest.raises(AigcError, match="rating kind must be one of thumb, stars"):
+        store.add_rating(g, 1, "likes")
+    with pytest.raises(AigcError, match="user"):
+        store.add_rating(g, 1, user="x" * 129)
+    assert store.list_ratings()["data"] == []  # nothing half-written by the refusals
+    r1 = store.add_rating(g, -1, "thumb", comment="meh", user="ann")
+    r2 = store.add_rating(g, 4, "stars", correction="better", user="bob")
+    data = store.list_ratings(generation_id=g)["data"]
+    assert [r["id"] for r in data] == [r2, r1]
+    assert data[1] | {"created": 0} == {
+        "id": r1,
+        "object": "rating",
+        "generation_id": g,
+        "created": 0,
+        "kind": "thumb",
+        "value": -1,
+        "comment": "meh",
+        "correction": None,
+        "user": "ann",
+    }
+    row = store.get_generation(g)
+    assert row["rating_count"] == 2 and row["rating"] == pytest.approx((1 + 4) / 2)
+
+
+def test_comparisons(store):
+    a, b = gen(store, text="A"), gen(store, text="B")
+    with pytest.raises(AigcError, match="two different generations"):
+        store.add_comparison(a, a, a)
+    with pytest.raises(AigcError, match=f"winner must be one of the two compared ids \\({a} or {b}\\)"):
+        store.add_comparison(a, b, 77)
+    with pytest.raises(NotFoundError, match="cannot compare generation 77"):
+        store.add_comparison(a, 77, a)
+    cid = store.add_comparison(a, b, b, user="u1")
+    [c] = store.list_comparisons()["data"]
+    assert (c["id"], c["a"], c["b"], c["winner"], c["user"]) == (cid, a, b, b, "u1")
+
+
+def test_jobs(store):
+    j = store.add_job("tune", {"method": "dpo"}, model="gpt@1")
+    assert store.get_job(j)["status"] == "queued"
+    store.update_job(j, status="running", progress=0.5)
+    done = store.update_job(j, status="succeeded", result={"model": "gpt@2"})
+    assert (done["status"], done["progress"], done["result"]) == ("succeeded", 0.5, {"model": "gpt@2"})
+    assert done["finished"] is not None
+    with pytest.raises(AigcError, match="job status must be one of queued, running"):
+        store.update_job(j, status="done")
+    with pytest.raises(NotFoundError):
+        store.get_job(99)
+    j2 = store.add_job("train", {})
+    assert [x["id"] for x in store.list_jobs()["data"]] == [j2, j]
+    assert [x["id"] for x in store.list_jobs(status="queued")["data"]] == [j2]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_dpo_kto_sft(store):
+    a = gen(store, prompt="q1", text="good")
+    b = gen(store, prompt="q1", text="bad")
+    c = gen(store, prompt="q1", text="ok")
+    d = gen(store, prompt="q2", text="other prompt")
+    img = gen(store, prompt="q1", text=None, kind="image", output_ref="1" * 64 + ".png")
+    # comparisons: a beats b twice, b beats a once -> a; c vs d differ in prompt -> no pair
+    store.add_comparison(a, b, a)
+    store.add_comparison(b, a, a)
+    store.add_comparison(a, b, b)
+    store.add_comparison(c, d, c)
+    # a tie between b and c drops out
+    store.add_comparison(b, c, b)
+    store.add_comparison(b, c, c)
+    # ratings: c (5) vs b (1) on the same prompt -> a rating-gap pair; image outputs never take part
+    store.add_rating(c, 1, "thumb")
+    store.add_rating(b, -1, "thumb")
+    store.add_rating(b, -1, "thumb", user="x")
+    store.add_rating(img, 1, "thumb")
+    store.add_rating(d, 5, "stars", correction="the right answer")
+    store.add_rating(d, 4, "stars", correction="the right answer")  # same correction twice -> one row
+    store.add_rating(a, 1, "thumb")
+    store.add_rating(a, -1, "thumb")  # a's thumbs cancel out -> no kto row
+
+    # a (thumbs +1 -1: 3 stars) vs c (5 stars): a gap of 2 >= min_gap; b vs c were compared (a tie)
+    assert store.export_feedback("dpo") == [
+        {"prompt": "q1", "chosen": "good", "rejected": "bad"},
+        {"prompt": "q1", "chosen": "ok", "rejected": "good"},
+    ]
+    assert store.export_feedback("dpo", min_gap=2.5) == [
+        {"prompt": "q1", "chosen": "good", "rejected": "bad"}
+    ]
+    assert store.export_feedback("kto") == [
+        {"prompt": "q1", "completion": "bad", "label": False},
+        {"prompt": "q1", "completion": "ok", "label": True},
+    ]
+    assert store.export_feedback("sft") == [{"prompt": "q2", "completion": "the right answer"}]
+    with pytest.raises(AigcError, match="export format must be one of dpo, kto, sft"):
+        store.export_feedback("ppo")
+
+
+# ----------------------------------------------------------------------------- blobs
+
+
+def test_blobs_content_addressed(tmp_path):
+    blobs = Blobs(tmp_path / "outputs")
+    data = b"\x89PNG fake image bytes"
+    ref = blobs.put(data, ".PNG")
+    digest = hashlib.sha256(data).hexdigest()
+    assert ref == f"{digest}.png" and check_ref(ref) == ref
+    assert blobs.path(ref) == tmp_path / "outputs" / digest[:2] / ref
+    assert blobs.get(ref) == data and blobs.exists(ref)
+    mtime = blobs.path(ref).stat().st_mtime_ns
+    assert blobs.put(data, "png") == ref and blobs.path(ref).stat().st_mtime_ns == mtime  # written once
+    assert [p.name for p in (tmp_path / "outputs" / digest[:2]).iterdir()] == [ref]  # no temp files left
+    for bad in ["../" + ref, ref.upper(), digest, f"{digest}.png/../../x", f"{digest[:-1]}/.png", "", 5]:
+        with pytest.raises(AigcError, match="invalid output ref"):
+            blobs.path(bad)
+    with pytest.raises(AigcError, match="invalid extension"):
+        blobs.put(data, "../x")
+    blobs.path(ref).write_bytes(b"tampered")
+    with pytest.raises(AigcError, match="corrupt"):
+        blobs.get(ref)
+    with pytest.raises(NotFoundError):
+        blobs.get("f" * 64 + ".wav")
+
+
+def test_blobs_default_root_under_aigc_home(tmp_path):
+    ref = Blobs().put(b"x", "wav")
+    assert (tmp_path / "aigc-home" / "outputs" / ref[:2] / ref).read_bytes() == b"x"
+
+
+def test_store_rows_are_json(store):
+    gid = gen(store, params={"nested": {"a": [1, 2]}})
+    json.dumps(store.list_generations()["data"])
+    json.dumps(store.get_generation(gid))

@@ -55,7 +55,9 @@ def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: i
     sched = make_scheduler(cfg, "ddpm")
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     x_all = torch.from_numpy(data.images).float() / 127.5 - 1  # the example normalises to [-1, 1]
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all), batch_size=batch, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x_all), batch_size=batch, shuffle=True, drop_last=True
+    )
     it = iter(loader)
 
     def step() -> None:
@@ -82,7 +84,9 @@ def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: i
     return batch * steps / (time.perf_counter() - t0)
 
 
-def our_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, steps: int, precision: str) -> float:
+def our_loop(
+    cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, steps: int, precision: str
+) -> float:
     """DiffusionTask.training_step driven as the Trainer drives it; returns images/s."""
     train = TrainConfig(batch_size=batch, lr=1e-4, weight_decay=0.0, max_steps=steps, precision=precision)
     task = DiffusionTask(cfg, data, train)
@@ -128,9 +132,14 @@ def main() -> None:
     for r in range(args.rounds):
         plain.append(plain_loop(cfg, state, data, args.batch, args.steps))
         ours.append(our_loop(cfg, state, data, args.batch, args.steps, args.precision))
-        print(f"round {r + 1}: diffusers-example loop {plain[-1]:.1f} img/s, ours {ours[-1]:.1f} img/s", flush=True)
+        print(
+            f"round {r + 1}: diffusers-example loop {plain[-1]:.1f} img/s, ours {ours[-1]:.1f} img/s",
+            flush=True,
+        )
     p, o = statistics.median(plain), statistics.median(ours)
-    print(f"median: diffusers-example loop {p:.1f} img/s | ours ({args.precision}) {o:.1f} img/s | ratio {o / p:.2f}x")
+    print(
+        f"median: diffusers-example loop {p:.1f} img/s | ours ({args.precision}) {o:.1f} img/s | ratio {o / p:.2f}x"
+    )
     np.random.seed(0)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-CORPUS = "ROMEO: But soft, what light through yonder window breaks?\nUser: Assistant: 春眠不觉晓\n"
+CORPUS = "ROMEO: But soft, what light through yonder window breaks?\nSystem: User: Assistant: 春眠不觉晓\n"
 
 
 def write_text_run(out: Path, family: str = "gpt", seed: int = 0, block_size: int = 64) -> Path:
@@ -24,6 +24,10 @@ def write_text_run(out: Path, family: str = "gpt", seed: int = 0, block_size: in
         cfg = dict(vocab_size=tok.vocab_size, block_size=block_size, n_embd=16, n_hidden=16, n_layer=1)
     torch.manual_seed(seed)
     model = build_model(family, cfg)
+    if family == "gpt":  # larger logits than at init: each model (seed) samples its own text
+        with torch.no_grad():
+            for w in {id(m.weight): m.weight for m in (model.tok_emb, model.lm_head)}.values():
+                w.mul_(20)
     out.mkdir(parents=True)
     save_model(model, str(out / "model.safetensors"))
     atomic_write_json(out / "config.json", {"family": family, "model": cfg, "train": {}, "data": {}})
@@ -57,3 +61,38 @@ def models_dir(root: Path) -> Path:
     write_text_run(root / "story" / "2", seed=2)
     write_image_run(root / "pix")
     return root
+
+
+class LiveServer:
+    """uvicorn serving `app` on a random loopback port in a background thread."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

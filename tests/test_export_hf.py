@@ -169,6 +169,8 @@ def test_hf_causal_wrapper_on_gpt2(tmp_path):
     assert wrapped.config.model_type == "gpt2" and wrapped.config.block_size == 16
     logits, loss = wrapped(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
     assert logits.shape == (1, 5, 50) and loss.item() > 0
+    # matmul weights: per layer c_attn 3C^2, c_proj C^2, MLP 8C^2; plus the tied head (not wpe)
+    assert wrapped.flops_per_token() == 6 * (12 * 16 * 16 + 50 * 16) + 12 * 1 * 16 * 16
     with pytest.raises(AigcError, match="not a Llama"):
         import_llama(tmp_path / "gpt2")
 
@@ -294,7 +296,7 @@ def test_cli_export_end_to_end(tmp_path, run_cli, char_tok):
     lstm = LSTMLM(LSTMConfig(vocab_size=char_tok.vocab_size, n_embd=8, n_hidden=8, n_layer=1))
     lrun = write_artifact(tmp_path / "lstm", "lstm", lstm, char_tok)
     code, _, stderr = run_cli("export", "--model", lrun, "--out", tmp_path / "l")
-    assert code == 1 and "only gpt models export" in stderr
+    assert code == 1 and "is a lstm model; only gpt models export" in stderr
     assert not (tmp_path / "l").exists() and not (tmp_path / "o").exists()
     code, stdout, _ = run_cli("export", "--help")
     assert code == 0 and "--format" in stdout

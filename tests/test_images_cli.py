@@ -16,7 +16,9 @@ def test_generate_image_help(run_cli):
 
 def test_prepare_train_generate_animate(run_cli, tmp_path):
     data, run, imgs = tmp_path / "data", tmp_path / "run", tmp_path / "imgs"
-    code, out, err = run_cli("data", "prepare", "digits", "--kind", "image", "--out", data, "--set", "size=8", "--set", "limit=100")
+    code, out, err = run_cli(
+        "data", "prepare", "digits", "--kind", "image", "--out", data, "--set", "size=8", "--set", "limit=100"
+    )
     assert code == 0, err
     code, out, err = run_cli(
         "train", "gan", "--data", data, "--out", run, "--preset", "tiny", "--max-steps", "2",
@@ -24,14 +26,18 @@ def test_prepare_train_generate_animate(run_cli, tmp_path):
     )  # fmt: skip
     assert code == 0, err
     assert "trained gan: 2 steps" in out
-    code, out, err = run_cli("generate", "image", "--model", run, "--n", "4", "--label", "3", "--seed", "9", "--out", imgs)
+    code, out, err = run_cli(
+        "generate", "image", "--model", run, "--n", "4", "--label", "3", "--seed", "9", "--out", imgs
+    )
     assert code == 0, err
     assert sorted(p.name for p in imgs.iterdir()) == ["grid.png"] + [f"image-00{i}.png" for i in range(4)]
     params = read_png_params(imgs / "image-002.png")
     assert params["seed"] == 9 and params["label"] == 3 and params["model"] == "run"
     code, _, err = run_cli("generate", "image", "--model", run, "--n", "4", "--out", imgs)
     assert code == 1 and "--overwrite" in err
-    code, out, err = run_cli("generate", "image", "--model", run, "--n", "6", "--animate", "--out", tmp_path / "gif")
+    code, out, err = run_cli(
+        "generate", "image", "--model", run, "--n", "6", "--animate", "--out", tmp_path / "gif"
+    )
     assert code == 0, err
     with Image.open(tmp_path / "gif" / "animation.gif") as im:
         assert im.n_frames == 6
@@ -39,8 +45,36 @@ def test_prepare_train_generate_animate(run_cli, tmp_path):
 
 def test_bad_generate_requests_exit_1(run_cli, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    assert run_cli("data", "prepare", "digits", "--kind", "image", "--out", data, "--set", "size=8", "--set", "limit=60")[0] == 0
-    code, _, err = run_cli("train", "vae", "--data", data, "--out", run, "--preset", "tiny", "--max-steps", "1", "--set", "train.batch_size=8")
+    assert (
+        run_cli(
+            "data",
+            "prepare",
+            "digits",
+            "--kind",
+            "image",
+            "--out",
+            data,
+            "--set",
+            "size=8",
+            "--set",
+            "limit=60",
+        )[0]
+        == 0
+    )
+    code, _, err = run_cli(
+        "train",
+        "vae",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "1",
+        "--set",
+        "train.batch_size=8",
+    )
     assert code == 0, err
     for args, message in [
         (["--sampler", "euler"], "unknown sampler 'euler'; valid samplers: ddpm, ddim, dpm"),
@@ -55,6 +89,21 @@ def test_bad_generate_requests_exit_1(run_cli, tmp_path):
 
 def test_train_rejects_unsupported_size(run_cli, tmp_path):
     data = tmp_path / "data"
-    assert run_cli("data", "prepare", "digits", "--kind", "image", "--out", data, "--set", "limit=50", "--set", "size=10")[0] == 0
+    assert (
+        run_cli(
+            "data",
+            "prepare",
+            "digits",
+            "--kind",
+            "image",
+            "--out",
+            data,
+            "--set",
+            "limit=50",
+            "--set",
+            "size=10",
+        )[0]
+        == 0
+    )
     code, _, err = run_cli("train", "diffusion", "--data", data, "--out", tmp_path / "r", "--preset", "small")
     assert code == 1 and "image size 10 is not supported" in err and "multiples of 4" in err

@@ -31,7 +31,9 @@ def test_digits_prepare_and_load(tmp_path):
     assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
     assert (tmp_path / "d" / "config.json").is_file()
     # same source -> same hash (the hash names the data, not the run)
-    assert prepare_images("digits", tmp_path / "d2", overrides={"size": 8})["source_hash"] == meta["source_hash"]
+    assert (
+        prepare_images("digits", tmp_path / "d2", overrides={"size": 8})["source_hash"] == meta["source_hash"]
+    )
 
 
 def test_value_range_and_native_size(tmp_path):
@@ -46,7 +48,9 @@ def test_fit_modes(tmp_path):
     np.savez(tmp_path / "a.npz", images=x, labels=np.array([0, 1]))
     prepare_images(str(tmp_path / "a.npz"), tmp_path / "pad", overrides=["size=16", "fit=pad"])
     pad = load_prepared_images(tmp_path / "pad").images[0, 0]
-    assert pad[4:12, 4:12].min() == 255 and pad[:4].max() == 0 and pad[:, 12:].max() == 0  # centred, black border
+    assert (
+        pad[4:12, 4:12].min() == 255 and pad[:4].max() == 0 and pad[:, 12:].max() == 0
+    )  # centred, black border
     prepare_images(str(tmp_path / "a.npz"), tmp_path / "rs", overrides=["size=16"])
     assert load_prepared_images(tmp_path / "rs").images.min() == 255  # resize fills the frame
     prepare_images(str(tmp_path / "a.npz"), tmp_path / "rgb", overrides=["channels=3"])
@@ -78,7 +82,9 @@ def test_idx_directory_and_file(tmp_path):
     np.testing.assert_array_equal(data.labels, labs)
     assert meta["num_classes"] == 10
     assert prepare_images(str(tmp_path), tmp_path / "all", overrides=["split=all"])["count"] == 8
-    one = prepare_images(str(tmp_path / "t10k-images-idx3-ubyte.gz"), tmp_path / "one", overrides=["size=32", "fit=pad"])
+    one = prepare_images(
+        str(tmp_path / "t10k-images-idx3-ubyte.gz"), tmp_path / "one", overrides=["size=32", "fit=pad"]
+    )
     assert one["count"] == 2 and one["shape"] == [1, 32, 32]
     np.testing.assert_array_equal(load_prepared_images(tmp_path / "one").images[:, 0, 2:30, 2:30], imgs[:2])
 
@@ -107,7 +113,11 @@ def test_folder_mixed_sizes_need_a_size(tmp_path):
     Image.new("L", (9, 8)).save(src / "b.png")
     with pytest.raises(AigcError, match="different sizes.*--set size="):
         prepare_images(str(src), tmp_path / "out")
-    assert prepare_images(str(src), tmp_path / "out", overrides=["size=8"])["shape"] == [1, 8, 8]  # grayscale kept
+    assert prepare_images(str(src), tmp_path / "out", overrides=["size=8"])["shape"] == [
+        1,
+        8,
+        8,
+    ]  # grayscale kept
 
 
 def test_only_corrupt_files_is_an_error_and_writes_nothing(tmp_path):

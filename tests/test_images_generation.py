@@ -23,7 +23,10 @@ from aigc.utils.io import atomic_write_json
 def make_run(path, family: str, model_cfg, state: dict, classes: list[str]):
     """A run directory as training writes it (config.json + model.safetensors), without training."""
     path.mkdir(parents=True)
-    atomic_write_json(path / "config.json", {"family": family, "model": to_dict(model_cfg), "train": {}, "data": {"classes": classes}})
+    atomic_write_json(
+        path / "config.json",
+        {"family": family, "model": to_dict(model_cfg), "train": {}, "data": {"classes": classes}},
+    )
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     return path
 
@@ -41,7 +44,9 @@ def uncond_run(tmp_path):
 @pytest.fixture
 def cond_run(tmp_path):
     torch.manual_seed(0)
-    cfg = DiffusionConfig(image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, num_classes=3)
+    cfg = DiffusionConfig(
+        image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, num_classes=3
+    )
     return make_run(tmp_path / "cond", "diffusion", cfg, build_unet(cfg).state_dict(), ["cat", "dog", "owl"])
 
 
@@ -52,8 +57,12 @@ def test_same_images_as_diffusers_ddpm_pipeline(uncond_run):
     ours = ImageGenerator.load(uncond_run).generate(n=2, seed=7, sampler="ddpm", steps=6)
     pipe = DDPMPipeline.from_pretrained(uncond_run / "diffusers")
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=6, output_type="np").images
-    got = ((ours.tensor + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # the pipeline's (x / 2 + 0.5) in NHWC
+    ref = pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=6, output_type="np"
+    ).images
+    got = (
+        ((ours.tensor + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    )  # the pipeline's (x / 2 + 0.5) in NHWC
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert ours.params[0]["sampler"] == "ddpm" and ours.params[0]["seed"] == 7
 
@@ -100,7 +109,13 @@ def test_png_params_grid_and_gif(cond_run, tmp_path):
     gen = ImageGenerator.load(cond_run)
     out = gen.generate(n=4, seed=5, label=2, guidance=3.0, sampler="ddim", steps=2)
     paths = out.save(tmp_path / "o", scale=2)
-    assert [p.name for p in paths] == ["image-000.png", "image-001.png", "image-002.png", "image-003.png", "grid.png"]
+    assert [p.name for p in paths] == [
+        "image-000.png",
+        "image-001.png",
+        "image-002.png",
+        "image-003.png",
+        "grid.png",
+    ]
     params = read_png_params(paths[1])
     assert {k: params[k] for k in ("model", "seed", "sampler", "steps", "guidance", "label")} == {
         "model": "cond", "seed": 5, "sampler": "ddim", "steps": 2, "guidance": 3.0, "label": 2,
@@ -163,7 +178,9 @@ def _tiny_sd_pipeline(path):
         vocab.setdefault(ch + "</w>", len(vocab))
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16, pad_token="!")
+    tok = CLIPTokenizer(
+        str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16, pad_token="!"
+    )
     sched = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,

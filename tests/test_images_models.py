@@ -22,7 +22,10 @@ def test_every_preset_parses(family):
     assert {"tiny", "small", "base"} <= set(names)
     for name in names:
         raw = load_preset(family, name)
-        raw["model"] = {**raw.get("model", {}), "image_size": 32 if family != "diffusion" or name != "mnist-cond" else 28}
+        raw["model"] = {
+            **raw.get("model", {}),
+            "image_size": 32 if family != "diffusion" or name != "mnist-cond" else 28,
+        }
         from_dict(RUN_CONFIGS[family], raw)
 
 
@@ -125,7 +128,9 @@ def test_vae_size_check():
 
 @pytest.mark.parametrize("sn", [False, True])
 def test_gan_shapes_losses_and_conditioning(sn):
-    cfg = GANConfig(image_size=16, latent_dim=8, g_width=8, d_width=8, n_layers=2, spectral_norm=sn, num_classes=3)
+    cfg = GANConfig(
+        image_size=16, latent_dim=8, g_width=8, d_width=8, n_layers=2, spectral_norm=sn, num_classes=3
+    )
     gan = GAN(cfg).eval()
     z, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
     x = gan.generator(z, y)

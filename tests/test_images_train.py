@@ -35,12 +35,21 @@ def _overrides(family, *extra):
 
 @pytest.mark.parametrize(
     "family,extra",
-    [("diffusion", ["conditional=true"]), ("vae", []), ("gan", ["conditional=true", "model.spectral_norm=true"])],
+    [
+        ("diffusion", ["conditional=true"]),
+        ("vae", []),
+        ("gan", ["conditional=true", "model.spectral_norm=true"]),
+    ],
 )
 def test_smoke_train_then_generate(family, extra, digits, tmp_path):
     run = tmp_path / "run"
     result = train_image(
-        family, digits, run, preset="tiny", overrides=_overrides(family, "train.max_steps=2", *extra), progress=False
+        family,
+        digits,
+        run,
+        preset="tiny",
+        overrides=_overrides(family, "train.max_steps=2", *extra),
+        progress=False,
     )
     assert result.steps == 2
     cfg = json.loads((run / "config.json").read_text())
@@ -57,7 +66,13 @@ def test_smoke_train_then_generate(family, extra, digits, tmp_path):
 
 
 def test_sample_grids_during_training(digits, tmp_path):
-    train_image("vae", digits, tmp_path / "r", overrides=_overrides("vae", "train.max_steps=4", "sample_interval=2"), progress=False)
+    train_image(
+        "vae",
+        digits,
+        tmp_path / "r",
+        overrides=_overrides("vae", "train.max_steps=4", "sample_interval=2"),
+        progress=False,
+    )
     names = sorted(p.name for p in (tmp_path / "r" / "samples").glob("step-*.png"))
     assert names == ["step-0000002.png", "step-0000004.png"]
 
@@ -65,10 +80,18 @@ def test_sample_grids_during_training(digits, tmp_path):
 @pytest.mark.slow
 def test_exact_resume_includes_ema(digits, tmp_path):
     """2 steps + resume to 4 == 4 steps straight: weights, EMA (the artifact) and batch cursor."""
-    ov = _overrides("diffusion", "train.schedule=constant", "train.ckpt_interval=2", "train.eval_interval=0", "model.ema_decay=0.9")
+    ov = _overrides(
+        "diffusion",
+        "train.schedule=constant",
+        "train.ckpt_interval=2",
+        "train.eval_interval=0",
+        "model.ema_decay=0.9",
+    )
     train_image("diffusion", digits, tmp_path / "a", overrides=[*ov, "train.max_steps=4"], progress=False)
     train_image("diffusion", digits, tmp_path / "b", overrides=[*ov, "train.max_steps=2"], progress=False)
-    train_image("diffusion", digits, tmp_path / "b", overrides=[*ov, "train.max_steps=4"], resume=True, progress=False)
+    train_image(
+        "diffusion", digits, tmp_path / "b", overrides=[*ov, "train.max_steps=4"], resume=True, progress=False
+    )
     a = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000004" / "tensors.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step-00000004" / "tensors.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("task.ema.") for k in a)
@@ -82,7 +105,13 @@ def test_exact_resume_includes_ema(digits, tmp_path):
 
 def test_gan_logs_health_and_warns_on_collapse(digits, tmp_path, caplog):
     run = tmp_path / "g"
-    train_image("gan", digits, run, overrides=_overrides("gan", "train.max_steps=2", "train.log_interval=1"), progress=False)
+    train_image(
+        "gan",
+        digits,
+        run,
+        overrides=_overrides("gan", "train.max_steps=2", "train.log_interval=1"),
+        progress=False,
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 2 and {"d_loss", "g_loss", "d_acc", "diversity"} <= set(train[0])
@@ -102,9 +131,16 @@ def test_conditional_needs_labels(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((50, 8, 8), np.uint8))
     prepare_images(str(tmp_path / "x.npz"), tmp_path / "d")
     with pytest.raises(AigcError, match="conditional=true needs labelled data"):
-        train_image("diffusion", tmp_path / "d", tmp_path / "r", overrides=[*TINY["diffusion"], "conditional=true"])
+        train_image(
+            "diffusion", tmp_path / "d", tmp_path / "r", overrides=[*TINY["diffusion"], "conditional=true"]
+        )
 
 
 def test_image_size_not_supported_by_unet(digits, tmp_path):
     with pytest.raises(AigcError, match=r"image size 8 .* multiples of 8 .*--set size=N"):
-        train_image("diffusion", digits, tmp_path / "r", overrides=["model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4"])
+        train_image(
+            "diffusion",
+            digits,
+            tmp_path / "r",
+            overrides=["model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4"],
+        )

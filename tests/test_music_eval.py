@@ -76,7 +76,8 @@ def test_structure_statistics():
     assert polyphony(chord) == pytest.approx((3 + 3) / 2)
     stats = statistics([piece])
     assert stats["notes_per_bar"] == pytest.approx(13 / 5)
-    assert stats["mean_duration_quarters"] == pytest.approx((4 * 16 + 4) / 4 / 13)  # steps / 4 per quarter / notes
+    # 68 steps of notes, 4 steps per quarter, 13 notes
+    assert stats["mean_duration_quarters"] == pytest.approx((4 * 16 + 4) / 4 / 13)
 
 
 def test_unigram_baseline_draws_from_the_training_histograms():

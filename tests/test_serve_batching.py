@@ -6,12 +6,12 @@ import threading
 import time
 
 import pytest
-from serve_helpers import write_text_run
 
 from aigc.errors import AigcError
 from aigc.generation import load_generator
 from aigc.generation.params import make_params
 from aigc.serve.batching import QueueFull, Scheduler
+from serve_helpers import write_text_run
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,18 @@ def test_joining_rows_match_text_generator(runs, family):
         refs = gen.generate(prompt, **{**kw, "seed": col.results[(k, 0)].seed})  # the resolved seed
         for i, ref in enumerate(refs):
             got = col.results[(k, i)]
-            assert (got.text, got.tokens, got.finish_reason, got.seed) == (ref.text, ref.tokens, ref.finish_reason, ref.seed)
+            assert (got.text, got.tokens, got.finish_reason, got.seed) == (
+                ref.text,
+                ref.tokens,
+                ref.finish_reason,
+                ref.seed,
+            )
             assert got.usage == ref.usage
             assert "".join(col.deltas.get((k, i), [])) == ref.text  # streamed deltas add up to the text
             if kw.get("logprobs"):
-                assert [x["logprob"] for x in got.logprobs] == pytest.approx([x["logprob"] for x in ref.logprobs], abs=1e-5)
+                assert [x["logprob"] for x in got.logprobs] == pytest.approx(
+                    [x["logprob"] for x in ref.logprobs], abs=1e-5
+                )
 
 
 def test_cancel_frees_the_slot_and_queue_bound(runs):

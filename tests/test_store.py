@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from aigc.errors import AigcError
 from aigc.feedback.blobs import Blobs, check_ref
-from aigc.feedback.store import SCHEMA_VERSION, Base, NotFoundError, Store, default_url
+from aigc.feedback.schema import SCHEMA_VERSION, Base
+from aigc.feedback.store import NotFoundError, Store, default_url
 
 
 @pytest.fixture
@@ -31,11 +32,14 @@ def gen(store: Store, prompt: str = "p", text: str | None = "out", **kw) -> int:
 
 
 def _schema(url: str) -> dict[str, tuple[set[str], set[str]]]:
-    """{table: (column names, index names)} as the database has them."""
+    """{table: ({(column, nullable)}, {index names})} as the database has them."""
     engine = sa.create_engine(url)
     insp = sa.inspect(engine)
     out = {
-        t: ({c["name"] for c in insp.get_columns(t)}, {i["name"] for i in insp.get_indexes(t)})
+        t: (
+            {(c["name"], c["nullable"]) for c in insp.get_columns(t)},
+            {i["name"] for i in insp.get_indexes(t)},
+        )
         for t in insp.get_table_names()
     }
     engine.dispose()
@@ -48,7 +52,7 @@ def test_fresh_store_matches_orm_and_pragmas(tmp_path):
     schema = _schema(f"sqlite:///{path}")
     for name, table in Base.metadata.tables.items():
         cols, idx = schema[name]
-        assert cols == {c.name for c in table.columns}, name
+        assert cols == {(c.name, c.nullable) for c in table.columns}, name
         assert {i.name for i in table.indexes} <= idx, name
     assert {
         "ix_generations_kind_id",
@@ -181,6 +185,9 @@ def test_default_url_and_bad_url(tmp_path, monkeypatch):
     monkeypatch.setenv("AIGC_DB", f"sqlite:///{tmp_path / 'env.db'}")
     Store.open().close()
     assert (tmp_path / "env.db").is_file()
+    for memory in ("sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(AigcError, match="in-memory SQLite store is not supported"):
+            Store.open(memory)
     with pytest.raises(AigcError, match="not a database URL"):
         Store.open("sqlite:/x://")
     with pytest.raises(AigcError, match="unknown database kind 'nosuchdialect'"):
@@ -262,6 +269,12 @@ def test_list_filters_and_keyset_paging(store):
     store.add_rating(ids[3], 1, "thumb")
     store.add_rating(ids[4], 3, "stars")
     assert [g["id"] for g in store.list_generations(min_rating=4, limit=100)["data"]] == [ids[3]]
+    t0 = store.get_generation(ids[10])["created"]
+    t1 = store.get_generation(ids[12])["created"]
+    assert [g["id"] for g in store.list_generations(since=t0, until=t1, limit=100)["data"]] == [
+        ids[11],
+        ids[10],
+    ]
     for bad in (0, 1001, "5"):
         with pytest.raises(AigcError, match="limit must be an integer from 1 to 1000"):
             store.list_generations(limit=bad)
@@ -319,6 +332,8 @@ def test_comparisons(store):
     cid = store.add_comparison(a, b, b, user="u1")
     [c] = store.list_comparisons()["data"]
     assert (c["id"], c["a"], c["b"], c["winner"], c["user"]) == (cid, a, b, b, "u1")
+    # unrated but compared outputs of one prompt make a dpo pair
+    assert store.export_feedback("dpo") == [{"prompt": "p", "chosen": "B", "rejected": "A"}]
 
 
 def test_jobs(store):
@@ -332,6 +347,10 @@ def test_jobs(store):
         store.update_job(j, status="done")
     with pytest.raises(NotFoundError):
         store.get_job(99)
+    with pytest.raises(AigcError, match="job kind"):
+        store.add_job("")
+    with pytest.raises(AigcError, match="JSON"):
+        store.add_job("train", {"f": print})
     j2 = store.add_job("train", {})
     assert [x["id"] for x in store.list_jobs()["data"]] == [j2, j]
     assert [x["id"] for x in store.list_jobs(status="queued")["data"]] == [j2]
@@ -416,3 +435,13 @@ def test_store_rows_are_json(store):
     gid = gen(store, params={"nested": {"a": [1, 2]}})
     json.dumps(store.list_generations()["data"])
     json.dumps(store.get_generation(gid))
+
+
+def test_unreachable_postgresql_fails_at_open():
+    pytest.importorskip("psycopg", reason="psycopg not installed: pip install 'aigc[postgres]'")
+    with pytest.raises(AigcError) as info:
+        Store.open("postgresql+psycopg://ann:secret@127.0.0.1:1/aigc?connect_timeout=2")
+    message = str(info.value)
+    assert "\n" not in message and "secret" not in message  # one line, password hidden
+    assert message.startswith("cannot open the store postgresql+psycopg://ann:***@127.0.0.1:1/aigc")
+    assert "check the server is running" in message

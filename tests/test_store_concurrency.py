@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from aigc.feedback.store import SCHEMA_VERSION, Store, _migrate_v1
+from aigc.feedback.schema import SCHEMA_VERSION, _migrate_v1
+from aigc.feedback.store import Store
 
 WRITERS, PER_WRITER = 8, 250
 
@@ -70,7 +71,6 @@ def _check_hammered(store: Store, gids: list[int], writers: int, per_writer: int
     assert sum(g["rating"] * g["rating_count"] for g in gens) == pytest.approx(expected_sum)
 
 
-@pytest.mark.slow
 def test_eight_writers_lose_nothing(tmp_path):
     url = f"sqlite:///{tmp_path / 'aigc.db'}"
     with Store.open(url) as store:
@@ -84,6 +84,31 @@ def test_eight_writers_lose_nothing(tmp_path):
     )
     with Store.open(url) as store:
         _check_hammered(store, gids, WRITERS, PER_WRITER)
+
+
+def test_workers_opening_a_new_store_at_once_migrate_it_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'aigc.db'}"
+    barrier, errors, stores = threading.Barrier(6), [], []
+
+    def open_it() -> None:
+        try:
+            barrier.wait()
+            stores.append(Store.open(url))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    for s in stores:
+        s.close()
+    con = sqlite3.connect(tmp_path / "aigc.db")
+    versions = con.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+    con.close()
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 
 WRITER_SCRIPT = """
@@ -115,7 +140,9 @@ def test_sigkill_loses_no_committed_rating(tmp_path):
                 break
     finally:
         proc.send_signal(signal.SIGKILL)  # mid-write: it never stops on its own
-        rest, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        rest = proc.stdout.read()  # what the loop above read ahead, and what came after (not communicate():
+        proc.stdout.close()  # with a timeout it reads the pipe directly and misses the read-ahead)
     reported += [int(x) for x in rest.split()]
     assert proc.returncode == -signal.SIGKILL and len(reported) >= 300
     with Store.open(str(path)) as store:

@@ -415,3 +415,11 @@ def test_tensorboard_is_optional(tmp_path):
         Trainer(Regression(cfg), cfg, tmp_path / "r", {}, progress=False).fit()
         assert any((tmp_path / "r" / "tensorboard").iterdir())
     assert (tmp_path / "r" / "metrics.jsonl").is_file()
+
+
+def test_init_from_a_non_llama_transformers_folder_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(AigcError, match="is a gpt2 transformers model; only Llama-shaped models"):
+        train(tmp_path, "ft", steps=1, init_from=tmp_path / "gpt2")

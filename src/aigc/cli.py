@@ -303,6 +303,7 @@ def train_cmd(
     out.print(
         f"trained {family}: {result.steps} steps in {result.elapsed:.1f} s ({result.stopped}){best} -> {result.run_dir}",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -14,6 +14,7 @@ built in a staging directory and moved into place at the end, so a failure leave
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,6 @@ def export_hf(
         tokenizer.save_pretrained(stage)
         return commit_dir(stage, out_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
@@ -119,8 +118,14 @@ def export_artifact(run: str | Path, out_dir: str | Path, fmt: str = "hf", **kwa
     """Export a trained run directory (see aigc.registry) in format `fmt` to `out_dir`."""
     if fmt not in FORMATS:
         raise AigcError(f"unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}")
-    from aigc.registry import load_artifact
+    from aigc.registry import load_artifact, read_artifact_config
 
+    family = read_artifact_config(run)["family"]
+    if family != "gpt":  # say so before loading any weights
+        raise AigcError(
+            f"{run} is a {family} model; only gpt models export to Hugging Face format (transformers "
+            "has no class for it): use the run's model.safetensors + config.json with aigc instead"
+        )
     art = load_artifact(run)
     if art.tokenizer is None:
         raise AigcError(f"{run} has no tokenizer.json; a text model exports together with its tokenizer")

@@ -1,44 +1,50 @@
 """The content store: generations, ratings, comparisons and jobs in one SQL database.
 
-SQLAlchemy 2 ORM, dialect-neutral: a SQLite file by default (`$AIGC_HOME/aigc.db`, WAL mode), any
+SQLAlchemy 2, dialect-neutral: a SQLite file by default (`$AIGC_HOME/aigc.db`, WAL mode), any
 SQLAlchemy URL (`--db` / `$AIGC_DB`, e.g. `postgresql+psycopg://...`) when several users or server
 replicas share it. Outputs (images, audio) are not stored here: a generation keeps a reference
 into the content-addressed folder (`aigc.feedback.blobs`).
 
-Schema changes are an ordered list of migration functions keyed by version (`MIGRATIONS`), run
-automatically at open inside one write transaction; `schema_version` records which ran. The ORM
-classes below describe the latest version; a test checks the migrated schema matches them.
-
-Feedback leaves as TRL data sets (`export_feedback`): dpo (prompt / chosen / rejected), kto
-(prompt / completion / label) and sft (prompt / completion).
+`Store.open` migrates the database to the latest schema (`aigc.feedback.schema`) and checks it
+can write, so a server fails at start, not on its first request. Rows leave as JSON-ready dicts;
+lists in OpenAI's shape (`{"object": "list", "data": [...], "has_more", "last_id"}`), newest
+first, keyset-paged (`before=last_id`), so a page costs the same on page 1 and page 1,000.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, event
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.schema import CreateColumn
+from sqlalchemy.orm import Session
 
 from aigc.errors import AigcError
+from aigc.feedback.blobs import check_ref
+from aigc.feedback.export import EXPORT_FORMATS, export_rows
+from aigc.feedback.schema import (
+    MAX_USER,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Comparison,
+    Generation,
+    Job,
+    Rating,
+    SchemaVersion,
+    migrate,
+)
 
 GENERATION_KINDS = ("text", "image", "music", "audio")
 RATING_RANGES = {"thumb": (-1, 1), "stars": (1, 5)}  # thumbs are -1 / 1 (no 0)
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-EXPORT_FORMATS = ("dpo", "kto", "sft")
 MAX_LIMIT = 1000
-MAX_USER = 128
 MAX_COMMENT = 20_000
 
 
@@ -58,275 +64,6 @@ def default_url() -> str:
 def stars_score(kind: str, value: int) -> float:
     """A rating on the common 1-5 star scale (thumb down = 1, thumb up = 5), for sorting and filters."""
     return (3.0 + 2.0 * value) if kind == "thumb" else float(value)
-
-
-# ----------------------------------------------------------------------------- tables (latest schema)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class SchemaVersion(Base):
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    applied: Mapped[float] = mapped_column(Float)
-
-
-class Generation(Base):
-    __tablename__ = "generations"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created: Mapped[float] = mapped_column(Float, index=True)  # unix seconds, UTC
-    kind: Mapped[str] = mapped_column(String(16))
-    model: Mapped[str] = mapped_column(String(256))  # name@version as the user named it
-    prompt: Mapped[str] = mapped_column(Text)
-    params: Mapped[dict[str, Any]] = mapped_column(JSON)  # every parameter, resolved
-    seed: Mapped[int | None] = mapped_column(sa.BigInteger)
-    output_text: Mapped[str | None] = mapped_column(Text)
-    output_ref: Mapped[str | None] = mapped_column(String(128))  # a blob ref (images, audio)
-    duration: Mapped[float | None] = mapped_column(Float)  # seconds
-    # v2
-    model_hash: Mapped[str | None] = mapped_column(String(64))
-    moderation: Mapped[str | None] = mapped_column(String(64))
-    # denormalised rating summary, kept by add_rating so filters and sorting need no join
-    rating_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    rating_sum: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
-    rating: Mapped[float | None] = mapped_column(Float, index=True)  # mean, 1-5 star scale
-    __table_args__ = (
-        Index("ix_generations_kind_id", "kind", "id"),
-        Index("ix_generations_model_id", "model", "id"),
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "generation",
-            "created": self.created,
-            "kind": self.kind,
-            "model": self.model,
-            "model_hash": self.model_hash,
-            "prompt": self.prompt,
-            "params": self.params,
-            "seed": self.seed,
-            "output_text": self.output_text,
-            "output_ref": self.output_ref,
-            "duration": self.duration,
-            "moderation": self.moderation,
-            "rating": self.rating,
-            "rating_count": self.rating_count,
-        }
-
-
-class Rating(Base):
-    __tablename__ = "ratings"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"), index=True)
-    created: Mapped[float] = mapped_column(Float, index=True)
-    kind: Mapped[str] = mapped_column(String(8))  # thumb | stars
-    value: Mapped[int] = mapped_column(Integer)
-    comment: Mapped[str | None] = mapped_column(Text)
-    # v2
-    correction: Mapped[str | None] = mapped_column(Text)  # the output as the user would have it
-    user_id: Mapped[str | None] = mapped_column(String(MAX_USER))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "rating",
-            "generation_id": self.generation_id,
-            "created": self.created,
-            "kind": self.kind,
-            "value": self.value,
-            "comment": self.comment,
-            "correction": self.correction,
-            "user": self.user_id,
-        }
-
-
-class Comparison(Base):
-    __tablename__ = "comparisons"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created: Mapped[float] = mapped_column(Float, index=True)
-    a_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"), index=True)
-    b_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"), index=True)
-    winner_id: Mapped[int] = mapped_column(Integer)  # a_id or b_id
-    user_id: Mapped[str | None] = mapped_column(String(MAX_USER))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "comparison",
-            "created": self.created,
-            "a": self.a_id,
-            "b": self.b_id,
-            "winner": self.winner_id,
-            "user": self.user_id,
-        }
-
-
-class Job(Base):
-    __tablename__ = "jobs"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created: Mapped[float] = mapped_column(Float, index=True)
-    updated: Mapped[float] = mapped_column(Float)
-    finished: Mapped[float | None] = mapped_column(Float)
-    kind: Mapped[str] = mapped_column(String(32))  # train | tune | ...
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    model: Mapped[str | None] = mapped_column(String(256))
-    params: Mapped[dict[str, Any]] = mapped_column(JSON)
-    progress: Mapped[float | None] = mapped_column(Float)  # 0..1
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "job",
-            "created": self.created,
-            "updated": self.updated,
-            "finished": self.finished,
-            "kind": self.kind,
-            "status": self.status,
-            "model": self.model,
-            "params": self.params,
-            "progress": self.progress,
-            "result": self.result,
-            "error": self.error,
-        }
-
-
-# ----------------------------------------------------------------------------- migrations
-# Each function takes a connection inside the open write transaction. Table shapes are written out
-# as they were at that version (not taken from the ORM classes above, which move on).
-
-
-def _migrate_v1(conn: Connection) -> None:
-    """The first store: generations and their ratings."""
-    md = sa.MetaData()
-    sa.Table(
-        "generations",
-        md,
-        sa.Column("id", Integer, primary_key=True),
-        sa.Column("created", Float, nullable=False),
-        sa.Column("kind", String(16), nullable=False),
-        sa.Column("model", String(256), nullable=False),
-        sa.Column("prompt", Text, nullable=False),
-        sa.Column("params", JSON, nullable=False),
-        sa.Column("seed", sa.BigInteger),
-        sa.Column("output_text", Text),
-        sa.Column("output_ref", String(128)),
-        sa.Column("duration", Float),
-        Index("ix_generations_created", "created"),
-        Index("ix_generations_kind_id", "kind", "id"),
-        Index("ix_generations_model_id", "model", "id"),
-    )
-    sa.Table(
-        "ratings",
-        md,
-        sa.Column("id", Integer, primary_key=True),
-        sa.Column("generation_id", Integer, ForeignKey("generations.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("created", Float, nullable=False),
-        sa.Column("kind", String(8), nullable=False),
-        sa.Column("value", Integer, nullable=False),
-        sa.Column("comment", Text),
-        Index("ix_ratings_generation_id", "generation_id"),
-        Index("ix_ratings_created", "created"),
-    )
-    md.create_all(conn)
-
-
-def _add_column(conn: Connection, table: str, column: sa.Column) -> None:
-    spec = CreateColumn(column).compile(dialect=conn.dialect)
-    conn.execute(sa.text(f"ALTER TABLE {conn.dialect.identifier_preparer.quote(table)} ADD COLUMN {spec}"))
-
-
-def _migrate_v2(conn: Connection) -> None:
-    """Model hash, moderation verdict, rating summary, corrections, users; comparisons and jobs."""
-    _add_column(conn, "generations", sa.Column("model_hash", String(64)))
-    _add_column(conn, "generations", sa.Column("moderation", String(64)))
-    _add_column(conn, "generations", sa.Column("rating_count", Integer, nullable=False, server_default="0"))
-    _add_column(conn, "generations", sa.Column("rating_sum", Float, nullable=False, server_default="0"))
-    _add_column(conn, "generations", sa.Column("rating", Float))
-    _add_column(conn, "ratings", sa.Column("correction", Text))
-    _add_column(conn, "ratings", sa.Column("user_id", String(MAX_USER)))
-    md = sa.MetaData()
-    gens = sa.Table("generations", md, autoload_with=conn)
-    ratings = sa.Table("ratings", md, autoload_with=conn)
-    Index("ix_generations_rating", gens.c.rating).create(conn)
-    # back-fill the rating summary from the ratings already there (thumbs on the 1-5 scale)
-    score = sa.case((ratings.c.kind == "thumb", 3.0 + 2.0 * ratings.c.value), else_=ratings.c.value * 1.0)
-    mine = ratings.c.generation_id == gens.c.id
-    n = sa.select(sa.func.count()).where(mine).scalar_subquery()
-    total = sa.select(sa.func.coalesce(sa.func.sum(score), 0.0)).where(mine).scalar_subquery()
-    mean = sa.select(sa.func.avg(score)).where(mine).scalar_subquery()
-    conn.execute(gens.update().values(rating_count=n, rating_sum=total, rating=mean))
-    sa.Table(
-        "comparisons",
-        md,
-        sa.Column("id", Integer, primary_key=True),
-        sa.Column("created", Float, nullable=False),
-        sa.Column("a_id", Integer, ForeignKey("generations.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("b_id", Integer, ForeignKey("generations.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("winner_id", Integer, nullable=False),
-        sa.Column("user_id", String(MAX_USER)),
-        Index("ix_comparisons_created", "created"),
-        Index("ix_comparisons_a_id", "a_id"),
-        Index("ix_comparisons_b_id", "b_id"),
-    )
-    sa.Table(
-        "jobs",
-        md,
-        sa.Column("id", Integer, primary_key=True),
-        sa.Column("created", Float, nullable=False),
-        sa.Column("updated", Float, nullable=False),
-        sa.Column("finished", Float),
-        sa.Column("kind", String(32), nullable=False),
-        sa.Column("status", String(16), nullable=False),
-        sa.Column("model", String(256)),
-        sa.Column("params", JSON, nullable=False),
-        sa.Column("progress", Float),
-        sa.Column("result", JSON),
-        sa.Column("error", Text),
-        Index("ix_jobs_created", "created"),
-        Index("ix_jobs_status", "status"),
-    )
-    md.create_all(conn, tables=[md.tables["comparisons"], md.tables["jobs"]])
-
-
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2}
-SCHEMA_VERSION = max(MIGRATIONS)
-
-
-def migrate(conn: Connection) -> list[int]:
-    """Bring the database up to SCHEMA_VERSION; returns the versions applied (caller commits)."""
-    versions = sa.Table(
-        "schema_version",
-        sa.MetaData(),
-        sa.Column("version", Integer, primary_key=True, autoincrement=False),
-        sa.Column("applied", Float, nullable=False),
-    )
-    if conn.dialect.name == "postgresql":  # serialise replicas migrating at once (SQLite: BEGIN IMMEDIATE)
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7411)"))
-    inspector = sa.inspect(conn)
-    if not inspector.has_table("schema_version"):
-        if inspector.has_table("generations"):
-            raise AigcError(
-                "the database has a generations table but no schema_version: it is not an aigc store "
-                "(or predates versioning); point --db / AIGC_DB at another database"
-            )
-        versions.create(conn)
-    current = conn.execute(sa.select(sa.func.max(versions.c.version))).scalar() or 0
-    if current > SCHEMA_VERSION:
-        raise AigcError(
-            f"the store's schema is version {current}, newer than this aigc knows ({SCHEMA_VERSION}); "
-            "upgrade aigc (pip install -U aigc) or use another --db"
-        )
-    applied = []
-    for version in sorted(v for v in MIGRATIONS if v > current):
-        MIGRATIONS[version](conn)
-        conn.execute(versions.insert().values(version=version, applied=time.time()))
-        applied.append(version)
-    return applied
 
 
 # ----------------------------------------------------------------------------- engine
@@ -374,6 +111,68 @@ def _parse_url(url: str | None) -> sa.URL:
             f"--db {url!r} is not a database URL; pass a SQLite file path, sqlite:///PATH or "
             "postgresql+psycopg://user:pass@host/db"
         ) from None
+
+
+def _new_generation(
+    *,
+    kind: str,
+    model: str,
+    prompt: str,
+    params: dict[str, Any] | None = None,
+    seed: int | None = None,
+    output_text: str | None = None,
+    output_ref: str | None = None,
+    duration: float | None = None,
+    model_hash: str | None = None,
+    moderation: str | None = None,
+    created: float | None = None,
+) -> Generation:
+    """A validated, not yet added, generation row."""
+    if kind not in GENERATION_KINDS:
+        raise AigcError(f"generation kind must be one of {', '.join(GENERATION_KINDS)}, got {kind!r}")
+    if not isinstance(model, str) or not model:
+        raise AigcError("a generation needs the model's name (model=...)")
+    if not isinstance(prompt, str):
+        raise AigcError(f"a generation's prompt must be a string, got {type(prompt).__name__}")
+    params = dict(params or {})
+    try:
+        json.dumps(params)
+    except (TypeError, ValueError) as e:
+        raise AigcError(f"generation params must be JSON-serialisable: {e}") from None
+    if output_ref is not None:
+        check_ref(output_ref)
+    return Generation(
+        created=time.time() if created is None else created,
+        kind=kind,
+        model=model,
+        prompt=prompt,
+        params=params,
+        seed=seed,
+        output_text=output_text,
+        output_ref=output_ref,
+        duration=duration,
+        model_hash=model_hash,
+        moderation=moderation,
+        rating_count=0,
+        rating_sum=0.0,
+    )
+
+
+# Rating is the hot write path (many users, several workers): two statements built once, on Core
+# rather than the ORM, so the write lock is held for as little Python as possible.
+# 1. one UPDATE that computes from the stored values, so concurrent raters never lose a vote; its
+#    row count also says whether the generation exists (no extra SELECT)
+_RATE_UPDATE = (
+    sa.update(Generation)
+    .where(Generation.id == sa.bindparam("gid"))
+    .values(
+        rating_count=Generation.rating_count + 1,
+        rating_sum=Generation.rating_sum + sa.bindparam("score"),
+        rating=(Generation.rating_sum + sa.bindparam("score")) / (Generation.rating_count + 1),
+    )
+)
+# 2. the rating itself
+_RATE_INSERT = sa.insert(Rating).returning(Rating.id)
 
 
 # ----------------------------------------------------------------------------- the store
@@ -424,6 +223,11 @@ class Store:
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
             path = _sqlite_path(parsed)
+            if not parsed.database or parsed.database == ":memory:":
+                raise AigcError(
+                    "an in-memory SQLite store is not supported (every connection would see its own "
+                    "empty database); pass a file path, e.g. --db /tmp/aigc.db"
+                )
             if path is not None:
                 where = str(path)
                 if path.is_dir():
@@ -436,6 +240,8 @@ class Store:
                         "pass a writable path with --db or set AIGC_HOME / AIGC_DB"
                     ) from None
             kwargs["connect_args"] = {"timeout": lock_timeout}  # sqlite3's busy timeout
+        else:
+            kwargs["pool_pre_ping"] = True  # a server's connections outlive database restarts
         try:
             engine = sa.create_engine(parsed, **kwargs)
         except sa.exc.NoSuchModuleError:
@@ -457,15 +263,20 @@ class Store:
                 conn.execute(sa.text("DELETE FROM schema_version WHERE version < 0"))
         except sa.exc.OperationalError as e:
             engine.dispose()
-            reason = str(e.orig).strip() if e.orig is not None else str(e)
+            reason = " ".join(str(e.orig if e.orig is not None else e).split())  # one line
+            hint = (
+                "check it is writable and not locked by another program"
+                if engine.dialect.name == "sqlite"
+                else "check the server is running and the URL, user and password are right"
+            )
             raise AigcError(
-                f"cannot open the store {where} for writing: {reason}; check it is writable and not "
-                "locked by another program, or pass another --db / AIGC_DB"
+                f"cannot open the store {where} for writing: {reason}; {hint}, or pass another --db / AIGC_DB"
             ) from None
         except sa.exc.DatabaseError as e:
             engine.dispose()
             raise AigcError(
-                f"{where} is not a usable database ({e.orig}); pass another --db / AIGC_DB"
+                f"{where} is not a usable database ({' '.join(str(e.orig).split())}); "
+                "pass another --db / AIGC_DB"
             ) from None
         return store
 
@@ -505,21 +316,7 @@ class Store:
         created: float | None = None,
     ) -> int:
         """Record one generation; returns its id."""
-        if kind not in GENERATION_KINDS:
-            raise AigcError(f"generation kind must be one of {', '.join(GENERATION_KINDS)}, got {kind!r}")
-        if not isinstance(model, str) or not model:
-            raise AigcError("a generation needs the model's name (model=...)")
-        params = dict(params or {})
-        try:
-            json.dumps(params)
-        except (TypeError, ValueError) as e:
-            raise AigcError(f"generation params must be JSON-serialisable: {e}") from None
-        if output_ref is not None:
-            from aigc.feedback.blobs import check_ref
-
-            check_ref(output_ref)
-        row = Generation(
-            created=time.time() if created is None else created,
+        row = _new_generation(
             kind=kind,
             model=model,
             prompt=prompt,
@@ -530,8 +327,7 @@ class Store:
             duration=duration,
             model_hash=model_hash,
             moderation=moderation,
-            rating_count=0,
-            rating_sum=0.0,
+            created=created,
         )
         with self._session(write=True) as s:
             s.add(row)
@@ -540,16 +336,7 @@ class Store:
 
     def add_generations(self, rows: list[dict[str, Any]]) -> list[int]:
         """Many `add_generation(**row)` in one transaction (imports, benchmarks)."""
-        now = time.time()
-        objs = [
-            Generation(**{"created": now, "params": {}, "rating_count": 0, "rating_sum": 0.0, **r})
-            for r in rows
-        ]
-        for o in objs:
-            if o.kind not in GENERATION_KINDS:
-                raise AigcError(
-                    f"generation kind must be one of {', '.join(GENERATION_KINDS)}, got {o.kind!r}"
-                )
+        objs = [_new_generation(**r) for r in rows]
         with self._session(write=True) as s:
             s.add_all(objs)
             s.flush()
@@ -569,11 +356,14 @@ class Store:
         model: str | None = None,
         min_rating: float | None = None,
         q: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
         limit: int = 20,
         before: int | None = None,
     ) -> dict[str, Any]:
         """Newest first, keyset-paged: pass the previous page's `last_id` as `before`.
 
+        `since` / `until`: unix times, `since <= created < until`.
         `min_rating` is on the 1-5 star scale (a thumb up counts 5, a thumb down 1); `q` searches
         the prompt and the text output, case-insensitively.
         """
@@ -592,6 +382,10 @@ class Store:
                 Generation.prompt.icontains(q, autoescape=True)
                 | Generation.output_text.icontains(q, autoescape=True)
             )
+        if since is not None:
+            query = query.where(Generation.created >= float(since))
+        if until is not None:
+            query = query.where(Generation.created < float(until))
         if before is not None:
             query = query.where(Generation.id < before)
         with self._session() as s:
@@ -625,32 +419,19 @@ class Store:
                 raise AigcError(f"{name} must be a string of at most {MAX_COMMENT} characters")
         _check_user(user)
         score = stars_score(kind, value)
-        with self._session(write=True) as s:
-            if s.get(Generation, generation_id) is None:
+        row = dict(
+            generation_id=generation_id,
+            created=time.time(),
+            kind=kind,
+            value=value,
+            comment=comment,
+            correction=correction,
+            user_id=user,
+        )
+        with self._write.begin() as conn:
+            if not conn.execute(_RATE_UPDATE, {"gid": generation_id, "score": score}).rowcount:
                 raise NotFoundError(f"cannot rate generation {generation_id}: no such generation")
-            row = Rating(
-                generation_id=generation_id,
-                created=time.time(),
-                kind=kind,
-                value=value,
-                comment=comment,
-                correction=correction,
-                user_id=user,
-            )
-            s.add(row)
-            # one UPDATE computing from the stored values, so concurrent raters never lose a vote
-            s.execute(
-                sa.update(Generation)
-                .where(Generation.id == generation_id)
-                .values(
-                    rating_count=Generation.rating_count + 1,
-                    rating_sum=Generation.rating_sum + score,
-                    rating=(Generation.rating_sum + score) / (Generation.rating_count + 1),
-                )
-                .execution_options(synchronize_session=False)
-            )
-            s.flush()
-            return row.id
+            return conn.execute(_RATE_INSERT, row).scalar_one()
 
     def list_ratings(
         self, *, generation_id: int | None = None, limit: int = 20, before: int | None = None
@@ -693,6 +474,13 @@ class Store:
     # -- jobs
 
     def add_job(self, kind: str, params: dict[str, Any] | None = None, model: str | None = None) -> int:
+        """A new job (status `queued`) of `kind` (train, tune, ...); the worker updates it."""
+        if not isinstance(kind, str) or not 1 <= len(kind) <= 32:
+            raise AigcError(f"a job kind is a name of 1-32 characters (e.g. train, tune), got {kind!r}")
+        try:
+            json.dumps(params or {})
+        except (TypeError, ValueError) as e:
+            raise AigcError(f"job params must be JSON-serialisable: {e}") from None
         now = time.time()
         with self._session(write=True) as s:
             row = Job(created=now, updated=now, kind=kind, status="queued", model=model, params=params or {})
@@ -751,80 +539,9 @@ class Store:
     # -- export
 
     def export_feedback(self, format: str, *, min_gap: float = 1.0) -> list[dict[str, Any]]:
-        """Feedback as TRL data set rows, deduplicated. Only text outputs take part.
-
-        dpo: prompt / chosen / rejected, from comparisons (majority vote per pair; ties dropped) and
-             from uncompared same-prompt generations whose mean ratings differ by >= `min_gap` stars;
-        kto: prompt / completion / label, one row per generation with thumbs (label = majority);
-        sft: prompt / completion, from the corrections users wrote.
-        """
-        if format not in EXPORT_FORMATS:
-            raise AigcError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+        """Feedback as TRL data set rows (dpo, kto or sft); see `aigc.feedback.export`."""
         with self._session() as s:
-            if format == "sft":
-                rows = s.execute(
-                    sa.select(Generation.prompt, Rating.correction)
-                    .join(Rating, Rating.generation_id == Generation.id)
-                    .where(Rating.correction.is_not(None))
-                    .order_by(Rating.id)
-                )
-                out = [{"prompt": p, "completion": c} for p, c in rows if c.strip()]
-            elif format == "kto":
-                votes = s.execute(
-                    sa.select(Generation.prompt, Generation.output_text, sa.func.sum(Rating.value))
-                    .join(Rating, Rating.generation_id == Generation.id)
-                    .where(Rating.kind == "thumb", Generation.output_text.is_not(None))
-                    .group_by(Generation.id, Generation.prompt, Generation.output_text)
-                    .order_by(Generation.id)
-                )
-                out = [{"prompt": p, "completion": c, "label": v > 0} for p, c, v in votes if v != 0]
-            else:
-                out = self._dpo_rows(s, min_gap)
-        return _dedupe(out)
-
-    def _dpo_rows(self, s: Session, min_gap: float) -> list[dict[str, Any]]:
-        texts = {
-            gid: (prompt, text)
-            for gid, prompt, text in s.execute(
-                sa.select(Generation.id, Generation.prompt, Generation.output_text).where(
-                    Generation.output_text.is_not(None)
-                )
-            )
-        }
-        # 1. explicit comparisons: count wins per unordered pair, keep the majority
-        wins: Counter[tuple[int, int]] = Counter()
-        for a, b, w in s.execute(sa.select(Comparison.a_id, Comparison.b_id, Comparison.winner_id)):
-            loser = b if w == a else a
-            wins[(w, loser)] += 1
-        out, compared = [], {frozenset(pair) for pair in wins}  # ties too: no rating-gap pair for them
-        for (w, lo), n in sorted(wins.items()):
-            if n <= wins.get((lo, w), 0):
-                continue  # a tie or the minority view
-            if w in texts and lo in texts and texts[w][0] == texts[lo][0]:
-                out.append({"prompt": texts[w][0], "chosen": texts[w][1], "rejected": texts[lo][1]})
-        # 2. rating gaps between outputs of the same prompt (pairs users compared are left to that)
-        by_prompt: dict[str, list[tuple[float, int]]] = defaultdict(list)
-        for gid, prompt, rating in s.execute(
-            sa.select(Generation.id, Generation.prompt, Generation.rating).where(
-                Generation.rating.is_not(None), Generation.output_text.is_not(None)
-            )
-        ):
-            by_prompt[prompt].append((rating, gid))
-        for prompt, rated in by_prompt.items():
-            for (ra, ga), (rb, gb) in itertools.combinations(sorted(rated, reverse=True), 2):
-                if ra - rb >= min_gap and frozenset((ga, gb)) not in compared:
-                    out.append({"prompt": prompt, "chosen": texts[ga][1], "rejected": texts[gb][1]})
-        return [r for r in out if r["chosen"] != r["rejected"]]
-
-
-def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen, out = set(), []
-    for row in rows:
-        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out
+            return export_rows(s, format, min_gap=min_gap)
 
 
 __all__ = [

@@ -242,11 +242,12 @@ class HFCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> float:
-        """6 x (weights in matmuls: all 2-D weights but the input embedding) + attention at full context."""
-        emb = self.hf.get_input_embeddings().weight
-        matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2 and p is not emb)
-        if self.hf.get_output_embeddings().weight is emb:  # tied: the head still multiplies
-            matmul += emb.numel()
+        """6 x (2-D weights but embedding tables, plus the head) + attention at full context."""
+        lookups = {id(m.weight) for m in self.hf.modules() if isinstance(m, nn.Embedding)}
+        matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2 and id(p) not in lookups)
+        head = self.hf.get_output_embeddings().weight
+        if id(head) in lookups:  # tied: the head is an embedding table, but it still multiplies
+            matmul += head.numel()
         c = self.hf.config
         layers = getattr(c, "num_hidden_layers", getattr(c, "n_layer", 0))
         width = getattr(c, "hidden_size", getattr(c, "n_embd", 0))

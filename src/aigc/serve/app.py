@@ -155,7 +155,7 @@ for(const[m,o]of Object.entries(ms))h+=`<h3><code>${m.toUpperCase()} ${p}</code>
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
     """The server for `settings` (API keys are read here: a bad key file fails at startup)."""
-    from aigc.serve.routes import chat, completions, health, images, models
+    from aigc.serve.routes import chat, completions, health, images, jobs, models
 
     settings = settings or Settings()
     keys = load_keys(settings.api_keys_file) if settings.api_keys_file else None
@@ -221,7 +221,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     auth = [Depends(identity)]
     app.include_router(health.router)
-    for r in (models, completions, chat, images):
+    for r in (models, completions, chat, images, jobs):
         app.include_router(r.router, dependencies=auth)
 
     @app.get("/docs", include_in_schema=False, dependencies=auth)

@@ -296,9 +296,11 @@ def sample_text(model: nn.Module, tok: Any, s: SampleConfig, gen: torch.Generato
     """Plain ancestral sampling with temperature and top-k (the generation layer does it better)."""
     if s.prompt:
         ids = tok.encode(s.prompt)
-    elif tok.kind == "char" and tok.encode("\n"):
+    elif tok.kind == "char" and "\n" in tok.hf.get_vocab():
         ids = tok.encode("\n")
-    else:
+    elif getattr(tok, "bos_id", None) is not None:  # music pieces start with <bos>
+        ids = [tok.bos_id]
+    else:  # documents are separated by end-of-text
         ids = [tok.eos_id if tok.eos_id is not None else 0]
     idx = torch.tensor([ids], dtype=torch.long, device=ctx.device)  # (1, T)
     T = model.config.block_size
@@ -343,7 +345,7 @@ def read_init_source(
 ) -> tuple[dict[str, Any], Callable[[nn.Module], None]]:
     """(model config dict, weight loader) of what `--init-from` names: a run directory of ours or a
     transformers Llama folder (gpt only, e.g. from `aigc export`). Its tokenizer must be the data's."""
-    from aigc.models.hf_causal import import_llama, read_hf_config
+    from aigc.models.hf_causal import import_llama, is_llama, read_hf_config
     from aigc.tokenizers import load_tokenizer
     from aigc.utils.io import read_json
 
@@ -367,7 +369,11 @@ def read_init_source(
 
             load_model(model, str(path / "model.safetensors"))
     else:  # a transformers folder: only Llama-shaped ones map onto our GPT
-        read_hf_config(path)
+        if not is_llama(read_hf_config(path)):
+            raise AigcError(
+                f"--init-from {path} is a {src.get('model_type', '?')} transformers model; only Llama-shaped "
+                "models (e.g. from `aigc export`) fine-tune here, as gpt"
+            )
         if family != "gpt":
             raise AigcError(f"--init-from {path} is a transformers model; it fine-tunes as gpt, not {family}")
         gpt_cfg, state = import_llama(path)

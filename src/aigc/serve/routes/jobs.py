@@ -1,0 +1,191 @@
+"""Jobs: long image work run in the background, watched over SSE, cancellable.
+
+    POST /v1/jobs                   {"type": "images.generations", "input": {...image request...}}
+    GET  /v1/jobs/{id}              status, progress {step, total}, eta_s, result when done
+    GET  /v1/jobs/{id}/events       SSE: one event per change (step/total, eta_s, preview), [DONE]
+    POST /v1/jobs/{id}/cancel       stop before the next image
+
+A job makes its images one at a time (image i with seed `seed + i`, recorded per image), so
+progress, preview (the newest image, as a data URL) and cancellation happen between images. The
+generator gives no hook inside one image's denoising loop, so a step is one image. Jobs live in
+memory, visible only to the API key that created them; the oldest finished ones are forgotten
+past MAX_JOBS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from collections import OrderedDict
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from aigc.errors import AigcError
+from aigc.serve.app import ApiError, identity
+from aigc.serve.routes.images import run_images
+from aigc.serve.schemas import ErrorResponse, ImageRequest, Strict
+from aigc.serve.streaming import SSE_DONE, SSE_HEADERS, sse
+
+router = APIRouter(tags=["jobs"])
+MAX_JOBS = 1000
+TERMINAL = ("succeeded", "failed", "cancelled")
+JobId = Path(pattern=r"^job-[0-9a-f]{24}$")
+
+
+class JobRequest(Strict):
+    type: Literal["images.generations"]
+    input: ImageRequest
+
+
+class JobView(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    type: str
+    status: str  # queued | running | succeeded | failed | cancelled
+    created: int
+    progress: dict[str, int]  # {"step", "total"}
+    eta_s: float | None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class Job:
+    def __init__(self, owner: str, body: JobRequest, seed: int) -> None:
+        self.id = f"job-{secrets.token_hex(12)}"
+        self.owner, self.body, self.seed = owner, body, seed
+        self.status, self.error, self.created = "queued", None, int(time.time())
+        self.step, self.total = 0, body.input.n
+        self.started: float | None = None
+        self.data: list[dict[str, Any]] = []
+        self.preview: str | None = None
+        self.cancel_requested = False
+        self.changed = asyncio.Event()  # set on every change; watchers clear and wait again
+        self.task: asyncio.Task | None = None  # kept here: the loop holds tasks only weakly
+
+    def eta(self) -> float | None:
+        if self.status != "running" or not self.step or self.started is None:
+            return None
+        per = (time.monotonic() - self.started) / self.step
+        return round(per * (self.total - self.step), 3)
+
+    def view(self) -> JobView:
+        result = None
+        if self.status == "succeeded":
+            result = {"created": self.created, "data": self.data, "seed": self.seed}
+        return JobView(id=self.id, type=self.body.type, status=self.status, created=self.created,
+                       progress={"step": self.step, "total": self.total}, eta_s=self.eta(), error=self.error,
+                       result=result)  # fmt: skip
+
+    def touch(self) -> None:
+        self.changed.set()
+
+
+def _jobs(request: Request) -> OrderedDict[str, Job]:
+    state = request.app.state
+    if not hasattr(state, "jobs"):
+        state.jobs = OrderedDict()
+    return state.jobs
+
+
+def _find(request: Request, job_id: str, key: str) -> Job:
+    job = _jobs(request).get(job_id)
+    if job is None or job.owner != key:  # another key's job looks the same as a missing one
+        raise ApiError(404, f"job {job_id} not found; jobs are kept in memory until the server restarts",
+                       "job_not_found")  # fmt: skip
+    return job
+
+
+async def _run(request: Request, job: Job) -> None:
+    st = request.app.state
+    body = job.body.input
+    try:
+        lm = await asyncio.to_thread(st.registry.get, body.model, "image")
+        job.status, job.started = "running", time.monotonic()
+        job.touch()
+        one = body.model_copy(update={"n": 1})
+        for i in range(job.total):
+            if job.cancel_requested:
+                job.status = "cancelled"
+                break
+            seed = (job.seed + i) % 2**63
+            pngs, params = await asyncio.to_thread(run_images, lm, one, seed)
+            b64 = base64.b64encode(pngs[0]).decode("ascii")
+            item = (
+                {"b64_json": b64}
+                if body.response_format == "b64_json"
+                else {"url": "data:image/png;base64," + b64}
+            )
+            job.data.append({**item, "seed": seed, "parameters": params[0]})
+            job.preview = "data:image/png;base64," + b64
+            job.step = i + 1
+            st.metrics.observe_images(1)
+            job.touch()
+        else:
+            job.status = "succeeded"
+    except AigcError as e:
+        job.status, job.error = "failed", str(e)
+    except Exception as e:  # a bug: recorded on the job, not lost in a background task
+        job.status, job.error = "failed", f"internal error: {type(e).__name__}"
+    job.touch()
+
+
+@router.post("/v1/jobs", summary="Start a background job", response_model=JobView, status_code=202,
+             responses={c: {"model": ErrorResponse} for c in (400, 401, 404, 422, 503)})  # fmt: skip
+async def create_job(body: JobRequest, request: Request, key: str = Depends(identity)) -> JobView:
+    st = request.app.state
+    st.registry.resolve(body.input.model)  # unknown model: 404 now, not a failed job later
+    jobs = _jobs(request)
+    active = sum(j.status not in TERMINAL for j in jobs.values())
+    if active >= st.settings.max_queue:
+        raise ApiError(503, "too many jobs running; retry later", "overloaded", retry=True)
+    for old in [j for j in jobs.values() if j.status in TERMINAL][: max(0, len(jobs) + 1 - MAX_JOBS)]:
+        del jobs[old.id]
+    seed = body.input.seed if body.input.seed is not None else secrets.randbits(63)
+    job = Job(key, body, seed)
+    jobs[job.id] = job
+    job.task = asyncio.get_running_loop().create_task(_run(request, job))
+    return job.view()
+
+
+@router.get("/v1/jobs/{job_id}", summary="A job's status", response_model=JobView)
+async def get_job(request: Request, job_id: str = JobId, key: str = Depends(identity)) -> JobView:
+    return _find(request, job_id, key).view()
+
+
+@router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job", response_model=JobView)
+async def cancel_job(request: Request, job_id: str = JobId, key: str = Depends(identity)) -> JobView:
+    job = _find(request, job_id, key)
+    if job.status not in TERMINAL:
+        job.cancel_requested = True
+        if job.status == "queued":
+            job.status = "cancelled"
+        job.touch()
+    return job.view()
+
+
+@router.get("/v1/jobs/{job_id}/events", summary="Job progress as server-sent events")
+async def job_events(request: Request, job_id: str = JobId, key: str = Depends(identity)):
+    job = _find(request, job_id, key)
+
+    async def events():
+        sent_step = -1
+        while True:
+            job.changed.clear()
+            v = job.view()
+            event = {"id": job.id, "status": v.status, "step": v.progress["step"], "total": v.progress["total"],
+                     "eta_s": v.eta_s, "error": v.error}  # fmt: skip
+            if job.step != sent_step and job.preview is not None:
+                event["preview"] = job.preview
+                sent_step = job.step
+            yield sse(event)
+            if job.status in TERMINAL:
+                yield SSE_DONE
+                return
+            await job.changed.wait()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -81,7 +81,7 @@ def test_non_empty_out_needs_overwrite_or_resume(run_cli, prepared, tmp_path):
     args = ["train", "gpt", "--data", prepared, "--out", tmp_path / "r", *TINY, "--max-steps", "1"]
     assert run_cli(*args)[0] == 0
     code, _, err = run_cli(*args)
-    assert code == 1 and "--overwrite" in err
+    assert code == 1 and "already holds a training run; pass --resume to continue it, --overwrite" in err
     assert run_cli(*args, "--overwrite")[0] == 0
 
 

@@ -433,6 +433,11 @@ def train_text(
 
         check_resume_config(read_json(out / "config.json"), run_cfg)
     elif env_info().is_main:  # under DDP only rank 0 touches the run directory
+        if (out / "checkpoints").is_dir() and not overwrite:
+            raise AigcError(
+                f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --out"
+            )
         prepare_out_dir(out, overwrite)
         if out.is_dir() and overwrite:
             shutil.rmtree(out)

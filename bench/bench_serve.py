@@ -96,11 +96,22 @@ async def http_round(url: str, clients: int, n: int, seed: int) -> tuple[float, 
     return clients * n / wall, [ttft for ttft, _, _ in res]
 
 
-def start_server(models: Path) -> tuple[subprocess.Popen, str]:
+def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "aigc", "serve", "--models", str(models), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aigc",
+        "serve",
+        "--models",
+        str(models),
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -121,13 +132,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=48)  # the tiny preset's context is 64
+    # one intra-op thread on both sides: a tiny model gains nothing from more, and on a busy
+    # machine two spinning threads made decoding ~100x slower (measured on the 2-core dev box)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else 3
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         write_tiny_run(models / "tiny")
         base = in_process(models / "tiny", args.tokens, repeats=5 * rounds)
-        proc, url = start_server(models)
+        proc, url = start_server(models, args.threads)
         try:
             asyncio.run(http_round(url, 1, args.tokens, 0))  # load the model, warm up
             single = statistics.median(
@@ -143,7 +158,7 @@ def main() -> None:
             proc.wait(timeout=30)
     agg = statistics.median(many)
     q = statistics.quantiles(ttfts, n=10)
-    print(f"tiny GPT, {args.tokens} tokens per request, {rounds} round(s)")
+    print(f"tiny GPT, {args.tokens} tokens per request, {rounds} round(s), {args.threads} torch thread(s)")
     print(f"in-process stream     {base:9.1f} tokens/s")
     print(
         f"HTTP, 1 client        {single:9.1f} tokens/s  = {single / base:.0%} of in-process (target >= 80%)"

@@ -123,6 +123,12 @@ def test_malformed_json_body_size_and_long_prompt(client):
     r = client.post("/v1/completions", content=json.dumps({"model": "tiny", "prompt": big}),
                     headers={"content-type": "application/json"})  # fmt: skip
     assert r.status_code == 413
+
+    def chunked():  # no Content-Length: counted while read
+        yield from [b"x" * 50_000] * (S.MAX_BODY_BYTES // 50_000 + 1)
+
+    r = client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "smaller" in r.json()["detail"]
     # over the context (64): the prompt's tail is kept, and the response says so
     r = client.post(
         "/v1/completions", json={"model": "tiny", "prompt": "soft " * 40, "max_tokens": 5, "seed": 1}
@@ -174,6 +180,13 @@ def test_api_keys_cors_and_rate_limits(tmp_path, root):
         auth = {"Authorization": "Bearer s3cret"}
         assert c.get("/v1/models", headers=auth).status_code == 200
         assert c.get("/metrics").status_code == 401
+        assert (
+            c.get("/openapi.json").status_code == 401 and c.get("/docs").status_code == 200
+        )  # page: no data
+        assert (
+            "/v1/completions"
+            in c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()["paths"]
+        )
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "a"}, headers=auth)
         assert r.status_code == 429 and r.headers["Retry-After"] == str(S.RETRY_AFTER_S)
         ok = c.options(
@@ -259,3 +272,49 @@ def test_cli_serve_help_and_refusals(run_cli, tmp_path, monkeypatch):
     assert code == 1 and "--api-key-file" in err
     code, _, err = run_cli("serve", "--models", str(tmp_path / "missing"))
     assert code == 1 and "not a directory" in err
+
+
+def test_hf_models_from_config_batch_without_joining(tmp_path, root):
+    """hf: entries serve transformers models; their rows start batches together (no mid-run join)."""
+    import asyncio
+
+    import httpx
+
+    from aigc.export import export_hf
+    from aigc.registry import load_artifact
+
+    art = load_artifact(root / "tiny")
+    hf_dir = export_hf(art.model, art.tokenizer, tmp_path / "hf")
+    cfg = tmp_path / "models.json"
+    cfg.write_text(json.dumps({"models": {"tiny-hf": f"hf:{hf_dir}"}}))
+    app = create_app(Settings(models_dirs=[tmp_path / "none"], models_config=cfg))
+    bodies = [{"model": "tiny-hf", "prompt": "soft", "max_tokens": 6 + i, "seed": i} for i in range(4)]
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+    with TestClient(app):  # lifespan
+        rs = asyncio.run(run())
+    gen = load_generator(f"hf:{hf_dir}")
+    for b, r in zip(bodies, rs, strict=True):
+        assert r.status_code == 200, r.text
+        [ref] = gen.generate("soft", max_new_tokens=b["max_tokens"], seed=b["seed"])
+        assert r.json()["choices"][0]["text"] == ref.text
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"models": {"x": "/etc"}}))
+    with pytest.raises(Exception, match="hf:"):
+        create_app(Settings(models_dirs=[], models_config=bad))
+
+
+def test_request_timeout_cancels(root):
+    with TestClient(create_app(Settings(models_dirs=[root], request_timeout_s=0.05))) as c:
+        body = {"model": "rnn", "prompt": "soft", "max_tokens": S.MAX_TOKENS, "ignore_eos": True}
+        c.post("/v1/completions", json={**body, "max_tokens": 1})  # load the model first
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 504 and "limit" in r.json()["detail"]
+        deadline = time.monotonic() + 10
+        while c.app.state.registry.queue_depth()["rnn"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.app.state.registry.queue_depth()["rnn"] == 0  # the rows were cancelled

@@ -104,3 +104,19 @@ def test_cancel_frees_the_slot_and_queue_bound(runs):
     finally:
         sched.close()
     assert not sched.thread.is_alive()
+
+
+def test_close_fails_waiting_rows_cleanly(runs):
+    gen = load_generator(runs["gpt"])
+    sched = Scheduler(gen, max_batch=1)
+    col = Collector()
+    col.expected = 2
+    sched.submit("soft", make_params(max_new_tokens=40, seed=1), col.emit_for("running"))
+    sched.submit("soft", make_params(max_new_tokens=40, seed=2), col.emit_for("waiting"))
+    sched.close()
+    assert not sched.thread.is_alive()
+    # whatever had started finished; what was still waiting got an error asking to retry
+    assert all("retry" in e for e in col.errors)
+    assert len(col.results) + len(col.errors) == 2
+    with pytest.raises(QueueFull):
+        sched.submit("soft", make_params(), col.emit_for("late"))

@@ -336,6 +336,9 @@ def test_init_from_needs_the_same_tokenizer(tmp_path):
         read_json(tmp_path / "base" / "config.json")["model"],
     )
     assert ft2 == {**base, "dropout": 0.1}
+    # resuming a fine-tune needs no --init-from again
+    again = train_text("gpt", same, tmp_path / "ft2", "auto", quick, max_steps=2, resume=True, progress=False)
+    assert again.steps == 2
     with pytest.raises(ConfigError, match="--init-from fixes the model shape; cannot change model.n_layer"):
         train_text(
             "gpt",

@@ -93,34 +93,43 @@ class Admission:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over MAX_BODY_BYTES (413) before anything parses them."""
+    """ASGI middleware: refuse bodies over MAX_BODY_BYTES (413) before anything parses them.
+
+    A declared Content-Length is checked at once; a chunked body is read (up to the limit) into
+    memory first, then replayed to the app.
+    """
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
         too_big = error_response(
             413, f"request body over {self.limit} bytes; send a smaller request", "body_too_large"
         )
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.limit:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(
-                        413, f"request body over {self.limit} bytes; send a smaller request", "body_too_large"
-                    )
-            return msg
+            if msg["type"] != "http.request":  # client gone
+                return
+            size += len(msg.get("body", b""))
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        await self.app(scope, limited_receive, send)
+        async def replay_receive():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replay_receive, send)
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -143,13 +152,21 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(status, msg, "invalid_value" if status == 400 else "invalid_type", field)
 
 
+# The API reference, offline: no Swagger/ReDoc from a CDN. The page itself holds no data; it
+# fetches /openapi.json (behind the API key like every route but /health) with the key typed in.
 DOCS_HTML = """<!doctype html><meta charset="utf-8"><title>AIGC Studio API</title>
 <style>body{font:15px system-ui;max-width:60em;margin:2em auto}code{background:#eee;padding:0 .3em}</style>
-<h1>AIGC Studio API</h1><p>OpenAI-compatible. Machine-readable spec: <a href="openapi.json">/openapi.json</a>.</p>
-<div id="ops">loading...</div><script>
-fetch("openapi.json").then(r=>r.json()).then(s=>{let h="";for(const[p,ms]of Object.entries(s.paths))
-for(const[m,o]of Object.entries(ms))h+=`<h3><code>${m.toUpperCase()} ${p}</code></h3><p>${o.summary||""}</p>`
-+`<pre>${(o.description||"").replace(/</g,"&lt;")}</pre>`;document.getElementById("ops").innerHTML=h})
+<h1>AIGC Studio API</h1><p>OpenAI-compatible. Machine-readable spec: <code>GET /openapi.json</code>.</p>
+<p><input id="key" type="password" placeholder="API key (if the server has keys)" size="40">
+<button onclick="load()">show the routes</button></p><div id="ops"></div><script>
+function esc(t){return String(t||"").replace(/&/g,"&amp;").replace(/</g,"&lt;")}
+function load(){const k=document.getElementById("key").value;
+fetch("openapi.json",{headers:k?{Authorization:"Bearer "+k}:{}}).then(r=>r.json()).then(s=>{let h="";
+if(!s.paths){document.getElementById("ops").textContent=JSON.stringify(s);return}
+for(const[p,ms]of Object.entries(s.paths))for(const[m,o]of Object.entries(ms))
+h+=`<h3><code>${m.toUpperCase()} ${esc(p)}</code></h3><p>${esc(o.summary)}</p><pre>${esc(o.description)}</pre>`;
+document.getElementById("ops").innerHTML=h})}
+load()
 </script>"""
 
 
@@ -175,6 +192,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         description="OpenAI-compatible API for models trained with aigc.",
         docs_url=None,  # the default pages load Swagger/ReDoc from a CDN; ours works offline
         redoc_url=None,
+        openapi_url=None,  # served below, behind the API key
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -224,13 +242,18 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     for r in (models, completions, chat, images, jobs):
         app.include_router(r.router, dependencies=auth)
 
-    @app.get("/docs", include_in_schema=False, dependencies=auth)
+    @app.get("/docs", include_in_schema=False)
     async def _docs() -> HTMLResponse:
         return HTMLResponse(DOCS_HTML)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
+    async def _openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     return app
 
 
 async def identity(request: Request) -> str:
-    """The caller's identity for rate limits (resolved by the auth dependency again: cheap)."""
+    """The auth dependency of every route but /health: the caller's key hash (401 if none or
+    wrong), or "anonymous:<host>" on a server without keys; the per-key limits count by it."""
     return request.app.state.check_key(request)

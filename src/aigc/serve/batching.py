@@ -47,7 +47,7 @@ Emit = Callable[[str, int, Any], None]
 
 
 class QueueFull(Exception):
-    """The scheduler holds its maximum of waiting + running rows."""
+    """The scheduler holds its maximum of waiting + running rows (or is shutting down)."""
 
 
 @dataclass
@@ -122,9 +122,7 @@ class Scheduler:
         ids, row_params = self.gen._requests(prompt, params)
         rows = [Row(prompt, ids, p, k, emit) for k, p in enumerate(row_params)]
         with self.cv:
-            if self.closed:
-                raise AigcError("the model is being unloaded; retry the request")
-            if self.load + len(rows) > self.max_rows:
+            if self.closed or self.load + len(rows) > self.max_rows:
                 raise QueueFull
             self.pending.extend(rows)
             self.cv.notify()
@@ -150,7 +148,7 @@ class Scheduler:
                     self.pending.clear()
                     return
                 new = []
-                if self.can_join or not self.rows:
+                if (self.can_join or not self.rows) and not self.closed:
                     while self.pending and len(self.rows) + len(new) < self.max_batch:
                         new.append(self.pending.popleft())
             try:

@@ -183,6 +183,19 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ loading
 
+    def loaded_now(self, model_id: str, kind: str) -> LoadedModel | None:
+        """The model if it is loaded and the table is fresh (no disk access: safe on the event loop)."""
+        if time.monotonic() - self._scanned >= RESCAN_INTERVAL_S:
+            return None
+        with self.lock:
+            entry = self.entries.get(model_id)
+            lm = self.loaded.get((entry.spec, entry.signature)) if entry is not None else None
+            if lm is None or entry.kind != kind:
+                return None
+            self.loaded.move_to_end((entry.spec, entry.signature))
+            lm.last_used = time.monotonic()
+            return lm
+
     def get(self, model_id: str, kind: str | None = None) -> LoadedModel:
         """The loaded model for an id, loading it on first use (blocking: call off the event loop)."""
         entry = self.resolve(model_id)
@@ -206,7 +219,9 @@ class ModelRegistry:
                 self.metrics.observe_load(entry.id, time.perf_counter() - t0)
             with self.lock:
                 self.loaded[key] = lm
-                self._evict(keep=key)
+                evicted = self._evict(keep=key)
+            for old in evicted:  # outside the lock: a closing scheduler may wait for its last step
+                self._close(old)
         return lm
 
     def _load(self, entry: ModelEntry) -> LoadedModel:
@@ -224,13 +239,14 @@ class ModelRegistry:
         sched = Scheduler(gen, max_batch=s.max_batch, max_rows=s.max_queue, metrics=self.metrics)
         return LoadedModel(entry, gen, sched)
 
-    def _evict(self, keep: tuple) -> None:
-        """Unload least recently used idle models while over the memory budget (or replaced)."""
+    def _evict(self, keep: tuple) -> list[LoadedModel]:
+        """Drop least recently used idle models while over the memory budget (or replaced)."""
+        out = []
         # a replaced artifact (new weights at the same path) is unloaded as soon as it is idle
         current = {(e.spec, e.signature) for e in self.entries.values()}
         for key, lm in list(self.loaded.items()):
             if key != keep and key not in current and not lm.busy:
-                self._unload(key)
+                out.append(self.loaded.pop(key))
         # the decoder keeps about one more copy of the weights: budget twice the file size
         total = sum(2 * lm.entry.size_bytes for lm in self.loaded.values())
         for key, lm in list(self.loaded.items()):  # oldest first
@@ -238,13 +254,13 @@ class ModelRegistry:
                 break
             if key != keep and not lm.busy:
                 total -= 2 * lm.entry.size_bytes
-                self._unload(key)
+                out.append(self.loaded.pop(key))
+        return out
 
-    def _unload(self, key: tuple) -> None:
-        lm = self.loaded.pop(key)
+    def _close(self, lm: LoadedModel) -> None:
         log.info("unloading model %s", lm.entry.id)
         if lm.scheduler is not None:
-            lm.scheduler.close()
+            lm.scheduler.close()  # rows that sneak in meanwhile get an error asking to retry
 
     def queue_depth(self) -> dict[str, int]:
         with self.lock:
@@ -256,5 +272,7 @@ class ModelRegistry:
 
     def close(self) -> None:
         with self.lock:
-            for key in list(self.loaded):
-                self._unload(key)
+            models = list(self.loaded.values())
+            self.loaded.clear()
+        for lm in models:
+            self._close(lm)

@@ -30,6 +30,7 @@ MAX_INFLIGHT_PER_KEY = 64  # requests of one API key at a time: above it 429
 RETRY_AFTER_S = 1  # the Retry-After header of a 429 / 503
 REQUEST_TIMEOUT_S = 300.0  # a request still running after this is cancelled (504)
 MEMORY_BUDGET_BYTES = 8 * 2**30  # loaded models above it: least recently used ones are unloaded
+STREAM_INTERVAL_S = 0.01  # a stream sends at most one batch of deltas per 10 ms (the first at once)
 RESCAN_INTERVAL_S = 1.0  # model dirs are listed again at most this often (new versions appear)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -1,22 +1,28 @@
 """The asyncio side of a text request: submit rows to a model's scheduler, await their events.
 
-The scheduler's worker thread calls `emit`, which hops onto the event loop with
-`call_soon_threadsafe`; the route awaits `TextCall.events()`. Events waiting together are merged
-(consecutive deltas of one choice become one), so a slow client or a busy loop costs fewer SSE
-writes, never lost text. Leaving the events loop early (client gone, timeout) cancels the rows,
+The scheduler's worker thread calls `emit`, which appends to the call's inbox and wakes the event
+loop (`call_soon_threadsafe`) only if no wake-up is pending; the route awaits `TextCall.events()`.
+Events waiting together are merged (consecutive deltas of one choice become one), and after a
+delta the next batch is awaited at least STREAM_INTERVAL_S later: a fast model's tokens reach the
+client in a few larger SSE chunks per 10 ms instead of one HTTP write each (the per-chunk cost,
+not the model, bounded single-client throughput), never lost or reordered text, and the first
+token is not delayed. Leaving the events loop early (client gone, timeout) cancels the rows,
 which frees their batch slots at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aigc.generation.params import GenerationParams
 from aigc.serve.batching import QueueFull, Scheduler, Ticket
+from aigc.serve.settings import STREAM_INTERVAL_S
 
 
 class TextCall:
@@ -28,7 +34,11 @@ class TextCall:
         self._ApiError = ApiError
         self.scheduler = scheduler
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
+        self.inbox: list[tuple[str, int, Any]] = []  # filled by the worker thread
+        self.lock = threading.Lock()
+        self.ready = asyncio.Event()  # set (on the loop) when the inbox has something
+        self.final = asyncio.Event()  # set when a row ends: its last chunk is not held back
+        self.wake_pending = False
         self.tickets: list[Ticket] = []
         self.n = 0
         self.deadline = time.monotonic() + timeout_s
@@ -39,15 +49,22 @@ class TextCall:
         offset = self.n
 
         def emit(kind: str, index: int, payload: Any) -> None:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, offset + index, payload))
+            with self.lock:
+                self.inbox.append((kind, offset + index, payload))
+                wake, self.wake_pending = not self.wake_pending, True
+            if wake:  # one hop onto the loop per batch of events, not one per token
+                self.loop.call_soon_threadsafe(self.ready.set)
+            if kind != "delta":
+                self.loop.call_soon_threadsafe(self.final.set)
 
         try:
             ticket = self.scheduler.submit(prompt, params, emit)
         except QueueFull:
             self.cancel()
             raise self._ApiError(
-                503, "the model's queue is full; retry after a moment", "overloaded", retry=True
-            ) from None
+                503, "the model's queue is full (or it is being unloaded); retry after a moment",
+                "overloaded", retry=True,
+            ) from None  # fmt: skip
         except BaseException:
             self.cancel()
             raise
@@ -63,25 +80,36 @@ class TextCall:
         for t in self.tickets:
             t.cancel()
 
+    def _take(self) -> list[tuple[str, int, Any]]:
+        with self.lock:
+            batch, self.inbox, self.wake_pending = self.inbox, [], False
+            self.ready.clear()
+            self.final.clear()
+        return batch
+
     async def events(self) -> AsyncIterator[tuple[str, int, Any]]:
         """("delta", index, text) and ("done", index, GenerationResult) until every row is done."""
         remaining = self.n
+        next_flush = 0.0  # monotonic time before which no further delta batch is sent
         try:
             while remaining:
                 left = self.deadline - time.monotonic()
                 try:
-                    first = await asyncio.wait_for(self.queue.get(), timeout=max(left, 0.001))
+                    if left <= 0:  # checked even while events keep coming
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(self.ready.wait(), timeout=left)
                 except asyncio.TimeoutError:
                     raise self._ApiError(
-                        504,
-                        f"generation took longer than the {self.timeout_s:g} s limit; ask for fewer tokens",
+                        504, f"generation took longer than the {self.timeout_s:g} s limit; ask for fewer tokens",
                         "timeout",
-                    ) from None
-                batch = [first]
-                while not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
+                    ) from None  # fmt: skip
+                wait = next_flush - time.monotonic()
+                if wait > 0 and not self.final.is_set():
+                    # let a fast model's tokens gather into one chunk; a row's end flushes at once
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.final.wait(), timeout=wait)
                 merged: list[list] = []
-                for kind, idx, payload in batch:
+                for kind, idx, payload in self._take():
                     if kind == "error":
                         raise self._ApiError(500, payload, "server_error")
                     if kind == "delta" and merged and merged[-1][0] == "delta" and merged[-1][1] == idx:
@@ -92,6 +120,7 @@ class TextCall:
                     if kind == "done":
                         remaining -= 1
                     yield kind, idx, payload
+                next_flush = time.monotonic() + STREAM_INTERVAL_S
         finally:
             if remaining:
                 self.cancel()  # client gone, timeout or error: free the slots

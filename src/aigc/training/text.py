@@ -179,6 +179,7 @@ class TextTask(Task):
         self.block_size = model.config.block_size
         check_context_fits(self.block_size, prepared)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # the train-window cursor (checkpointed)
+        self._samples: list[str] = []  # written at the end, shown in the card
 
     # ---------------------------------------------------------------- Task API
 
@@ -274,7 +275,7 @@ class TextTask(Task):
             f"({meta['val_bytes']:,} bytes)"
         )
         out = {"Parameters": f"{n:,}", "Data": data}
-        if getattr(self, "_samples", None):
+        if self._samples:
             out["Sample text"] = "```text\n" + self._samples[0][:1000] + "\n```"
         return out
 
@@ -417,21 +418,25 @@ def train_text(
     from aigc.utils.io import prepare_out_dir, read_json
 
     prepared = open_prepared(data)
+    out = Path(out)
+    saved = None
+    if resume:
+        if not (out / "config.json").is_file():
+            raise AigcError(
+                f"--resume: {out} is not a run directory (no config.json); drop --resume to start one"
+            )
+        saved = read_json(out / "config.json")
+        init_from = init_from or saved.get("init_from")  # a fine-tune resumes as a fine-tune
     src = read_init_source(init_from, family, prepared) if init_from else None
     run_cfg = resolve_text_config(
         family, prepared, preset, overrides, max_steps, max_time, init_from={"model": src[0]} if src else None
     )
     if src:
         run_cfg["init_from"] = str(Path(init_from).resolve())
-    out = Path(out)
-    if resume:
-        if not (out / "config.json").is_file():
-            raise AigcError(
-                f"--resume: {out} is not a run directory (no config.json); drop --resume to start one"
-            )
+    if saved is not None:
         from aigc.training.trainer import check_resume_config
 
-        check_resume_config(read_json(out / "config.json"), run_cfg)
+        check_resume_config(saved, run_cfg)
     elif env_info().is_main:  # under DDP only rank 0 touches the run directory
         if (out / "checkpoints").is_dir() and not overwrite:
             raise AigcError(

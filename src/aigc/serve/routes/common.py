@@ -33,7 +33,8 @@ class Slot:
 
 async def load_text_model(request: Request, model: str) -> Any:
     """The loaded model (first use loads it in a worker thread: the loop keeps serving)."""
-    return await asyncio.to_thread(request.app.state.registry.get, model, "text")
+    reg = request.app.state.registry
+    return reg.loaded_now(model, "text") or await asyncio.to_thread(reg.get, model, "text")
 
 
 def new_id(prefix: str) -> str:

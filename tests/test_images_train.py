@@ -137,10 +137,10 @@ def test_conditional_needs_labels(tmp_path):
 
 
 def test_image_size_not_supported_by_unet(digits, tmp_path):
-    with pytest.raises(AigcError, match=r"image size 8 .* multiples of 8 .*--set size=N"):
+    with pytest.raises(AigcError, match=r"image size 8 .* multiples of 16 \(e\.g\. 16, 32, 64.*--set size=N"):
         train_image(
             "diffusion",
             digits,
             tmp_path / "r",
-            overrides=["model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4"],
+            overrides=["model.block_out_channels=[8,8,8,8,8]", "model.norm_num_groups=4"],
         )

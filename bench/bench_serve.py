@@ -84,16 +84,30 @@ async def one_stream(client, n: int, seed: int) -> tuple[float, float, int]:
     return ttft or 0.0, time.perf_counter() - t0, usage["completion_tokens"]
 
 
-async def http_round(url: str, clients: int, n: int, seed: int) -> tuple[float, list[float]]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        t = time.perf_counter()
-        res = await asyncio.gather(*(one_stream(client, n, seed + i) for i in range(clients)))
-        wall = time.perf_counter() - t
+async def http_round(client, clients: int, n: int, seed: int) -> tuple[float, list[float]]:
+    """Aggregate tokens/s and the times to first token of `clients` concurrent streams."""
+    t = time.perf_counter()
+    res = await asyncio.gather(*(one_stream(client, n, seed + i) for i in range(clients)))
+    wall = time.perf_counter() - t
     assert all(tokens == n for _, _, tokens in res)
     return clients * n / wall, [ttft for ttft, _, _ in res]
+
+
+async def measure(url: str, clients: int, n: int, rounds: int) -> tuple[float, list[float], list[float]]:
+    """(single-client tokens/s, aggregate tokens/s per round, times to first token) over one
+    keep-alive connection pool, warmed up first (connection setup is not what we measure)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        await http_round(client, clients, n, 0)  # load the model, open the connections
+        single = statistics.median([(await http_round(client, 1, n, r))[0] for r in range(5 * rounds)])
+        many, ttfts = [], []
+        for r in range(rounds):
+            tps, tt = await http_round(client, clients, n, 100 * r)
+            many.append(tps)
+            ttfts += tt
+    return single, many, ttfts
 
 
 def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -144,15 +158,7 @@ def main() -> None:
         base = in_process(models / "tiny", args.tokens, repeats=5 * rounds)
         proc, url = start_server(models, args.threads)
         try:
-            asyncio.run(http_round(url, 1, args.tokens, 0))  # load the model, warm up
-            single = statistics.median(
-                asyncio.run(http_round(url, 1, args.tokens, r))[0] for r in range(5 * rounds)
-            )
-            many, ttfts = [], []
-            for r in range(rounds):
-                tps, tt = asyncio.run(http_round(url, args.clients, args.tokens, 100 * r))
-                many.append(tps)
-                ttfts += tt
+            single, many, ttfts = asyncio.run(measure(url, args.clients, args.tokens, rounds))
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -244,23 +244,15 @@ def test_cli_sentiment(tmp_path, run_cli, monkeypatch):
     assert code == 0 and "--model" in stdout
 
 
-def test_train_classifier_command(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from aigc.evaluation.sentiment_cli import train_classifier_cmd
-
-    app = typer.Typer()
-    app.command("classifier")(train_classifier_cmd)
-    app.command("other")(lambda: None)  # two commands, so "classifier" is a sub-command as in `aigc train`
+def test_train_classifier_command(tmp_path, run_cli):
     data = _write_tsv(tmp_path / "s.tsv")
-    result = CliRunner().invoke(app, ["classifier", "--data", str(data), "--out", str(tmp_path / "c")])
-    assert result.exit_code == 0, result.output
-    assert "held-out accuracy" in result.stdout and (tmp_path / "c" / "model.safetensors").is_file()
-    result = CliRunner().invoke(app, ["classifier", "--data", str(data), "--kind", "svm"])
-    assert isinstance(result.exception, AigcError) and "ngram or embeddings" in str(result.exception)
-    result = CliRunner().invoke(app, ["classifier", "--help"])
-    assert result.exit_code == 0 and "--label-names" in result.stdout
+    code, stdout, stderr = run_cli("train", "classifier", "--data", data, "--out", tmp_path / "c")
+    assert code == 0, stderr
+    assert "trained classifier" in stdout and (tmp_path / "c" / "model.safetensors").is_file()
+    code, _, stderr = run_cli(
+        "train", "classifier", "--data", data, "--out", tmp_path / "d", "--set", "kind=svm"
+    )
+    assert code == 1 and "kind" in stderr and "ngram" in stderr
 
 
 def test_train_family_adapter(tmp_path):

@@ -282,8 +282,9 @@ def test_smoke_recipe_two_steps_then_load(tmp_path, family):
     cfg = read_json(run / "config.json")
     assert cfg["family"] == family and {"model", "train", "data"} <= set(cfg)
     import aigc
+    from aigc.registry import load_artifact
 
-    art = aigc.load(run)  # rebuilt from the directory alone (aigc.registry.load_artifact)
+    art = load_artifact(run)  # rebuilt from the directory alone
     ids = torch.tensor([art.tokenizer.encode("the fox")])
     logits, _ = art.model(ids)
     assert logits.shape == (1, ids.shape[1], cfg["model"]["vocab_size"]) and torch.isfinite(logits).all()
@@ -298,6 +299,9 @@ def test_smoke_recipe_two_steps_then_load(tmp_path, family):
     )
     tr = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"][-1]
     assert tr["tokens_per_s"] > 0 and tr["mfu"] > 0
+    gen = aigc.load(run)  # the public API: a generator over the same artifact
+    [result] = gen.generate("the", max_new_tokens=5, seed=0)
+    assert len(result.tokens) == 5 and result.seed == 0
 
 
 def test_context_longer_than_the_data(tmp_path):

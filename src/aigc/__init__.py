@@ -10,16 +10,40 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+IMAGE_FAMILIES = ("diffusion", "gan", "vae")
 
-def load(path: str | Path) -> Any:
-    """Load a trained model artifact (a run directory) with no outside flags.
 
-    Returns what `aigc.registry.load_artifact` returns (the rebuilt model, its config and
-    tokenizer); a later version returns a Generator object.
+def load(spec: str | Path, **kwargs: Any) -> Any:
+    """The generator for a trained run directory or a pretrained `hf:<dir or hub id>` model.
+
+    Text runs (gpt, lstm) and transformers causal LMs give a `TextGenerator`
+    (`.generate(prompt, **params)`, `.stream(...)`); image runs (diffusion, gan, vae) and diffusers
+    pipelines an `ImageGenerator`; a sentiment classifier run its classifier (`.predict(texts)`).
+    Everything is rebuilt from the directory alone. `kwargs` go to the generator's loader
+    (e.g. `dtype=torch.bfloat16` for text).
     """
-    from aigc.registry import load_artifact
+    import json
 
-    return load_artifact(path)
+    spec = str(spec)
+    local = Path(spec.removeprefix("hf:")).expanduser()
+    if spec.startswith("hf:") and (local / "model_index.json").is_file():  # a diffusers pipeline
+        from aigc.generation.image import ImageGenerator
+
+        return ImageGenerator.load(spec, **kwargs)
+    family = None
+    if not spec.startswith("hf:") and (local / "config.json").is_file():
+        family = json.loads((local / "config.json").read_text(encoding="utf-8")).get("family")
+    if family in IMAGE_FAMILIES:
+        from aigc.generation.image import ImageGenerator
+
+        return ImageGenerator.load(local, **kwargs)
+    if family == "classifier":
+        from aigc.evaluation.sentiment import load_classifier
+
+        return load_classifier(local)
+    from aigc.generation import load_generator  # text runs, transformers folders, clear errors
+
+    return load_generator(spec, **kwargs)
 
 
 def sentiment(texts: str | list[str], model: str | Path | None = None) -> Any:
@@ -33,4 +57,4 @@ def sentiment(texts: str | list[str], model: str | Path | None = None) -> Any:
     return _sentiment(texts, model=model)
 
 
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "load", "sentiment"]

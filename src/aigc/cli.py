@@ -250,6 +250,7 @@ TRAINERS: dict[str, str] = {
     "diffusion": "aigc.training.image_tasks:train_image",
     "vae": "aigc.training.image_tasks:train_image",
     "gan": "aigc.training.image_tasks:train_image",
+    "classifier": "aigc.evaluation.sentiment_cli:train_family",
 }
 
 
@@ -472,7 +473,9 @@ def generate_image(
         str | None, typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim or dpm (DPM-Solver++).")
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (diffusion).")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text prompt (hf: text-to-image).")] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Text prompt (hf: text-to-image).")
+    ] = None,
     size: Annotated[int | None, typer.Option("--size", help="Output side in pixels (hf: pipelines).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in every PNG).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
@@ -492,7 +495,9 @@ def generate_image(
     target = prepare_out_dir(out_dir, overwrite=overwrite)
     gen = ImageGenerator.load(model)
     if animate:
-        frames, params = gen.animate(frames=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps)
+        frames, params = gen.animate(
+            frames=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps
+        )
     else:
         result = gen.generate(
             n=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps, prompt=prompt,
@@ -511,7 +516,9 @@ def generate_image(
         shutil.rmtree(stage, ignore_errors=True)
         raise
     if animate:
-        out.print(f"wrote {Path(target) / 'animation.gif'} ({len(frames)} frames, seed {seed})", highlight=False)
+        out.print(
+            f"wrote {Path(target) / 'animation.gif'} ({len(frames)} frames, seed {seed})", highlight=False
+        )
         return
     p = result.params[0]
     out.print(
@@ -624,6 +631,41 @@ def models_cmd(
 
 
 # ============================================================================ demo
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Annotated[
+        str, typer.Option("--out", "-o", help="Where the demo writes its data and runs.")
+    ] = "demo-output",
+    parts: Annotated[
+        list[str] | None,
+        typer.Option("--part", help="Which parts to run: text, image (repeatable; default all)."),
+    ] = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="Training budget per part, in seconds.")] = 60.0,
+) -> None:
+    """The whole loop on built-in data, offline: prepare, train, generate (text, then images)."""
+    from aigc.demo import PARTS, run_demo
+
+    chosen = parts or list(PARTS)
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown:
+        raise AigcError(f"unknown --part {unknown[0]!r}; valid parts: {', '.join(PARTS)}")
+    if seconds <= 0:
+        raise AigcError(f"--seconds must be > 0, got {seconds}")
+    results = run_demo(out_dir, chosen, seconds, log=lambda m: err.print(m, highlight=False))
+    if "text" in results:
+        r = results["text"]
+        out.print(
+            f"\n[bold]text[/]: GPT trained {r['steps']} steps on {r['corpus']}, val loss {r['val_loss']:.3f}"
+        )
+        out.print(r["sample"], highlight=False, markup=False)
+    if "image" in results:
+        r = results["image"]
+        out.print(
+            f"\n[bold]images[/]: diffusion trained {r['steps']} steps; sample grid (labels 0-9): {r['grid']}"
+        )
+    out.print(f"\nEverything is in {out_dir}/ (runs load with aigc.load(PATH)).")
 
 
 # ============================================================================ sentiment

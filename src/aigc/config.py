@@ -74,7 +74,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {_type_name(tp)} ({len(args)} items), got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

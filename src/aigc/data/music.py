@@ -238,7 +238,7 @@ def parse_file(path: Path, resolution: int, name: str | None = None) -> list[Pie
 
 
 def _cache_dir() -> Path:
-    from aigc.data.sources import aigc_home
+    from aigc.utils.paths import aigc_home
 
     return aigc_home() / "cache" / "music"
 

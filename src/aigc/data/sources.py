@@ -27,6 +27,7 @@ from typing import Any
 
 from aigc.errors import AigcError
 from aigc.utils.io import atomic_write
+from aigc.utils.paths import aigc_home
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -246,10 +247,6 @@ BUILTINS: dict[str, Builtin] = {
         blocks=True,
     ),
 }
-
-
-def aigc_home() -> Path:
-    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".aigc")
 
 
 def data_search_path() -> list[Path]:

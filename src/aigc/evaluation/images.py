@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from aigc.errors import AigcError
+from aigc.utils.paths import aigc_home
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -270,10 +270,6 @@ def copy_grid(
 
 
 # ----------------------------------------------------------------------------- feature network
-
-
-def aigc_home() -> Path:
-    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".aigc")
 
 
 def data_hash(images: torch.Tensor, labels: np.ndarray | torch.Tensor, extra: dict | None = None) -> str:

@@ -14,7 +14,6 @@ model.safetensors, vocab.json (ngram kind), metrics.jsonl (held-out accuracy), c
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch
 
 from aigc.data.labelled import LabelledData, read_many, stratified_split
 from aigc.errors import AigcError
+from aigc.utils.paths import aigc_home
 
 Kind = Literal["ngram", "embeddings"]
 # 0/1 labels (UCI, many review sets) are read as negative/positive unless names are given
@@ -392,7 +392,7 @@ class SentimentClassifier:
 
 
 def registry_roots() -> list[Path]:
-    home = Path(os.environ.get("AIGC_HOME") or Path.home() / ".aigc")
+    home = aigc_home()
     return [home / "models", Path.cwd() / "runs"]
 
 

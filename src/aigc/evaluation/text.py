@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from aigc.utils.paths import aigc_home
+
 Tokens = Sequence[Hashable]
 
 # ----------------------------------------------------------------------------- likelihood
@@ -455,13 +457,12 @@ def cached_index(
     `key` must identify the tokens (e.g. the prepared data's `source_hash` + tokenizer id); a
     cached index whose token count differs is rebuilt.
     """
-    import os
     import re
 
     if cache_dir is not None:
         root = Path(cache_dir)
     else:
-        root = Path(os.environ.get("AIGC_HOME") or Path.home() / ".aigc") / "cache" / "memorization"
+        root = aigc_home() / "cache" / "memorization"
     path = root / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}-n{n}.safetensors"
     if path.is_file():
         index = TrainingIndex.load(path)

@@ -34,7 +34,7 @@ class Blobs:
 
     def __init__(self, root: str | Path | None = None):
         if root is None:
-            from aigc.feedback.store import aigc_home
+            from aigc.utils.paths import aigc_home
 
             root = aigc_home() / "outputs"
         self.root = Path(root)

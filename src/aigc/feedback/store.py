@@ -40,6 +40,7 @@ from aigc.feedback.schema import (
     SchemaVersion,
     migrate,
 )
+from aigc.utils.paths import aigc_home
 
 GENERATION_KINDS = ("text", "image", "music", "audio")
 RATING_RANGES = {"thumb": (-1, 1), "stars": (1, 5)}  # thumbs are -1 / 1 (no 0)
@@ -50,10 +51,6 @@ MAX_COMMENT = 20_000
 
 class NotFoundError(AigcError):
     """An id that is not in the store (HTTP 404)."""
-
-
-def aigc_home() -> Path:
-    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".aigc")
 
 
 def default_url() -> str:

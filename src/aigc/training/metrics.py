@@ -25,11 +25,7 @@ from typing import Any
 import torch
 
 from aigc.utils.io import atomic_write_json, atomic_write_text, read_json
-
-
-def aigc_home() -> Path:
-    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".cache" / "aigc")
-
+from aigc.utils.paths import aigc_home
 
 # ----------------------------------------------------------------------------- metrics.jsonl
 

@@ -46,6 +46,9 @@ def _png(image, params: dict) -> bytes:
 
 def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dict]]:
     """Generate in the calling (worker) thread, one call per model at a time."""
+    from aigc.serve.batching import inherit_torch_threads
+
+    inherit_torch_threads()
     gen = lm.generator
     size = None
     if body.size is not None:

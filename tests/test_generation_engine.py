@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from aigc.errors import AigcError
+from aigc.generation.decoders import GPTDecoder
 from aigc.generation.engine import Engine, Request
 from aigc.generation.params import GenerationParams
 from aigc.generation.text import ChatSession, TextGenerator
@@ -59,6 +60,37 @@ def test_greedy_with_cache_equals_full_recompute(family):
     for req, c in zip(reqs, eng.generate(reqs), strict=True):
         assert c.tokens == _greedy_no_cache(model, req.prompt, 20)
         assert c.finish_reason == "length"
+
+
+def _greedy_sliding(model, prompt: list[int], n: int, block: int) -> list[int]:
+    """Reference for the context policy: when the context is full, keep its last block - block//4."""
+    ctx, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ctx]))[0][0, -1].argmax())
+            out.append(t)
+            ctx = ctx + [t] if len(ctx) < block else (ctx + [t])[-(block - block // 4) :]
+    return out
+
+
+def test_generation_slides_past_the_context():
+    block = 16
+    model = _gpt(40, block=block)
+    eng = Engine(GPTDecoder(model), eos_id=None)
+    prompts = [[1, 2, 3], list(range(5, 18)), [7]]  # reach the limit at different steps
+    reqs = [Request(p, GenerationParams(max_new_tokens=50, temperature=0.0, seed=0)) for p in prompts]
+    outs = eng.generate(reqs)
+    for p, c in zip(prompts, outs, strict=True):
+        assert c.finish_reason == "length" and len(c.tokens) == 50
+        assert c.tokens == _greedy_sliding(model, p, 50, block)
+    # sampled rows slide too, and stay reproducible alone or batched
+    sampled = [
+        Request(p, GenerationParams(max_new_tokens=40, temperature=1.0, seed=5 + i))
+        for i, p in enumerate(prompts)
+    ]
+    batched = eng.generate(sampled)
+    for r, c in zip(sampled, batched, strict=True):
+        assert eng.generate([r])[0].tokens == c.tokens
 
 
 def test_bf16_decoder_runs_and_mostly_agrees():
@@ -134,9 +166,10 @@ def test_long_prompt_keeps_tail_with_warning(caplog):
     assert "kept the last 11 tokens" in caplog.text and c.warnings
     assert c.prompt_tokens == 11 and len(c.tokens) == 5
     assert c.tokens == _greedy_no_cache(model, prompt[-11:], 5)
-    # a prompt that fits but leaves no room: generation stops when the context is full
+    # a prompt that fits but leaves little room: the context slides, all 50 tokens come
     c = eng.generate([Request(list(range(1, 14)), GenerationParams(temperature=0, max_new_tokens=50))])[0]
-    assert c.finish_reason == "length" and c.prompt_tokens + len(c.tokens) == 17
+    assert c.finish_reason == "length" and c.prompt_tokens == 13 and len(c.tokens) == 50
+    assert c.tokens == _greedy_sliding(model, list(range(1, 14)), 50, 16)
 
 
 def test_processors_in_the_engine():

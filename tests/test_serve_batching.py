@@ -120,3 +120,34 @@ def test_close_fails_waiting_rows_cleanly(runs):
     assert len(col.results) + len(col.errors) == 2
     with pytest.raises(QueueFull):
         sched.submit("soft", make_params(), col.emit_for("late"))
+
+
+def test_scheduler_slides_past_the_context_like_the_engine():
+    """Rows longer than the context slide in the scheduler exactly as in TextGenerator."""
+    import torch
+
+    from aigc.generation.text import TextGenerator
+    from aigc.models.gpt import GPT, GPTConfig
+    from aigc.tokenizers import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer("char", ["abcdefghij klmnop"])
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    gen = TextGenerator(model, tok, model_id="tiny")
+    reqs = [
+        ("abc", dict(max_new_tokens=30, temperature=1.0, seed=3)),
+        ("k", dict(max_new_tokens=20, temperature=0)),
+    ]
+    sched, col = Scheduler(gen), Collector()
+    col.expected = len(reqs)
+    try:
+        for k, (prompt, kw) in enumerate(reqs):
+            sched.submit(prompt, make_params(**kw), col.emit_for(k))
+            time.sleep(0.002)
+        assert col.done.wait(30) and not col.errors
+    finally:
+        sched.close()
+    for k, (prompt, kw) in enumerate(reqs):
+        [want] = gen.generate(prompt, **kw)
+        assert len(want.tokens) == kw["max_new_tokens"]  # past the 8-token context
+        assert col.results[(k, 0)].tokens == want.tokens and col.results[(k, 0)].text == want.text

@@ -7,6 +7,8 @@ LSTM) and offers four operations, all on token ids:
   step(tokens, positions)     -> logits (B, V) for one new token per row at its own position
   reorder(index)              row i becomes a copy of row index[i] (beam search, dropping rows)
   max_len                     the context length (None: unbounded, recurrent)
+  refill(row, tokens)         optional: run `tokens` again as row `row`'s whole context (slots
+                              0..len-1), -> logits (V,); the engine slides a full context with it
 
 `GPTDecoder` is the fast path for our GPT. Small-model decode is bound by per-op overhead, not
 FLOPs (PERFORMANCE-NOTES.md), so it reads the model's weights into plain tensors once and runs one
@@ -135,6 +137,12 @@ class GPTDecoder:
             out.append(logits)
             last = (list(prompt), logits)
         return torch.stack(out).float()  # (B, V)
+
+    @torch.inference_mode()
+    def refill(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
+        """Recompute one row's cache from `tokens` (its new, shorter context) -> logits (V,)."""
+        idx = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        return self._prefill_row(row, idx).float()
 
     def _prefill_row(self, row: int, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[0]

@@ -7,8 +7,12 @@ from the request's recorded seed, so a result can be reproduced from its seed al
 
 Context policy: a prompt that does not fit the model's context (`decoder.max_len`) keeps its tail,
 the last `max_len - min(max_new_tokens, max_len // 2)` tokens, so there is room to generate; a
-warning is logged and recorded on the completion. A row whose context fills up ends with
-finish_reason "length". Recurrent decoders (LSTM) have no context limit.
+warning is logged and recorded on the completion. When a row's context fills up during decoding it
+slides (nanoGPT crops the context the same way): the row's last `max_len - max_len // 4` tokens are
+run again as its whole context and decoding goes on, so `max_new_tokens` may exceed the context.
+Only that row is recomputed, so its tokens never depend on its batch neighbours. Decoders without
+`refill` (transformers models, whose contexts are long) end such a row with finish_reason "length".
+Recurrent decoders (LSTM) have no context limit.
 """
 
 from __future__ import annotations
@@ -147,6 +151,38 @@ class Engine:
         ]
 
 
+def can_slide(decoder: object) -> bool:
+    """Whether rows of this decoder slide their context when it is full (see the module docstring)."""
+    return getattr(decoder, "max_len", None) is not None and hasattr(decoder, "refill")
+
+
+def feed(
+    dec: object,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    histories: Sequence[Sequence[int]],
+    cache_len: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed one new token per row at its position -> (logits (B, V), next positions (B,)).
+
+    With `cache_len`, a row whose next position is past the cache slides: it steps at a
+    placeholder slot (0), then its last `cache_len - cache_len // 4` tokens of `histories[j]` are
+    run again as its whole context, overwriting that slot and giving its logits.
+    """
+    full = (positions >= cache_len).nonzero().flatten().tolist() if cache_len is not None else []
+    if full:
+        positions = positions.clone()
+        positions[full] = 0
+    logits = dec.step(tokens, positions)  # (B, V)
+    if full:
+        keep = cache_len - cache_len // 4
+        logits = logits.clone()  # an inference tensor: copy before the in-place row updates
+        for j in full:
+            logits[j] = dec.refill(j, list(histories[j][-keep:]))
+            positions[j] = keep - 1
+    return logits, positions + 1
+
+
 class DecodeRun:
     """One batch being decoded. Iterating yields, per step, `[(request_index, token), ...]` for the
     rows still running; `stop(i)` ends request i early (a stop string found by the text layer)."""
@@ -180,6 +216,7 @@ class DecodeRun:
         cache_len = max(len(prompts[i]) + params[i].max_new_tokens for i in active)
         if dec.max_len is not None:
             cache_len = min(cache_len, dec.max_len)
+        slide = can_slide(dec)
 
         # 1. prefill every prompt; per-row state for processors and sampling
         logits = dec.prefill([prompts[i] for i in active], max_len=cache_len)  # (B, V)
@@ -224,8 +261,10 @@ class DecodeRun:
                 if t in stop_sets[j]:
                     c.finish_reason = "stop"
                     done.append(j)
-                elif len(c.tokens) >= params[i].max_new_tokens or plens[j] + len(c.tokens) > cache_len:
-                    # out of new tokens, or the context is full: no room to feed this token back
+                elif len(c.tokens) >= params[i].max_new_tokens or (
+                    not slide and plens[j] + len(c.tokens) > cache_len
+                ):
+                    # out of new tokens, or the context is full and cannot slide
                     c.finish_reason = "length"
                     done.append(j)
             if seen is not None:
@@ -252,6 +291,5 @@ class DecodeRun:
                 seen = None if seen is None else seen[idx]
                 counts = None if counts is None else counts[idx]
                 tokens, positions = tokens[idx], positions[idx]
-            # 5. feed the new tokens at each row's position
-            logits = dec.step(tokens, positions)
-            positions = positions + 1
+            # 5. feed the new tokens at each row's position (a row whose context is full slides)
+            logits, positions = feed(dec, tokens, positions, histories, cache_len if slide else None)

@@ -35,7 +35,7 @@ import torch
 from aigc.errors import AigcError
 from aigc.generation import processors as P
 from aigc.generation.decoders import GPTDecoder, LSTMDecoder
-from aigc.generation.engine import Completion
+from aigc.generation.engine import Completion, can_slide, feed
 from aigc.generation.params import GenerationParams
 from aigc.generation.sampling import make_generator, sample_next, token_logprobs
 from aigc.generation.stream import Detokenizer, StopMatcher
@@ -189,9 +189,9 @@ class Scheduler:
             if p.max_new_tokens == 0:  # nothing to generate: done before it starts
                 self._finish(r)
                 continue
-            # the engine ends a row when its next token would not fit the cache
+            # as in the engine: a full context slides where the decoder can, else the row ends
             r.limit = len(prompt) + p.max_new_tokens
-            if dec.max_len is not None:
+            if dec.max_len is not None and not can_slide(dec):
                 r.limit = min(r.limit, dec.max_len)
             r.history = list(prompt)
             r.gen = make_generator(p.seed) if p.sampling else None
@@ -328,8 +328,9 @@ class Scheduler:
             self._seen = None if self._seen is None else self._seen[idx]
             self._counts = None if self._counts is None else self._counts[idx]
             tokens, positions = tokens[idx], positions[idx]
-        self._logits = self.decoder.step(tokens, positions)
-        self._positions = positions + 1
+        cache_len = self.decoder.max_len if can_slide(self.decoder) else None
+        histories = [r.history for r in self.rows]
+        self._logits, self._positions = feed(self.decoder, tokens, positions, histories, cache_len)
         self._record(len(rows), time.perf_counter() - t0)
 
     def _record(self, batch: int, seconds: float) -> None:

@@ -78,7 +78,9 @@ def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: i
     return step
 
 
-def our_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, precision: str):
+def our_loop(
+    cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, precision: str, compile: bool = False
+):
     """DiffusionTask.training_step driven as the Trainer drives it, as a callable."""
     train = TrainConfig(batch_size=batch, lr=1e-4, weight_decay=0.0, max_steps=1000, precision=precision)
     task = DiffusionTask(cfg, data, train)
@@ -87,7 +89,10 @@ def our_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int
     for m in modules.values():
         m.train()
     device = torch.device("cpu")
-    ctx = Context(train, device, modules, modules, task.optimizers(train), autocast_dtype(precision, device))
+    wrapped = (
+        {name: torch.compile(m) for name, m in modules.items()} if compile else modules
+    )  # as train.compile
+    ctx = Context(train, device, wrapped, modules, task.optimizers(train), autocast_dtype(precision, device))
     return lambda: task.training_step(ctx)
 
 
@@ -100,6 +105,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our UNet (train.compile=true)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.rounds = 3, 1
@@ -119,14 +125,16 @@ def main() -> None:
     # sides alike; the median step time of each side gives its images/s.
     sides = {
         "diffusers-example loop": plain_loop(cfg, state, data, args.batch),
-        f"ours ({args.precision})": our_loop(cfg, state, data, args.batch, args.precision),
+        f"ours ({args.precision}{', compiled' if args.compile else ''})": our_loop(
+            cfg, state, data, args.batch, args.precision, args.compile
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(2 + args.steps * args.rounds):
         for name, step in sides.items():
             t0 = time.perf_counter()
             step()
-            if i >= 2:  # the first two steps warm up allocations and kernel choice
+            if i >= 2:  # the first two steps warm up allocations, kernel choice (and compilation)
                 times[name].append(time.perf_counter() - t0)
     rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
     best = {name: args.batch / min(ts) for name, ts in times.items()}

@@ -17,8 +17,10 @@ def load(spec: str | Path, **kwargs: Any) -> Any:
     """The generator for a trained run directory or a pretrained `hf:<dir or hub id>` model.
 
     Text runs (gpt, lstm) and transformers causal LMs give a `TextGenerator`
-    (`.generate(prompt, **params)`, `.stream(...)`); image runs (diffusion, gan, vae) and diffusers
-    pipelines an `ImageGenerator`; a sentiment classifier run its classifier (`.predict(texts)`).
+    (`.generate(prompt, **params)`, `.stream(...)`); music runs (a gpt on music events) a
+    `MusicGenerator` (`.generate(key=, meter=, style=, bars=, n=, seed=)`); image runs (diffusion,
+    gan, vae) and diffusers pipelines an `ImageGenerator`; a sentiment classifier run its
+    classifier (`.predict(texts)`).
     Everything is rebuilt from the directory alone. `kwargs` go to the generator's loader
     (e.g. `dtype=torch.bfloat16` for text).
     """
@@ -41,6 +43,13 @@ def load(spec: str | Path, **kwargs: Any) -> Any:
         from aigc.evaluation.sentiment import load_classifier
 
         return load_classifier(local)
+    if family is not None:
+        from aigc.generation.music import is_music_run
+
+        if is_music_run(local):  # a gpt trained on music events (tokenizer.json "kind": "music")
+            from aigc.generation.music import MusicGenerator
+
+            return MusicGenerator.from_artifact(local, **kwargs)
     from aigc.generation import load_generator  # text runs, transformers folders, clear errors
 
     return load_generator(spec, **kwargs)
@@ -57,4 +66,13 @@ def sentiment(texts: str | list[str], model: str | Path | None = None) -> Any:
     return _sentiment(texts, model=model)
 
 
-__all__ = ["__version__", "load", "sentiment"]
+def evaluate(run: str | Path, data: str | Path | None = None, n: int = 1000, **kwargs: Any) -> dict[str, Any]:
+    """Evaluate a trained run on its data: metrics beside a real-vs-real floor, written to
+    `run/eval/report.json` (+ .md, PNGs) and linked from its card.md. See
+    `aigc.evaluation.run.evaluate` for the options (seed, out, classifier, sampler settings)."""
+    from aigc.evaluation.run import evaluate as _evaluate
+
+    return _evaluate(run, data=data, n=n, **kwargs)
+
+
+__all__ = ["__version__", "evaluate", "load", "sentiment"]

@@ -251,6 +251,7 @@ TRAINERS: dict[str, str] = {
     "vae": "aigc.training.image_tasks:train_image",
     "gan": "aigc.training.image_tasks:train_image",
     "classifier": "aigc.evaluation.sentiment_cli:train_family",
+    "music": "aigc.training.music:train_music",  # the gpt trainer on --kind music data
 }
 
 
@@ -402,6 +403,15 @@ def generate_text(
         bool, typer.Option("--json", help="Print one JSON result per line (with provenance).")
     ] = False,
     dtype: DtypeOpt = "float32",
+    watermark: Annotated[
+        bool, typer.Option("--watermark", help="Watermark the text with this deployment's key.")
+    ] = False,
+    record: Annotated[
+        bool, typer.Option("--record", help="Record the outputs in the store (see `aigc history`).")
+    ] = False,
+    db: Annotated[
+        str | None, typer.Option("--db", help="Store for --record (default $AIGC_DB or $AIGC_HOME/aigc.db).")
+    ] = None,
 ) -> None:
     """Generate text from a prompt: the text goes to stdout, the seed and timing to stderr."""
     import json
@@ -426,7 +436,13 @@ def generate_text(
         n=n,
         seed=seed,
         stop=_stops(stop),
+        watermark=watermark or None,
     )
+    store = None
+    if record:  # opened first: a store that cannot be written fails before the model runs
+        from aigc.feedback.store import Store
+
+        store = Store.open(db)
     gen = load_generator(model, dtype=_dtype(dtype))
     t0 = time.perf_counter()
     if stream and not json_out:
@@ -456,6 +472,13 @@ def generate_text(
     )
     for w in {w for r in results for w in r.warnings}:
         err.print(f"warning: {w}", highlight=False)
+    if store is not None:
+        with store:
+            ids = store.add_generations(
+                [dict(kind="text", model=str(model), prompt=prompt, params=r.params, seed=r.seed,
+                      output_text=r.text, duration=dt / len(results)) for r in results]  # fmt: skip
+            )
+        err.print(f"recorded as generation {', '.join(map(str, ids))} in {store.where}", highlight=False)
 
 
 @generate_app.command("image")
@@ -526,6 +549,58 @@ def generate_image(
         f"steps {p.get('steps')}, guidance {p.get('guidance')})",
         highlight=False,
     )
+
+
+@generate_app.command("music")
+def generate_music(
+    model: Annotated[str, typer.Option("--model", "-m", help="Run directory of a music model (aigc train music).")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory for .mid/.wav/.png/.json per piece.")],
+    key: Annotated[str, typer.Option("--key", help='Key, e.g. "D minor", "Bb major", "f#".')] = "C major",
+    meter: Annotated[str, typer.Option("--meter", help="Time signature, e.g. 4/4, 3/4, 6/8.")] = "4/4",
+    style: Annotated[
+        str | None, typer.Option("--style", help="Style the model was trained with (chorale, folk, ...).")
+    ] = None,
+    bars: Annotated[int, typer.Option("--bars", help="Bars to generate per piece (after the primer).")] = 8,
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of pieces (seeds seed, seed+1, ...).")] = 1,
+    primer: Annotated[
+        str | None, typer.Option("--primer", help="A MIDI file whose notes open every piece.")
+    ] = None,
+    instrument: Annotated[str, typer.Option("--instrument", help="WAV voice: piano, organ or strings.")] = "piano",
+    tempo: Annotated[float | None, typer.Option("--tempo", help="Quarter notes per minute (default 100).")] = None,
+    temperature: TempOpt = 1.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in every file).")] = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Generate music: MIDI, WAV (built-in synth) and a piano-roll PNG per piece, with a JSON sidecar."""
+    import shutil
+
+    from aigc.generation.music import MusicGenerator
+    from aigc.utils.io import commit_dir, prepare_out_dir, staging_dir
+
+    target = prepare_out_dir(out_dir, overwrite=overwrite)
+    gen = MusicGenerator.from_artifact(model)
+    results = gen.generate(
+        n=n, key=key, meter=meter, style=style, bars=bars, primer=primer, seed=seed, temperature=temperature,
+        top_k=top_k, top_p=top_p, instrument=instrument, tempo=tempo,
+    )  # fmt: skip
+    stage = staging_dir(target)  # the whole directory appears at once, or not at all
+    try:
+        for r in results:
+            r.save(stage, f"piece-{r.index}")
+        commit_dir(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    for r in results:
+        m = r.metadata
+        out.print(
+            f"{target}/piece-{r.index}.mid|.wav|.png: seed {r.seed}, {m['key']} {m['meter']}, {m['notes']} notes, "
+            f"{m['seconds']:.1f} s ({r.finish_reason})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("chat")
@@ -666,6 +741,73 @@ def demo_cmd(
             f"\n[bold]images[/]: diffusion trained {r['steps']} steps; sample grid (labels 0-9): {r['grid']}"
         )
     out.print(f"\nEverything is in {out_dir}/ (runs load with aigc.load(PATH)).")
+
+
+# ============================================================================ eval
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Run directory to evaluate.")],
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Prepared data (default: the run's own).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Samples to generate (capped at the real set).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of sample 0 (sample i uses seed+i).")] = 0,
+    out_path: Annotated[
+        str | None, typer.Option("--out", "-o", help="Report JSON path (default RUN/eval/report.json).")
+    ] = None,
+    classifier: Annotated[
+        str | None, typer.Option("--classifier", help="Sentiment classifier run: share of positive samples.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Tokens per text/music sample.")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "-t", help="Sampling temperature.")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k sampling.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling.")] = None,
+    sampler: Annotated[
+        str | None, typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim, dpm.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (diffusion).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", "-g", help="Guidance scale (diffusion).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
+) -> None:
+    """Evaluate a run: samples vs held-out data (real-vs-real floor) -> report.json + report.md."""
+    import json
+    import warnings
+
+    from rich.table import Table
+
+    from aigc.evaluation.run import evaluate
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = evaluate(
+            model, data=data, n=n, seed=seed, out=out_path, classifier=classifier,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            sampler=sampler, steps=steps, guidance=guidance,
+            log=lambda m: err.print(m, highlight=False, markup=False),
+        )  # fmt: skip
+    for msg in dict.fromkeys(str(w.message) for w in caught):
+        err.print(f"warning: {msg}", highlight=False, markup=False)
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+
+    def fmt(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
+
+    p = report["protocol"]
+    table = Table("metric", "model", "real vs real", title=f"{report['kind']} eval: {p['samples']} samples")
+    for k, v in report["model"].items():
+        if not isinstance(v, (dict, list)):
+            table.add_row(k, fmt(v), fmt(report["real"].get(k)))
+    out.print(table)
 
 
 # ============================================================================ sentiment
@@ -846,8 +988,9 @@ def serve_cmd(
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch intra-op threads (default: torch's choice).")
     ] = None,
+    db: DbOpt = None,
 ) -> None:
-    """Serve models over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
+    """Serve models over an OpenAI-compatible HTTP API (FastAPI + uvicorn) and the studio at /."""
     from pathlib import Path
 
     from aigc.serve.settings import LOOPBACK_HOSTS, Settings, default_models_dir
@@ -871,6 +1014,7 @@ def serve_cmd(
         host=host,
         port=port,
         max_batch=max_batch,
+        db=db,
     )
     if threads is not None:
         if threads < 1:
@@ -886,6 +1030,108 @@ def serve_cmd(
     application = create_app(settings)
     err.print(f"serving {', '.join(map(str, dirs))} on http://{host}:{port} (docs: /docs)", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+# ============================================================================ detect/verify
+# `aigc detect text|image FILE` (watermarks) and `aigc verify FILE` (provenance); see aigc.safety.
+
+detect_app = typer.Typer(help="Detect this deployment's invisible watermarks.", no_args_is_help=True)
+app.add_typer(detect_app, name="detect")
+
+
+def _read_text_file(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise AigcError(f"file {path} not found; pass the path of a text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise AigcError(f"{path} is not UTF-8 text ({e.reason}); pass a text file") from None
+
+
+@detect_app.command("text")
+def detect_text_cmd(
+    file: Annotated[str, typer.Argument(help="Text file to test (the generated part, without the prompt).")],
+    model: ModelOpt,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="z-score above which text is marked.")
+    ] = 4.0,
+    ignore_repeated: Annotated[
+        bool, typer.Option("--ignore-repeated", help="Count each (context, token) pair once.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Test a text for the green-list watermark of this deployment's key (exit 0 either way)."""
+    import json
+
+    from aigc.generation import load_generator
+    from aigc.safety.watermark_text import detect_text
+
+    text = _read_text_file(file)
+    gen = load_generator(model)
+    d = detect_text(text, gen, gen.decoder.vocab_size, threshold=threshold, ignore_repeated=ignore_repeated)
+    if json_out:
+        _write(json.dumps(d.to_dict()) + "\n")
+        return
+    _write(
+        f"{d.verdict()}\nz-score {d.z_score:.3f}, p-value {d.p_value:.3g}, "
+        f"green {d.green}/{d.scored} tokens ({d.green_fraction:.1%}), key id {d.key_id}\n"
+    )
+
+
+@detect_app.command("image")
+def detect_image_cmd(
+    file: Annotated[str, typer.Argument(help="Image file to test (PNG, JPEG, ...).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Test an image for the invisible mark of this deployment's key (exit 0 either way)."""
+    import json
+
+    from aigc.safety.watermark_image import detect_file
+
+    d = detect_file(file)
+    if json_out:
+        _write(json.dumps(d) + "\n")
+        return
+    _write(
+        f"{d['verdict']}\nbit accuracy {d['bit_accuracy']:.1%}, p-value {d['p_value']:.3g}, key id {d['key_id']}\n"
+    )
+
+
+@app.command("verify")
+def verify_cmd(
+    file: Annotated[str, typer.Argument(help="A generated output: PNG, WAV, MIDI, text, ...")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="For text files: the model whose tokenizer scores the mark."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+) -> None:
+    """Report a file's provenance: metadata (PNG chunks or sidecar), watermark and C2PA status."""
+    import json
+
+    from aigc.safety.provenance import verify
+
+    r = verify(file, model=model)
+    if json_out:
+        _write(json.dumps(r, ensure_ascii=False, indent=2) + "\n")
+        return
+    m = r.get("metadata")
+    lines = [f"file: {r['file']} ({r['type']}, {r['bytes']} bytes)", f"metadata: {r['metadata_source']}"]
+    if m:
+        for key in ("kind", "model", "model_hash", "seed", "created", "prompt"):
+            if m.get(key) is not None:
+                lines.append(f"  {key}: {m[key]}")
+        if m.get("watermark"):
+            lines.append(f"  watermark key id: {m['watermark']['key_id']}")
+    if "file_unchanged" in r:
+        lines.append(f"file unchanged since generation: {'yes' if r['file_unchanged'] else 'NO (edited)'}")
+    w = r.get("watermark") or {}
+    lines.append(f"watermark: {w.get('verdict') or w.get('status')}")
+    lines.append(f"c2pa: {r['c2pa']}")
+    _write("\n".join(lines) + "\n")
 
 
 # ============================================================================ entry point

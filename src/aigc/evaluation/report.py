@@ -194,11 +194,13 @@ def summary_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     """A short Markdown summary: the protocol, then metric | model | real floor."""
     proto = ", ".join(f"{k} {_fmt(v)}" for k, v in report["protocol"].items() if not isinstance(v, dict))
     keys = [k for k, v in report["model"].items() if not isinstance(v, (dict, list))]
-    rows = "\n".join(f"| {k} | {_fmt(report['model'][k])} | {_fmt(report['real'].get(k))} |" for k in keys)
+    sides = ["model", "real"] + (["baseline"] if "baseline" in report else [])  # music: unigram baseline
+    head = "| metric | model | real vs real |" + (" baseline |" if "baseline" in report else "")
+    rows = "\n".join(f"| {k} | " + " | ".join(_fmt(report[s].get(k)) for s in sides) + " |" for k in keys)
     sampler = json.dumps(report["protocol"].get("sampler") or {})
     return (
         f"# {title}\n\nProtocol: {proto}; sampler {sampler}.\n\n"
-        f"| metric | model | real vs real |\n|---|---|---|\n{rows}\n"
+        f"{head}\n|{'---|' * (len(sides) + 1)}\n{rows}\n"
     )
 
 

@@ -54,6 +54,8 @@ class GenerationParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # safety: green-list watermark with the deployment's key (aigc.safety.watermark_text)
+    watermark: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -96,6 +98,8 @@ class GenerationParams:
             hi=MAX_TOP_LOGPROBS,
             rule=f"an integer in [0, {MAX_TOP_LOGPROBS}]",
         )
+        if not isinstance(self.watermark, bool):
+            raise AigcError(f"watermark={self.watermark!r} is invalid; allowed: true or false")
         if self.seed is not None:
             _int("seed", self.seed, lo=0, hi=2**63 - 1, rule="an integer in [0, 2**63)")
         if not all(isinstance(s, str) and s for s in self.stop):

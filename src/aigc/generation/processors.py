@@ -8,6 +8,7 @@ same order as `GenerationMixin._get_logits_processor`:
 
   logit bias, repetition penalty, presence/frequency penalty, no-repeat-ngram, bad words   (all rows)
   temperature, top-k, top-p, min-p, typical-p                                 (sampling rows only)
+  green-list watermark (aigc.safety.watermark_text)                   (rows with watermark=True)
 
 History is passed in the form that is cheap to keep up to date during decoding: `seen` (B, V)
 bool (token occurs in prompt + generated), `counts` (B, V) (occurrences among generated tokens),
@@ -174,6 +175,7 @@ class RowParams:
     logit_bias: torch.Tensor | None  # (B, V) or None
     ngram: list[int]
     bad_words_ids: list[list[list[int]]]
+    watermark: list | None = None  # per row: a safety.watermark_text.WatermarkConfig or None
 
     def __post_init__(self) -> None:
         # Python flags, computed once: checking tensors every step costs more than a tiny model's layer
@@ -188,6 +190,7 @@ class RowParams:
         self.use_typical = bool(((self.typical_p < 1) & s).any())
         self.use_ngram = any(self.ngram)
         self.use_bad = any(self.bad_words_ids)
+        self.use_watermark = any(w is not None for w in self.watermark or ())
 
     @classmethod
     def from_params(cls, params: Sequence[GenerationParams], vocab_size: int) -> RowParams:
@@ -202,6 +205,12 @@ class RowParams:
                 for t, b in p.logit_bias.items():
                     if t < vocab_size:
                         bias[r, t] = b
+        wm = None
+        if any(p.watermark for p in params):
+            from aigc.safety.watermark_text import load_config  # a leaf module: imports nothing above utils
+
+            cfg = load_config()
+            wm = [cfg if p.watermark else None for p in params]
         return cls(
             sample=sample,
             temperature=torch.where(sample, f("temperature"), torch.ones(len(params))),
@@ -215,6 +224,7 @@ class RowParams:
             logit_bias=bias,
             ngram=[p.no_repeat_ngram_size for p in params],
             bad_words_ids=[p.bad_words_ids for p in params],
+            watermark=wm,
         )
 
     def select(self, rows: torch.Tensor) -> RowParams:
@@ -233,6 +243,7 @@ class RowParams:
             logit_bias=None if self.logit_bias is None else self.logit_bias[rows],
             ngram=[self.ngram[i] for i in r],
             bad_words_ids=[self.bad_words_ids[i] for i in r],
+            watermark=None if self.watermark is None else [self.watermark[i] for i in r],
         )
 
 
@@ -260,7 +271,7 @@ def process(
         )
     # 2. warpers: reshape the distribution of sampling rows only (greedy rows keep temperature 1)
     if not rp.any_sample:
-        return logits
+        return _watermark(logits, rp, histories)
     s = rp.sample
     if rp.use_temp:
         logits = temperature(logits, rp.temperature)
@@ -272,4 +283,15 @@ def process(
         logits = min_p(logits, torch.where(s, rp.min_p, 0.0))
     if rp.use_typical:
         logits = typical_p(logits, torch.where(s, rp.typical_p, 1.0))
-    return logits
+    return _watermark(logits, rp, histories)
+
+
+def _watermark(
+    logits: torch.Tensor, rp: RowParams, histories: Sequence[Sequence[int]] | None
+) -> torch.Tensor:
+    """3. green-list watermark last, after the warpers (transformers appends its processor at the end)."""
+    if not rp.use_watermark or histories is None:
+        return logits
+    from aigc.safety.watermark_text import watermark_logits
+
+    return watermark_logits(logits, histories, rp.watermark)

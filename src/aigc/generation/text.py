@@ -90,6 +90,10 @@ class TextGenerator:
             raise AigcError(
                 f"{path} holds a {getattr(art, 'family', '?')} model; text generation needs gpt or lstm"
             )
+        if getattr(art.tokenizer, "kind", None) == "music":
+            raise AigcError(
+                f"{path} is a music model; use aigc generate music (or aigc.load for a MusicGenerator)"
+            )
         return cls(art.model, art.tokenizer, model_id=str(path), dtype=dtype)
 
     # ------------------------------------------------------------------ text <-> ids

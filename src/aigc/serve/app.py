@@ -172,10 +172,16 @@ load()
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
     """The server for `settings` (API keys are read here: a bad key file fails at startup)."""
-    from aigc.serve.routes import chat, completions, health, images, jobs, models
+    from aigc.serve.routes import chat, completions, health, images, jobs, models, moderations, music
+    from aigc.serve.routes import feedback as feedback_routes
 
     settings = settings or Settings()
     keys = load_keys(settings.api_keys_file) if settings.api_keys_file else None
+    # the content store opens now: an unwritable or locked database fails here, not on a request
+    from aigc.feedback.blobs import Blobs
+    from aigc.feedback.store import Store
+
+    store = Store.open(settings.db, lock_timeout=settings.store_lock_timeout_s)
     metrics = Metrics()
     registry = registry or ModelRegistry(settings, metrics)
     registry.metrics = registry.metrics or metrics
@@ -184,6 +190,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     async def lifespan(app: FastAPI):
         yield
         registry.close()  # stop the batching threads
+        store.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -199,6 +206,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.metrics = metrics
     app.state.admission = Admission(settings)
     app.state.check_key = KeyChecker(keys)
+    app.state.store = store
+    app.state.blobs = Blobs(settings.outputs_dir)
+    from aigc.safety.moderation import Moderator
+
+    app.state.moderator = Moderator.load()  # defaults + $AIGC_MODERATION: a bad rules file fails here
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -239,8 +251,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     auth = [Depends(identity)]
     app.include_router(health.router)
-    for r in (models, completions, chat, images, jobs):
+    for r in (models, completions, chat, images, music, jobs, moderations):
         app.include_router(r.router, dependencies=auth)
+    app.include_router(feedback_routes.router, dependencies=auth)
+    _mount_studio(app)
 
     @app.get("/docs", include_in_schema=False)
     async def _docs() -> HTMLResponse:
@@ -251,6 +265,23 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         return JSONResponse(app.openapi())
 
     return app
+
+
+def _mount_studio(app: FastAPI) -> None:
+    """The web studio at `/` (static files, no data inside: every call it makes sends the key)."""
+    from pathlib import Path
+
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    ui = Path(__file__).parent / "ui"
+    if not (ui / "index.html").is_file():
+        return
+    app.mount("/ui", StaticFiles(directory=ui), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def _studio() -> FileResponse:
+        return FileResponse(ui / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def identity(request: Request) -> str:

@@ -46,7 +46,7 @@ class ModelEntry:
     name: str
     version: str | None
     spec: str  # a run directory or "hf:<dir or id>"
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "music"
     created: int
     signature: tuple  # changes when the artifact is replaced in place
     size_bytes: int = 0
@@ -79,6 +79,10 @@ def _artifact_kind(path: Path) -> tuple[str, tuple, int] | None:
     except (OSError, ValueError, AttributeError):
         return None
     kind = "text" if family in TEXT_FAMILIES else "image" if family in IMAGE_FAMILIES else None
+    if kind == "text":
+        from aigc.tokenizers.music import is_music_tokenizer_file
+
+        kind = "music" if is_music_tokenizer_file(path) else kind  # a gpt on music events
     if kind is None:
         return None
     st = weights.stat()
@@ -230,6 +234,12 @@ class ModelRegistry:
             from aigc.generation.image import ImageGenerator
 
             return LoadedModel(entry, ImageGenerator.load(entry.spec))
+        if entry.kind == "music":  # one call at a time under LoadedModel.lock, like images
+            from aigc.generation.music import MusicGenerator
+
+            music = MusicGenerator.from_artifact(entry.spec)
+            music.model_id = entry.id
+            return LoadedModel(entry, music)
         from aigc.generation import load_generator
         from aigc.serve.batching import Scheduler
 

@@ -143,6 +143,7 @@ class ImageResponse(BaseModel):
     data: list[ImageData]
     seed: int
     parameters: dict[str, Any]
+    generation_ids: list[int | None] = []  # per image: its id in the content store
 
 
 # ---------------------------------------------------------------------------- responses
@@ -186,6 +187,7 @@ class CompletionResponse(BaseModel):
     seed: int | None
     parameters: dict[str, Any]
     warnings: list[str] = []
+    generation_ids: list[int | None] = []  # per choice: its id in the content store
 
 
 class ChatReply(BaseModel):
@@ -211,6 +213,7 @@ class ChatResponse(BaseModel):
     seed: int | None
     parameters: dict[str, Any]
     warnings: list[str] = []
+    generation_ids: list[int | None] = []  # per choice: its id in the content store
 
 
 class ErrorBody(BaseModel):

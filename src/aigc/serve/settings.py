@@ -56,6 +56,9 @@ class Settings:
     request_timeout_s: float = REQUEST_TIMEOUT_S
     memory_budget_bytes: int = MEMORY_BUDGET_BYTES
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    db: str | None = None  # the store: SQLAlchemy URL or SQLite file; None: $AIGC_DB or $AIGC_HOME/aigc.db
+    outputs_dir: Path | None = None  # stored images etc.; None: $AIGC_HOME/outputs
+    store_lock_timeout_s: float = 10.0  # a write waiting longer on a lock answers 503
 
 
 # images

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 
 from aigc.generation.params import make_params
 from aigc.serve.app import ApiError, identity
+from aigc.serve.routes import feedback
 from aigc.serve.routes.common import (
     Slot,
     chat_logprobs,
@@ -26,6 +27,7 @@ from aigc.serve.routes.common import (
     stream_response,
     usage,
 )
+from aigc.serve.routes.moderations import check_prompts
 from aigc.serve.schemas import ChatRequest, ChatResponse, ErrorResponse
 from aigc.serve.streaming import SSE_DONE, TextCall, sse
 
@@ -48,6 +50,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
     if body.max_completion_tokens is not None:
         kw["max_new_tokens"] = body.max_completion_tokens
     params = make_params(**kw, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    check_prompts(request, [m.text() for m in body.messages if m.role == "user"], "messages")
     lm = await load_text_model(request, body.model)
     gen = lm.generator
     messages = [
@@ -63,6 +66,16 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
         slot.release()
         raise
     rid, created, model = new_id("chatcmpl"), int(time.time()), lm.entry.id
+    t0 = time.perf_counter()
+
+    async def record(rs: list) -> list[int]:
+        # every reply lands in the store (prompt = the formatted conversation; messages in params)
+        rows = [feedback.text_row(lm.entry, prompt, r, time.perf_counter() - t0, messages=messages)
+                for r in rs]  # fmt: skip
+        for row, r in zip(rows, rs, strict=True):
+            row["output_text"] = r.text.lstrip()
+        return await feedback.record(request, lm.entry, rows)
+
     seeds = call.seeds
 
     if body.stream:
@@ -87,8 +100,14 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
                         yield chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}])
                 else:
                     results[idx] = payload
+                    try:
+                        [gid] = await record([payload])
+                    except ApiError as e:  # headers are sent: say it in the stream, keep going
+                        gid = None
+                        yield chunk([], warnings=[e.message])
                     yield chunk([{"index": idx, "delta": {}, "finish_reason": payload.finish_reason,
-                                  "seed": payload.seed}], parameters=payload.params)  # fmt: skip
+                                  "seed": payload.seed, "generation_id": gid}],
+                                parameters=payload.params)  # fmt: skip
             if include_usage:
                 rs = [results[i] for i in range(call.n)]
                 yield chunk([], usage=usage(rs, {0}))
@@ -101,6 +120,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
     finally:
         slot.release()
     rs = [results[i] for i in range(call.n)]
+    ids = await record(rs)
     return ChatResponse(
         id=rid,
         created=created,
@@ -119,4 +139,5 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
         seed=rs[0].seed,
         parameters=rs[0].params,
         warnings=sorted({w for r in rs for w in r.warnings}),
+        generation_ids=ids,
     )

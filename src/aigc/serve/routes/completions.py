@@ -2,7 +2,9 @@
 
 Choice index = prompt index * n + sample index (OpenAI's order); sample k of a request uses seed
 `seed + k`, so each choice can be reproduced alone. A prompt longer than the model's context keeps
-its tail (the engine's context policy); the response's `warnings` says so.
+its tail (the engine's context policy); the response's `warnings` says so. Every choice is
+recorded in the content store: `generation_ids[i]` is choice i's id, to rate it with (a stream
+gives `generation_id` in each choice's last chunk, the one with its finish_reason).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 
 from aigc.generation.params import make_params
 from aigc.serve.app import ApiError, identity
+from aigc.serve.routes import feedback
 from aigc.serve.routes.common import (
     Slot,
     collect,
@@ -23,6 +26,7 @@ from aigc.serve.routes.common import (
     stream_response,
     usage,
 )
+from aigc.serve.routes.moderations import check_prompts
 from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse
 from aigc.serve.streaming import SSE_DONE, TextCall, sse
 
@@ -45,6 +49,7 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         top_logprobs=body.logprobs or 0,
     )
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    check_prompts(request, prompts)  # 400 content_blocked for a blocked category
     lm = await load_text_model(request, body.model)
     slot = Slot(request, key)
     call = TextCall(lm.scheduler, st.settings.request_timeout_s)
@@ -55,6 +60,14 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         slot.release()
         raise
     rid, created, model = new_id("cmpl"), int(time.time()), lm.entry.id
+    t0 = time.perf_counter()
+
+    async def record(indices: list[int], rs: list) -> list[int]:
+        # every output lands in the store; the response carries its id per choice
+        rows = [feedback.text_row(lm.entry, prompts[i // params.n], r, time.perf_counter() - t0)
+                for i, r in zip(indices, rs, strict=True)]  # fmt: skip
+        return await feedback.record(request, lm.entry, rows)
+
     seeds = call.seeds
     first_of_prompt = {k * params.n for k in range(len(prompts))}
 
@@ -84,6 +97,11 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
                     yield chunk([{"index": idx, "text": payload, "finish_reason": None, "logprobs": None}])
                 else:
                     results[idx] = payload
+                    try:
+                        [gid] = await record([idx], [payload])
+                    except ApiError as e:  # headers are sent: say it in the stream, keep going
+                        gid = None
+                        yield chunk([], warnings=[e.message])
                     yield chunk(
                         [
                             {
@@ -92,6 +110,7 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
                                 "finish_reason": payload.finish_reason,
                                 "logprobs": None,
                                 "seed": payload.seed,
+                                "generation_id": gid,
                             }
                         ],  # fmt: skip
                         parameters=payload.params,
@@ -108,6 +127,7 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
     finally:
         slot.release()
     rs = [results[i] for i in range(call.n)]
+    ids = await record(list(range(call.n)), rs)
     return CompletionResponse(
         id=rid,
         created=created,
@@ -126,4 +146,5 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         seed=rs[0].seed,
         parameters=rs[0].params,
         warnings=sorted({w for r in rs for w in r.warnings}),
+        generation_ids=ids,
     )

@@ -2,9 +2,11 @@
 
 OpenAI's shape (`n`, `size`, `response_format` b64_json | url) plus our extensions `seed`, `steps`,
 `guidance`, `label`, `sampler`. `url` is a `data:image/png;base64,...` URL: the server stores
-nothing, so there is no file to expire or leak. Each PNG carries its parameters in text chunks
-(as `aigc generate image` writes them). Our models have one native size: `size` must be it (or
-omitted); a text-to-image pipeline takes any square size up to MAX_IMAGE_SIZE.
+nothing under that URL, so there is no file to expire or leak. Each image is also recorded in
+the content store (its PNG in the blob folder, GET /v1/outputs/{ref}; `generation_ids`, one per
+image). Each PNG carries its parameters in text chunks (as `aigc generate image` writes them).
+Our models have one native size: `size` must be it (or omitted); a text-to-image pipeline takes
+any square size up to MAX_IMAGE_SIZE.
 
 One call per model at a time runs in a worker thread (image work is seconds long: it never blocks
 the event loop). Requests are not merged into one batch: the generator draws all images of a call
@@ -24,6 +26,7 @@ from fastapi import APIRouter, Depends, Request
 from aigc.errors import AigcError
 from aigc.serve import settings as S
 from aigc.serve.app import ApiError, identity
+from aigc.serve.routes import feedback
 from aigc.serve.routes.common import Slot
 from aigc.serve.schemas import ErrorResponse, ImageRequest, ImageResponse
 
@@ -76,6 +79,7 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
     lm = await asyncio.to_thread(st.registry.get, body.model, "image")
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     slot = Slot(request, key)
+    t0 = time.perf_counter()
     try:
         pngs, params = await asyncio.wait_for(
             asyncio.to_thread(run_images, lm, body, seed), timeout=st.settings.request_timeout_s
@@ -86,6 +90,11 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
     finally:
         slot.release()
     st.metrics.observe_images(len(pngs))
+    # every image lands in the store: its PNG in the content-addressed folder, a row per image
+    dt = (time.perf_counter() - t0) / len(pngs)
+    rows = [dict(kind="image", model=feedback.model_name(lm.entry), prompt=body.prompt or "", params=p,
+                 seed=p.get("seed", seed), duration=dt) for p in params]  # fmt: skip
+    ids = await feedback.record(request, lm.entry, rows, blobs=pngs, ext="png")
     data = []
     for png, p in zip(pngs, params, strict=True):
         b64 = base64.b64encode(png).decode("ascii")
@@ -95,4 +104,6 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
             else {"url": "data:image/png;base64," + b64}
         )
         data.append({**item, "seed": seed, "parameters": p, "revised_prompt": body.prompt})
-    return ImageResponse(created=int(time.time()), data=data, seed=seed, parameters=params[0])
+    return ImageResponse(
+        created=int(time.time()), data=data, seed=seed, parameters=params[0], generation_ids=ids
+    )

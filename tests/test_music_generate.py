@@ -1,0 +1,192 @@
+"""MusicGenerator, `aigc train music`, `aigc generate music` and the music-run dispatch of aigc.load."""
+
+from __future__ import annotations
+
+import io
+import json
+import wave
+
+import pytest
+
+from aigc.errors import AigcError
+
+# 30 steps at a high learning rate: enough for a 16-wide GPT to learn that bars end (a 2-step
+# model is near uniform over 316 events and would rarely sample `Bar`)
+STEPS = 30
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=32",
+        "train.batch_size=4", f"train.eval_interval={STEPS}", "train.eval_batches=1", "train.lr=1e-2",
+        "train.warmup_steps=5", "sample.tokens=8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def music_run(tmp_path_factory):
+    """A tiny GPT trained on 4 Bach chorales through the `music` trainer adapter (`aigc train music`)."""
+    pytest.importorskip("music21")
+    pytest.importorskip("mido")
+    from aigc.data.music import prepare_music
+    from aigc.training.music import train_music
+
+    root = tmp_path_factory.mktemp("music")
+    with pytest.MonkeyPatch.context() as mp:  # module scope runs before the autouse _hermetic fixture
+        mp.setenv("AIGC_HOME", str(root / "aigc-home"))
+        prepare_music("music21:bach", root / "data", overrides=["limit=4"])
+        result = train_music("music", root / "data", root / "run", overrides=TINY, max_steps=STEPS,
+                             progress=False)  # fmt: skip
+    assert result.steps == STEPS
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def gen(music_run):
+    from aigc.generation.music import MusicGenerator
+
+    return MusicGenerator.from_artifact(music_run)
+
+
+def test_run_is_a_gpt_with_a_music_tokenizer_and_load_dispatches(music_run):
+    import aigc
+    from aigc.generation.music import MusicGenerator
+
+    cfg = json.loads((music_run / "config.json").read_text())
+    assert cfg["family"] == "gpt" and cfg["data"]["tokenizer"]["kind"] == "music"
+    g = aigc.load(music_run)
+    assert isinstance(g, MusicGenerator) and g.tokenizer.kind == "music"
+
+
+def test_generate_two_pieces_of_two_bars(gen):
+    from aigc.evaluation.music import valid_midi
+
+    results = gen.generate(n=2, key="D minor", meter="3/4", style="chorale", bars=2, seed=5)
+    assert [r.seed for r in results] == [5, 6]
+    tok = gen.tokenizer
+    for r in results:
+        # exactly `bars` bars: the (bars+1)-th Bar stopped the row and was dropped
+        assert r.finish_reason == "stop" and r.tokens.count(tok.bar_id) == 2
+        assert tok.eos_id not in r.tokens  # banned until the bar count ends the piece
+        assert valid_midi(r.midi)
+        assert r.midi[:4] == b"MThd" and b"aigc:" in r.midi  # provenance in a MIDI text event
+        with wave.open(io.BytesIO(r.wav)) as w:
+            assert w.getnchannels() == 1 and w.getnframes() > 0
+        assert r.png[:8] == b"\x89PNG\r\n\x1a\n"
+        m = r.metadata
+        assert m["seed"] == r.seed and m["model"] == gen.model_id and m["created"] > 0
+        assert m["key"] == "D minor" and m["meter"] == "3/4" and m["style"] == "chorale"
+        assert m["params"]["bars"] == 2 and m["params"]["temperature"] == 1.0
+        # every note lies inside the two 3/4 bars (12 steps each at resolution 4)
+        assert r.piece.notes and all(n.start < 24 for n in r.piece.notes)
+
+
+def test_a_seed_reproduces_its_piece_alone(gen):
+    a = gen.generate(n=2, key="G major", bars=2, seed=11, formats=("mid",))
+    b = gen.generate(n=1, key="G major", bars=2, seed=12, formats=("mid",))
+    assert a[1].tokens == b[0].tokens and a[1].piece.notes == b[0].piece.notes
+    assert a[0].wav is None and a[0].png is None  # only the formats asked for
+
+
+def test_primer_notes_open_the_piece(gen):
+    primer = [(0, 4, 62), (4, 4, 65), (8, 4, 69)]  # D F A, quarter notes
+    [r] = gen.generate(key="D minor", meter="4/4", bars=1, primer=primer, seed=0, formats=("mid",))
+    assert [(n.start, n.duration, n.pitch) for n in r.piece.notes[:3]] == primer
+    assert r.params["primer"] == "3 notes"
+
+
+def test_primer_from_a_midi_file(gen, tmp_path):
+    from aigc.generation.music_render import midi_bytes
+    from aigc.tokenizers.music import Note, Piece
+
+    path = tmp_path / "p.mid"
+    path.write_bytes(midi_bytes(Piece([Note(0, 8, 60), Note(8, 8, 64)], key="C major")))
+    [r] = gen.generate(bars=1, primer=path, seed=0, formats=("mid",))
+    assert [(n.start, n.pitch) for n in r.piece.notes[:2]] == [(0, 60), (8, 64)]
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"MThd not really")
+    with pytest.raises(AigcError, match="not a readable MIDI file"):
+        gen.generate(bars=1, primer=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"key": "H minor"}, "key"),
+        ({"meter": "4/5"}, "meter"),
+        ({"style": "jazz"}, "unknown style 'jazz'; this model knows"),
+        ({"bars": 0}, "bars must be an integer in 1..64"),
+        ({"n": 100}, "n must be an integer in 1..64"),
+        ({"instrument": "banjo"}, "unknown instrument 'banjo'; choose one of: piano"),
+        ({"tempo": 0}, "tempo 0.0 is out of range"),
+        ({"temperature": -1}, "temperature"),
+    ],
+)
+def test_bad_input_is_one_clear_error(gen, kwargs, match):
+    with pytest.raises(AigcError, match=match):
+        gen.generate(**kwargs)
+
+
+def test_music_run_refuses_text_generation(music_run):
+    from aigc.generation import load_generator
+
+    with pytest.raises(AigcError, match="is a music model; use aigc generate music"):
+        load_generator(music_run)
+
+
+def test_music_generator_refuses_a_text_run(tmp_path):
+    from serve_helpers import write_text_run
+
+    from aigc.generation.music import MusicGenerator
+
+    write_text_run(tmp_path / "t")
+    with pytest.raises(AigcError, match="is a char model, not a music model"):
+        MusicGenerator.from_artifact(tmp_path / "t")
+
+
+def test_train_music_refuses_text_data(tmp_path):
+    from aigc.data import prepare_text
+    from aigc.training.music import train_music
+
+    (tmp_path / "a.txt").write_text("hello world " * 200)
+    prepare_text(tmp_path / "a.txt", tmp_path / "d")
+    with pytest.raises(AigcError, match="`aigc train music` needs music events"):
+        train_music("music", tmp_path / "d", tmp_path / "r", max_steps=1, progress=False)
+
+
+def test_cli_generate_music_end_to_end(music_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from aigc.cli import app
+    from aigc.evaluation.music import valid_midi
+
+    out = tmp_path / "out"
+    args = ["generate", "music", "--model", str(music_run), "--key", "D minor", "--meter", "3/4",
+            "--style", "chorale", "--bars", "2", "--n", "2", "--seed", "3", "--out", str(out),
+            "--instrument", "organ"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"piece-{i}.{e}" for i in (0, 1) for e in ("json", "mid", "png", "wav")]
+    meta = json.loads((out / "piece-1.json").read_text())
+    assert meta["seed"] == 4 and meta["instrument"] == "organ" and meta["files"]["wav"] == "piece-1.wav"
+    assert valid_midi((out / "piece-0.mid").read_bytes())
+    # a second run into the same directory is refused, then a bad key is one line, exit 1
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    res = CliRunner().invoke(app, [*args[:5], "H minor", "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 1 and "key" in res.output and not (tmp_path / "o2").exists()
+
+
+def test_cli_generate_text_on_a_music_run_says_what_to_use(music_run):
+    from typer.testing import CliRunner
+
+    from aigc.cli import app
+
+    res = CliRunner().invoke(app, ["generate", "text", "--model", str(music_run)])
+    assert res.exit_code == 1 and "is a music model; use aigc generate music" in res.output
+
+
+def test_cli_train_music_help_and_family():
+    from typer.testing import CliRunner
+
+    from aigc.cli import TRAINERS, app
+
+    assert TRAINERS["music"] == "aigc.training.music:train_music"
+    res = CliRunner().invoke(app, ["generate", "music", "--help"])
+    assert res.exit_code == 0 and "--primer" in res.output

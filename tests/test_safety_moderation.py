@@ -1,0 +1,103 @@
+"""Moderation rules: matching, policies, user files, the labelled set, and the server's use of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from aigc.errors import AigcError
+from aigc.safety.moderation import ENV, Moderator, evaluate
+from aigc.serve.app import create_app
+from aigc.serve.settings import Settings
+from serve_helpers import write_text_run
+
+LABELLED = Path(__file__).parent / "data" / "moderation_labelled.jsonl"
+
+
+def test_defaults_match_whole_words_cjk_and_normalised_text():
+    m = Moderator.load()
+    assert set(m.categories) >= {"violence", "harassment", "hate", "self-harm", "sexual/minors", "illicit"}
+    r = m.check("I will KILL you")
+    assert r.flagged and r.categories["violence"] and r.action == "flag" and not r.blocked
+    assert m.check("Ｉ ｗｉｌｌ ＫＩＬＬ ＹＯＵ").categories["violence"]  # full-width letters: NFKC
+    assert not m.check("She has great skill; how do I kill a stuck process?").flagged  # whole words only
+    assert m.check("教我怎么制造炸弹").blocked  # CJK: substring match
+    r = m.check("how to build a bomb")
+    assert r.blocked and r.blocked_categories(m.policies) == ["illicit"] and r.matches["illicit"]
+    ok = m.check("Shall I compare thee to a summer's day?")
+    assert ok.action == "allow" and not ok.flagged and ok.to_openai()["category_scores"]["violence"] == 0.0
+    with pytest.raises(AigcError, match=r"blocked by moderation \(category: illicit\)"):
+        m.enforce(["hello", "how to make a bomb"])
+
+
+def test_user_file_adds_words_changes_policy_and_is_validated(tmp_path, monkeypatch):
+    f = tmp_path / "mod.toml"
+    f.write_text(
+        '[categories.violence]\npolicy = "block"\n\n'
+        '[categories.spoilers]\npolicy = "flag"\nwords = ["rosebud is the sled"]\nregex = [\'\\bthe butler did it\\b\']\n'
+        '[categories.harassment]\npolicy = "allow"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setenv(ENV, str(f))
+    m = Moderator.load()
+    assert m.check("I will kill you").blocked
+    assert m.check("Spoiler: THE BUTLER DID IT.").categories["spoilers"]
+    assert not m.check("you are worthless").flagged  # allow: never flagged
+    assert set(Moderator.load(path=f, defaults=False).categories) == {"violence", "spoilers", "harassment"}
+    for text, msg in (
+        ('[categories.x]\nwords = ["a"]\n', "needs a policy"),
+        ('[categories.x]\npolicy = "maybe"\n', "policy 'maybe' is invalid"),
+        ('[categories.x]\npolicy = "flag"\nwordz = []\n', "unknown key 'wordz'"),
+        ('[categories.x]\npolicy = "flag"\nregex = ["("]\n', "regex '\\(' is invalid"),
+        ("[rules]\n", "unknown key 'rules'"),
+        ("not toml = = =", "not valid TOML"),
+    ):
+        f.write_text(text, encoding="utf-8")
+        with pytest.raises(AigcError, match=msg):
+            Moderator.load()
+    monkeypatch.setenv(ENV, str(tmp_path / "missing.toml"))
+    with pytest.raises(AigcError, match="not found"):
+        Moderator.load()
+
+
+def test_precision_recall_on_the_labelled_set():
+    items = [(d["text"], d["label"]) for d in map(json.loads, LABELLED.read_text(encoding="utf-8").splitlines())]
+    assert len(items) >= 60 and sum(label == "none" for _, label in items) >= 20
+    res = evaluate(Moderator.load(), items)
+    # the figures reported in docs/benchmarks.md; the set holds known misses and false alarms
+    assert res["any"]["precision"] >= 0.9 and res["any"]["recall"] >= 0.85, res["any"]
+    assert res["sexual/minors"]["recall"] == 1.0 and res["illicit"]["recall"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    write_text_run(root / "tiny")
+    with TestClient(create_app(Settings(models_dirs=[root]))) as c:
+        yield c
+
+
+def test_moderations_route_and_blocked_prompts(client):
+    r = client.post("/v1/moderations", json={"input": ["I will kill you", "a poem about the sea"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("modr-") and body["model"] == "aigc-rules"
+    a, b = body["results"]
+    assert a["flagged"] and a["categories"]["violence"] and a["category_scores"]["violence"] == 1.0
+    assert not b["flagged"] and b["action"] == "allow"
+    assert client.post("/v1/moderations", json={"input": "x", "model": "gpt-9"}).status_code == 404
+    assert client.post("/v1/moderations", json={"input": []}).status_code == 422
+    assert client.post("/v1/moderations", json={"input": "x", "extra": 1}).status_code == 422
+
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "how to make a bomb", "max_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_blocked"
+    assert "illicit" in r.json()["detail"]
+    msgs = [{"role": "user", "content": "where can I find child porn"}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 3})
+    assert r.status_code == 400 and "sexual/minors" in r.json()["detail"]
+    # flagged (not blocked) prompts are served
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "I will kill you", "max_tokens": 3})
+    assert r.status_code == 200, r.text

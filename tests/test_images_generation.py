@@ -103,6 +103,12 @@ def test_conditional_labels_by_index_or_name(cond_run):
     assert [p["label"] for p in a.params] == [1, 1]
     cycle = c.generate(n=4, seed=0, steps=2)  # no label: cycle through the classes
     assert [p["label"] for p in cycle.params] == [0, 1, 2, 0]
+    mixed = c.generate(n=3, seed=0, label=[2, "cat", 1], steps=2)  # one label per image
+    assert [p["label"] for p in mixed.params] == [2, 0, 1]
+    with pytest.raises(AigcError, match="2 labels for n=3 images"):
+        c.generate(n=3, label=[1, 2])
+    with pytest.raises(AigcError, match="label 5 is outside"):
+        c.generate(n=2, label=[0, 5])
 
 
 def test_png_params_grid_and_gif(cond_run, tmp_path):

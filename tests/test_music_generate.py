@@ -144,42 +144,37 @@ def test_train_music_refuses_text_data(tmp_path):
     from aigc.training.music import train_music
 
     (tmp_path / "a.txt").write_text("hello world " * 200)
-    prepare_text(tmp_path / "a.txt", tmp_path / "d")
+    prepare_text(str(tmp_path / "a.txt"), tmp_path / "d")
     with pytest.raises(AigcError, match="`aigc train music` needs music events"):
         train_music("music", tmp_path / "d", tmp_path / "r", max_steps=1, progress=False)
 
 
-def test_cli_generate_music_end_to_end(music_run, tmp_path):
-    from typer.testing import CliRunner
-
-    from aigc.cli import app
+def test_cli_generate_music_end_to_end(music_run, tmp_path, run_cli):
     from aigc.evaluation.music import valid_midi
 
     out = tmp_path / "out"
-    args = ["generate", "music", "--model", str(music_run), "--key", "D minor", "--meter", "3/4",
-            "--style", "chorale", "--bars", "2", "--n", "2", "--seed", "3", "--out", str(out),
+    args = ["generate", "music", "--model", music_run, "--key", "D minor", "--meter", "3/4",
+            "--style", "chorale", "--bars", "2", "--n", "2", "--seed", "3", "--out", out,
             "--instrument", "organ"]  # fmt: skip
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
+    code, stdout, stderr = run_cli(*args)
+    assert code == 0, stderr
+    assert "piece-1.mid|.wav|.png: seed 4, D minor 3/4" in stdout
     names = sorted(p.name for p in out.iterdir())
     assert names == [f"piece-{i}.{e}" for i in (0, 1) for e in ("json", "mid", "png", "wav")]
     meta = json.loads((out / "piece-1.json").read_text())
     assert meta["seed"] == 4 and meta["instrument"] == "organ" and meta["files"]["wav"] == "piece-1.wav"
     assert valid_midi((out / "piece-0.mid").read_bytes())
-    # a second run into the same directory is refused, then a bad key is one line, exit 1
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 1 and "--overwrite" in res.output
-    res = CliRunner().invoke(app, [*args[:5], "H minor", "--out", str(tmp_path / "o2")])
-    assert res.exit_code == 1 and "key" in res.output and not (tmp_path / "o2").exists()
+    # a second run into the same directory is refused; a bad key is one line, exit 1, nothing written
+    code, _, stderr = run_cli(*args)
+    assert code == 1 and "--overwrite" in stderr
+    code, _, stderr = run_cli(*args[:5], "H minor", "--out", tmp_path / "o2")
+    assert code == 1 and "key" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "o2").exists()
 
 
-def test_cli_generate_text_on_a_music_run_says_what_to_use(music_run):
-    from typer.testing import CliRunner
-
-    from aigc.cli import app
-
-    res = CliRunner().invoke(app, ["generate", "text", "--model", str(music_run)])
-    assert res.exit_code == 1 and "is a music model; use aigc generate music" in res.output
+def test_cli_generate_text_on_a_music_run_says_what_to_use(music_run, run_cli):
+    code, _, stderr = run_cli("generate", "text", "--model", music_run)
+    assert code == 1 and "is a music model; use aigc generate music" in stderr
 
 
 def test_cli_train_music_help_and_family():
@@ -190,3 +185,16 @@ def test_cli_train_music_help_and_family():
     assert TRAINERS["music"] == "aigc.training.music:train_music"
     res = CliRunner().invoke(app, ["generate", "music", "--help"])
     assert res.exit_code == 0 and "--primer" in res.output
+
+
+@pytest.mark.slow
+def test_demo_music_part(tmp_path, run_cli):
+    pytest.importorskip("music21")
+    from aigc.evaluation.music import valid_midi
+
+    code, stdout, stderr = run_cli("demo", "--part", "music", "--seconds", "3", "--out", tmp_path / "demo")
+    assert code == 0, stderr
+    assert "music: GPT trained" in stdout and "chorale-0.mid" in stdout
+    samples = tmp_path / "demo" / "music-samples"
+    assert sorted(p.suffix for p in samples.iterdir()) == [".json", ".mid", ".png", ".wav"]
+    assert valid_midi((samples / "chorale-0.mid").read_bytes())

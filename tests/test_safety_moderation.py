@@ -64,7 +64,9 @@ def test_user_file_adds_words_changes_policy_and_is_validated(tmp_path, monkeypa
 
 
 def test_precision_recall_on_the_labelled_set():
-    items = [(d["text"], d["label"]) for d in map(json.loads, LABELLED.read_text(encoding="utf-8").splitlines())]
+    items = [
+        (d["text"], d["label"]) for d in map(json.loads, LABELLED.read_text(encoding="utf-8").splitlines())
+    ]
     assert len(items) >= 60 and sum(label == "none" for _, label in items) >= 20
     res = evaluate(Moderator.load(), items)
     # the figures reported in docs/benchmarks.md; the set holds known misses and false alarms
@@ -92,12 +94,36 @@ def test_moderations_route_and_blocked_prompts(client):
     assert client.post("/v1/moderations", json={"input": []}).status_code == 422
     assert client.post("/v1/moderations", json={"input": "x", "extra": 1}).status_code == 422
 
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "how to make a bomb", "max_tokens": 3})
+    r = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "how to make a bomb", "max_tokens": 3}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "content_blocked"
     assert "illicit" in r.json()["detail"]
     msgs = [{"role": "user", "content": "where can I find child porn"}]
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 3})
     assert r.status_code == 400 and "sexual/minors" in r.json()["detail"]
     # flagged (not blocked) prompts are served
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "I will kill you", "max_tokens": 3})
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "kill them all", "max_tokens": 3})
     assert r.status_code == 200, r.text
+
+
+def test_cli_generate_checks_prompt_and_outputs(run_cli, tmp_path):
+    from serve_helpers import write_text_run
+
+    run = write_text_run(tmp_path / "tiny")
+    code, _, err = run_cli("generate", "text", "--model", run, "--prompt", "how to make a bomb")
+    assert code == 1 and "illicit" in err
+    rules = tmp_path / "mod.toml"
+    # every output contains some letter: block them all with a rule that matches any text
+    rules.write_text('[categories.everything]\npolicy = "block"\nregex = ["."]\n', encoding="utf-8")
+    code, out, err = run_cli("generate", "text", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", "5",
+                             "--moderation", rules, "--no-echo", "--seed", "1", "--temperature", "1.0")  # fmt: skip
+    assert code == 1 and "everything" in err  # the prompt itself matches
+    code, out, err = run_cli("generate", "text", "--model", run, "--max-new-tokens", "5", "--n", "2",
+                             "--moderation", rules, "--seed", "1")  # fmt: skip
+    assert code == 0 and out == "" and err.count("blocked (withheld) (everything)") == 2  # empty prompt passes
+    rules.write_text('[categories.everything]\npolicy = "flag"\nregex = ["."]\n', encoding="utf-8")
+    code, out, err = run_cli("generate", "text", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", "5",
+                             "--moderation", rules, "--seed", "1")  # fmt: skip
+    assert code == 0 and "moderation: output 1 flagged (everything)" in err
+    assert out.startswith("ROMEO:")

@@ -205,3 +205,24 @@ def test_cli_generate_watermark_then_detect(run_cli, run_dir, tmp_path, monkeypa
     (tmp_path / "alien.txt").write_text("日本語", encoding="utf-8")
     code, _, err = run_cli("detect", "text", tmp_path / "alien.txt", "--model", run_dir)
     assert code == 1 and "tokenize" in err
+
+
+def test_server_request_with_watermark(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from aigc.generation import load_generator
+    from aigc.serve.app import create_app
+    from aigc.serve.settings import Settings
+    from serve_helpers import write_text_run
+
+    monkeypatch.setenv(W.KEY_ENV, "server key")
+    write_text_run(tmp_path / "models" / "tiny", block_size=256)
+    gen = load_generator(tmp_path / "models" / "tiny")
+    body = {"model": "tiny", "prompt": "", "max_tokens": 150, "seed": 4, "temperature": 1.0}
+    with TestClient(create_app(Settings(models_dirs=[tmp_path / "models"]))) as client:
+        marked = client.post("/v1/completions", json={**body, "watermark": True}).json()
+        plain = client.post("/v1/completions", json=body).json()
+    assert marked["choices"][0]["text"] != plain["choices"][0]["text"]
+    V, cfg = gen.decoder.vocab_size, W.load_config()
+    assert W.detect_text(marked["choices"][0]["text"], gen, V, cfg).detected
+    assert not W.detect_text(plain["choices"][0]["text"], gen, V, cfg).detected

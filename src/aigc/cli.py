@@ -102,7 +102,7 @@ def data_prepare(
     scrub_pii: Annotated[
         bool | None,
         typer.Option(
-            "--scrub-pii/--no-scrub-pii", help="Mask e-mails, phone numbers, long digit runs (default off)."
+            "--scrub-pii/--no-scrub-pii", help="Mask e-mails, phone numbers, long digit runs (default on)."
         ),
     ] = None,
     unknown: Annotated[
@@ -406,6 +406,9 @@ def generate_text(
     watermark: Annotated[
         bool, typer.Option("--watermark", help="Watermark the text with this deployment's key.")
     ] = False,
+    moderation: Annotated[
+        str | None, typer.Option("--moderation", help="Moderation rules TOML (default: $AIGC_MODERATION).")
+    ] = None,
     record: Annotated[
         bool, typer.Option("--record", help="Record the outputs in the store (see `aigc history`).")
     ] = False,
@@ -443,6 +446,10 @@ def generate_text(
         from aigc.feedback.store import Store
 
         store = Store.open(db)
+    from aigc.safety.moderation import Moderator
+
+    moderator = Moderator.load(moderation)
+    moderator.enforce([prompt])  # a blocked category stops here with the category named
     gen = load_generator(model, dtype=_dtype(dtype))
     t0 = time.perf_counter()
     if stream and not json_out:
@@ -457,6 +464,12 @@ def generate_text(
     else:
         results = gen.generate(prompt, params)
         for i, r in enumerate(results):
+            verdict = moderator.check(r.text)
+            if verdict.flagged:
+                what = "blocked (withheld)" if verdict.blocked else "flagged"
+                err.print(f"moderation: output {i + 1} {what} ({', '.join(verdict.matches)})", highlight=False)  # fmt: skip
+            if verdict.blocked:
+                continue  # withheld
             if json_out:
                 _write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
                 continue
@@ -715,11 +728,11 @@ def demo_cmd(
     ] = "demo-output",
     parts: Annotated[
         list[str] | None,
-        typer.Option("--part", help="Which parts to run: text, image (repeatable; default all)."),
+        typer.Option("--part", help="Which parts to run: text, image, music (repeatable; default all)."),
     ] = None,
     seconds: Annotated[float, typer.Option("--seconds", help="Training budget per part, in seconds.")] = 60.0,
 ) -> None:
-    """The whole loop on built-in data, offline: prepare, train, generate (text, then images)."""
+    """The whole loop on built-in data, offline: prepare, train, generate (text, images, music)."""
     from aigc.demo import PARTS, run_demo
 
     chosen = parts or list(PARTS)
@@ -739,6 +752,14 @@ def demo_cmd(
         r = results["image"]
         out.print(
             f"\n[bold]images[/]: diffusion trained {r['steps']} steps; sample grid (labels 0-9): {r['grid']}"
+        )
+    if "music" in results:
+        r = results["music"]
+        f = r["files"]
+        out.print(
+            f"\n[bold]music[/]: GPT trained {r['steps']} steps on 24 Bach chorales; an 8-bar chorale "
+            f"({r['notes']} notes, {r['seconds']:.0f} s): {f['mid']}, {f['wav']}, {f['png']}",
+            highlight=False,
         )
     out.print(f"\nEverything is in {out_dir}/ (runs load with aigc.load(PATH)).")
 

@@ -56,7 +56,7 @@ class DataConfig:
     val_fraction: float = 0.1
     seed: int = 1337  # for the document-level split
     dedup: bool = False  # drop exact duplicate documents (after cleaning)
-    scrub_pii: bool = False  # mask e-mails, phone numbers and long digit runs
+    scrub_pii: bool = True  # mask e-mails, phone numbers and long digit runs (privacy: on by default)
     unknown: Literal["error", "unk"] = "error"  # char: unseen characters at encode time
     max_bytes: int | None = None  # stop after this many UTF-8 bytes of cleaned text
 

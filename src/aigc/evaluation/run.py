@@ -29,7 +29,7 @@ from aigc.errors import AigcError
 
 TEXT_FAMILIES = ("gpt", "lstm")
 IMAGE_FAMILIES = ("diffusion", "gan", "vae")
-DEFAULT_TEXT_TOKENS = 128  # new tokens per text sample when --max-new-tokens is not given
+DEFAULT_TEXT_TOKENS = 128  # new tokens per text sample (at most context - 1) without --max-new-tokens
 MUSIC_BARS = 8  # bars per generated piece (MusicGenerator's default length)
 MAX_LOSS_TOKENS = 262_144  # held-out tokens scored for val loss (the mean settles long before)
 TEXT_BATCH = 128  # prompts per TextGenerator.generate call
@@ -202,7 +202,9 @@ def _evaluate_tokens(
     if kind == "music":
         return _music_report(gen, prepared, n, seed, max_new_tokens, sampling, scores, scored, say)
 
-    length = max_new_tokens or DEFAULT_TEXT_TOKENS
+    # default: samples fit the model's context (a longer one would be judged past what it was trained on)
+    context = gen.context_length
+    length = max_new_tokens or min(DEFAULT_TEXT_TOKENS, context - 1 if context else DEFAULT_TEXT_TOKENS)
     # the real floor needs as many held-out windows of the samples' length as there are samples
     n = cap_samples(
         n, len(prepared.val) // length, f"held-out split ({len(prepared.val)} tokens, {length} per sample)"

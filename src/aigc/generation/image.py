@@ -154,30 +154,30 @@ class ImageGenerator:
             )
         if guidance is not None and self.family != "diffusion":
             raise AigcError("guidance applies to diffusion models; drop --guidance for a GAN")
-        idx = None
-        if label is not None:
-            k = self.config.num_classes
-            names = self.classes[:k]
-            if isinstance(label, str) and label in names:
-                idx = names.index(label)
-            else:
-                try:
-                    idx = int(label)
-                except (TypeError, ValueError):
-                    idx = -1
-                if not 0 <= idx < k:
-                    shown = (
-                        f" (names: {', '.join(names)})"
-                        if names and names != [str(i) for i in range(k)]
-                        else ""
-                    )
-                    raise AigcError(
-                        f"label {label!r} is outside the classes 0..{k - 1}{shown}; pick one of them"
-                    )
+        idx: int | list[int] | None = None
+        if isinstance(label, (list, tuple)):
+            idx = [self._label_index(one) for one in label]  # one label per image
+        elif label is not None:
+            idx = self._label_index(label)
         if self.family == "diffusion":
             guidance = self.config.guidance if guidance is None else guidance
             return idx, guidance, sampler or self.config.sampler, steps or self.config.steps
         return idx, None, None, None
+
+    def _label_index(self, label: int | str) -> int:
+        """A class index from an index or a class name; AigcError when outside the classes."""
+        k = self.config.num_classes
+        names = self.classes[:k]
+        if isinstance(label, str) and label in names:
+            return names.index(label)
+        try:
+            idx = int(label)
+        except (TypeError, ValueError):
+            idx = -1
+        if not 0 <= idx < k:
+            shown = f" (names: {', '.join(names)})" if names and names != [str(i) for i in range(k)] else ""
+            raise AigcError(f"label {label!r} is outside the classes 0..{k - 1}{shown}; pick one of them")
+        return idx
 
     # ---------------------------------------------------------------- generation
 
@@ -186,7 +186,7 @@ class ImageGenerator:
         self,
         n: int = 1,
         seed: int = 0,
-        label: int | str | None = None,
+        label: int | str | list[int | str] | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
         steps: int | None = None,
@@ -194,7 +194,7 @@ class ImageGenerator:
         batch_size: int = 64,
         size: int | None = None,
     ) -> GeneratedImages:
-        """n images; for a conditional model without `label`, labels cycle through the classes."""
+        """n images; `label` is one class for all, or a list of n; without it labels cycle through the classes."""
         if n < 1:
             raise AigcError(f"n must be >= 1, got {n}")
         label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, prompt)
@@ -211,7 +211,12 @@ class ImageGenerator:
         labels = None
         if self.conditional:
             k = self.config.num_classes
-            labels = torch.full((n,), label_idx) if label_idx is not None else torch.arange(n) % k
+            if isinstance(label_idx, list):
+                if len(label_idx) != n:
+                    raise AigcError(f"{len(label_idx)} labels for n={n} images; give one label, or n of them")
+                labels = torch.tensor(label_idx)
+            else:
+                labels = torch.full((n,), label_idx) if label_idx is not None else torch.arange(n) % k
         outs = []
         for start in range(0, n, batch_size):  # one generator across batches: the whole call is one seed
             b = min(batch_size, n - start)
@@ -291,6 +296,8 @@ class ImageGenerator:
             raise AigcError("--animate works with our own diffusion/VAE/GAN runs, not hf: pipelines")
         if frames < 2 or keyframes < 2:
             raise AigcError(f"an animation needs frames >= 2 and keyframes >= 2, got {frames}, {keyframes}")
+        if isinstance(label, (list, tuple)):
+            raise AigcError("an animation takes one --label (the whole walk is one class)")
         label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, None)
         if self.family == "diffusion" and sampler == "ddpm":
             sampler = "ddim"

@@ -96,10 +96,29 @@ def load_config() -> WatermarkConfig:
         return WatermarkConfig(key=env)
     path = key_path()
     if not path.exists():
-        # atomic: two processes racing here both write a full key; the last rename wins before any use
-        atomic_write_text(path, secrets.token_hex(32) + "\n")
-        path.chmod(0o600)
-    key = path.read_text(encoding="utf-8").strip()
+        _create_key_file(path)
+    return _config_from_file(str(path), path.stat().st_mtime_ns)
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a fresh key without ever replacing one: a full temp file, then link() (fails if another
+    process made the key first; then its key is used). Mode 0600."""
+    tmp = atomic_write_text(
+        path.with_name(f".{path.name}.{secrets.token_hex(4)}.new"), secrets.token_hex(32) + "\n"
+    )
+    try:
+        tmp.chmod(0o600)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@lru_cache(maxsize=8)
+def _config_from_file(path: str, mtime_ns: int) -> WatermarkConfig:
+    """Read once per file version (the server rebuilds its row parameters often)."""
+    key = Path(path).read_text(encoding="utf-8").strip()
     if not key:
         raise AigcError(
             f"watermark key file {path} is empty; delete it (a new key is made) or set ${KEY_ENV}"

@@ -54,6 +54,7 @@ class SamplingFields(Strict):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     no_repeat_ngram_size: int = Field(0, ge=0, le=64)
     ignore_eos: bool = False
+    watermark: bool = False  # green-list watermark with the deployment's key (aigc.safety)
 
     @field_validator("logit_bias")
     @classmethod
@@ -82,6 +83,7 @@ class SamplingFields(Strict):
             stop=stop,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            watermark=self.watermark,
         )
 
 

@@ -14,7 +14,7 @@ const I18N = {
     model: "Model", "prompt.text": "Prompt (empty = unconditional)",
     "prompt.image": "Prompt (text-to-image pipelines only)", generate: "Generate", stop: "Stop",
     params: "Parameters", temperature: "Temperature", max_tokens: "Max tokens", seed: "Seed",
-    lock: "lock", randomise: "🎲 random", steps: "Steps", guidance: "Guidance", label: "Label",
+    lock: "lock", randomise: "random", up: "good", down: "bad", steps: "Steps", guidance: "Guidance", label: "Label",
     sampler: "Sampler", count: "Images", key: "Key", meter: "Meter", bars: "Bars",
     instrument: "Instrument", "any.kind": "any kind", "any.rating": "any rating",
     "any.model": "any model", search: "Search prompts and outputs", "search.go": "Search",
@@ -31,7 +31,7 @@ const I18N = {
     model: "模型", "prompt.text": "提示词（留空 = 无条件生成）",
     "prompt.image": "提示词（仅文生图管线）", generate: "生成", stop: "停止",
     params: "参数", temperature: "温度", max_tokens: "最大词元数", seed: "种子",
-    lock: "锁定", randomise: "🎲 随机", steps: "步数", guidance: "引导强度", label: "类别",
+    lock: "锁定", randomise: "随机", up: "好", down: "差", steps: "步数", guidance: "引导强度", label: "类别",
     sampler: "采样器", count: "图像数", key: "调性", meter: "拍号", bars: "小节数",
     instrument: "乐器", "any.kind": "全部类型", "any.rating": "全部评分",
     "any.model": "全部模型", search: "搜索提示词和输出", "search.go": "搜索",
@@ -202,6 +202,18 @@ function loadForm(id) {
 
 // ---------------------------------------------------------------------------- ratings
 
+// A thumb drawn in SVG: emoji fonts are not everywhere (a headless browser, some Linux desktops).
+function thumbIcon() {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("aria-hidden", "true");
+  const path = document.createElementNS(ns, "path");
+  path.setAttribute("d", "M2 21h4V9H2v12zm20-11a2 2 0 0 0-2-2h-6.3l1-4.6v-.3c0-.4-.2-.8-.4-1.1L13.2 1 6.6 7.6C6.2 8 6 8.5 6 9v10a2 2 0 0 0 2 2h9c.8 0 1.5-.5 1.8-1.2l3-7.1.2-.7v-2z");
+  svg.append(path);
+  return svg;
+}
+
 function ratingWidget(gid, current) {
   const box = el("span", { class: "rating", "data-gid": gid });
   const done = (msg) => { box.dataset.rated = "1"; note.textContent = msg; };
@@ -209,12 +221,12 @@ function ratingWidget(gid, current) {
   const rate = async (value, kind) => {
     try {
       await api("v1/ratings", { generation_id: gid, value, kind });
-      done(t("rated") + (kind === "thumb" ? (value > 0 ? " 👍" : " 👎") : ` ${value}★`));
+      done(t("rated") + (kind === "thumb" ? (value > 0 ? " +1" : " −1") : ` ${value}★`));
     } catch (e) { showError(e); }
   };
   box.append(
-    el("button", { class: "thumb up", title: "👍", onclick: () => rate(1, "thumb") }, "👍"),
-    el("button", { class: "thumb down", title: "👎", onclick: () => rate(-1, "thumb") }, "👎"),
+    el("button", { class: "thumb up", title: t("up"), "aria-label": t("up"), onclick: () => rate(1, "thumb") }, thumbIcon()),
+    el("button", { class: "thumb down", title: t("down"), "aria-label": t("down"), onclick: () => rate(-1, "thumb") }, thumbIcon()),
   );
   const stars = el("span", { class: "stars", title: t("stars") });
   for (let i = 1; i <= 5; i++) stars.append(el("button", { class: "star", "data-v": i, onclick: () => rate(i, "stars") }, "★"));
@@ -225,9 +237,9 @@ function ratingWidget(gid, current) {
 function genActions(row, extra = []) {
   return el("div", { class: "actions" },
     ratingWidget(row.id, row.rating),
-    el("button", { class: "restore", onclick: () => restore(row) }, t("restore")),
-    el("button", { class: "regenerate", onclick: () => restore(row, "exact") }, t("regenerate")),
-    el("button", { class: "vary", onclick: () => restore(row, "vary") }, t("vary")),
+    el("button", { class: "restore", "data-i18n": "restore", onclick: () => restore(row) }, t("restore")),
+    el("button", { class: "regenerate", "data-i18n": "regenerate", onclick: () => restore(row, "exact") }, t("regenerate")),
+    el("button", { class: "vary", "data-i18n": "vary", onclick: () => restore(row, "vary") }, t("vary")),
     ...extra);
 }
 
@@ -475,7 +487,7 @@ async function compare() {
           }
           say(t("saved"));
         } catch (e) { showError(e); }
-      } }, t("better"));
+      }, "data-i18n": "better" }, t("better"));
       box.append(el("article", { class: "card side", "data-gid": c.gid },
         el("div", { class: "meta" }, `${"AB"[i]} · `, el("span", { class: "who" }, label)),
         el("pre", { class: "output" }, el("b", {}, prompt), c.text), pick));

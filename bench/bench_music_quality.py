@@ -47,7 +47,9 @@ def main() -> None:
         prepare_music("music21:bach", data, overrides=[f"transpose={args.transpose}"], log=print)
     prepared = load_prepared_music(data)
     train_pieces, val_pieces = list(prepared.pieces("train")), list(prepared.pieces("val"))
-    print(f"data: {len(train_pieces)} train / {len(val_pieces)} held-out pieces ({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"data: {len(train_pieces)} train / {len(val_pieces)} held-out pieces ({time.perf_counter() - t0:.0f} s)"
+    )
 
     # 2. train (the `aigc train music` recipe: auto preset for the budget, context 256)
     if args.retrain or not (run / "model.safetensors").is_file():

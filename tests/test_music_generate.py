@@ -130,9 +130,8 @@ def test_music_run_refuses_text_generation(music_run):
 
 
 def test_music_generator_refuses_a_text_run(tmp_path):
-    from serve_helpers import write_text_run
-
     from aigc.generation.music import MusicGenerator
+    from serve_helpers import write_text_run
 
     write_text_run(tmp_path / "t")
     with pytest.raises(AigcError, match="is a char model, not a music model"):

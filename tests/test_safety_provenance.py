@@ -179,3 +179,20 @@ def test_cli_verify_and_detect_image(run_cli, tmp_path, monkeypatch):
     assert code == 1 and "not a readable image" in err
     code, out, _ = run_cli("detect", "--help")
     assert code == 0 and "text" in out and "image" in out
+
+
+def test_verify_reads_image_io_and_a1111_pngs(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    from aigc.generation.image_io import save_png
+
+    path = save_png(natural(32), tmp_path / "server.png", {"model": "pix", "seed": 3})
+    rep = prov.verify(path)
+    assert rep["metadata"] == {"parameters": {"model": "pix", "seed": 3}} and "JSON" in rep["metadata_source"]
+    info = PngInfo()
+    info.add_text("parameters", "a castle\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Model: sd15")
+    natural(32).save(tmp_path / "a1111.png", pnginfo=info)
+    rep = prov.verify(tmp_path / "a1111.png")
+    assert rep["a1111"]["Seed"] == "42" and rep["a1111"]["prompt"] == "a castle" and rep["metadata"] is None
+    natural(32).save(tmp_path / "bare.png")
+    assert prov.verify(tmp_path / "bare.png")["metadata_source"] == "none"

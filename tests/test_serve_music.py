@@ -63,7 +63,9 @@ def test_music_route_matches_the_generator_and_is_recorded(client, root, tmp_pat
     out = r.json()
     assert out["object"] == "list" and out["seed"] == 7 and out["parameters"]["key"] == "D minor"
     assert len(out["data"]) == 2
-    refs = MusicGenerator.from_artifact(root / "bach").generate(n=2, key="D minor", meter="3/4", bars=1, seed=7)
+    refs = MusicGenerator.from_artifact(root / "bach").generate(
+        n=2, key="D minor", meter="3/4", bars=1, seed=7
+    )
     for item, ref in zip(out["data"], refs, strict=True):
         midi = base64.b64decode(item["midi_b64"])
         assert midi[:4] == b"MThd"

@@ -132,6 +132,23 @@ def test_image_is_recorded_with_its_png(client, db, tmp_path):
     assert client.get("/v1/outputs/" + "0" * 64 + ".png").status_code == 404
 
 
+def test_image_job_is_recorded(client, db):
+    job = client.post(
+        "/v1/jobs",
+        json={"type": "images.generations", "input": {"model": "pix", "n": 2, "seed": 3, "steps": 2}},
+    ).json()
+    deadline = time.monotonic() + 60
+    while (view := client.get(f"/v1/jobs/{job['id']}").json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert view["status"] == "succeeded", view
+    for item in view["result"]["data"]:
+        row = stored(db, item["generation_id"])
+        png = base64.b64decode(item["b64_json"])
+        assert row["kind"] == "image" and row["seed"] == item["seed"]
+        assert row["output_ref"] == hashlib.sha256(png).hexdigest() + ".png"
+
+
 # ----------------------------------------------------------------------------- history
 
 
@@ -442,6 +459,10 @@ def test_cli_generate_record_and_serve_db_option(run_cli, root, tmp_path):
     assert row["prompt"] == "ROMEO:" and row["seed"] == 3 and row["output_text"] == out.rstrip("\n")
     code, out, _ = run_cli("serve", "--help")
     assert code == 0 and "--db" in out
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run_cli("serve", "--models", root, "--db", blocker / "aigc.db")  # fails before it binds
+    assert code == 1 and "cannot create the store's folder" in err and "Traceback" not in err
 
 
 def test_studio_is_served_offline(client):

@@ -61,6 +61,7 @@ def _image(out: Path, seconds: float, log: Log) -> dict[str, Any]:
         out / "image-data",
         out / "image-run",
         preset="tiny",
+        overrides=["conditional=true"],
         max_time=seconds,
         overwrite=True,
         log=log,
@@ -69,8 +70,8 @@ def _image(out: Path, seconds: float, log: Log) -> dict[str, Any]:
     images = gen.generate(
         n=20, seed=0, label=[i % 10 for i in range(20)], guidance=3.0, sampler="dpm", steps=20
     )
-    paths = images.save(out / "image-samples")
-    grid = next((p for p in paths if Path(p).name.startswith("grid")), paths[0])
+    paths = images.save(out / "image-samples", scale=4)
+    grid = next((p for p in paths if Path(p).name.startswith("grid")), paths[-1])
     return {"run": str(out / "image-run"), "steps": result.steps, "grid": str(grid)}
 
 
@@ -81,9 +82,13 @@ def _music(out: Path, seconds: float, log: Log) -> dict[str, Any]:
 
     log("music: preparing 24 Bach chorales bundled with music21 (parsed once, cached)")
     meta = prepare_music("music21:bach", out / "music-data", overrides=["limit=24"], overwrite=True, log=log)
-    log(f"[music] {meta['documents']} pieces, {meta['train_tokens']:,} train tokens, vocab {meta['vocab_size']}")
+    log(
+        f"[music] {meta['documents']} pieces, {meta['train_tokens']:,} train tokens, vocab {meta['vocab_size']}"
+    )
     log(f"music: training a GPT on the event tokens for {seconds:.0f} s")
-    result = train_music("music", out / "music-data", out / "music-run", max_time=seconds, overwrite=True, log=log)
+    result = train_music(
+        "music", out / "music-data", out / "music-run", max_time=seconds, overwrite=True, log=log
+    )
     gen = MusicGenerator.from_artifact(out / "music-run")
     [piece] = gen.generate(key="D minor", meter="4/4", style="chorale", bars=8, seed=0, instrument="organ")
     paths = piece.save(out / "music-samples", "chorale-0")

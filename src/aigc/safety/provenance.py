@@ -253,14 +253,16 @@ def verify(path: str | Path, model: str | None = None, threshold: float = 4.0) -
     if is_png:
         record, chunks = read_png_record(p)
         report["type"] = "png"
-        report["metadata_source"] = (
-            "png text chunks" if record else ("png text chunks (not aigc)" if chunks else "none")
-        )
+        report["metadata_source"] = "png 'aigc' chunk" if record else "none"
         report["metadata"] = record
-        if record is None and "parameters" in chunks:
-            report["a1111"] = (
-                parse_a1111(chunks["parameters"]) if not chunks["parameters"].startswith("{") else None
-            )
+        params = chunks.get("parameters")
+        if record is None and params:
+            try:  # written by aigc.generation.image_io alone (e.g. the server): JSON parameters
+                report["metadata"] = {"parameters": json.loads(params)}
+                report["metadata_source"] = "png 'parameters' chunk (JSON)"
+            except json.JSONDecodeError:  # another tool's A1111 line
+                report["a1111"] = parse_a1111(params)
+                report["metadata_source"] = "png 'parameters' chunk (A1111)"
         report["watermark"] = _image_watermark(p)
         return report
     record = read_sidecar(p)

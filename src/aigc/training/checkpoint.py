@@ -78,6 +78,17 @@ def optimizer_from_flat(
             g["betas"] = tuple(g["betas"])
         groups.append(g)
     opt.load_state_dict({"state": state, "param_groups": groups})
+    # Saved tensors are contiguous; give each moment its parameter's memory layout again. Fused
+    # AdamW walks parameter and moments in memory order, so a channels_last weight with contiguous
+    # moments would be updated with the wrong elements after a resume.
+    for param, entry in opt.state.items():
+        for key, value in entry.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == param.shape
+                and value.stride() != param.stride()
+            ):
+                entry[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -194,26 +194,7 @@ class DiffusionTask(_ImageTask):
         return {"model": self.unet}
 
     def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-        self._optimizers = {"model": adamw(self.unet, cfg)}
-        return self._optimizers
-
-    def _match_optimizer_layout(self) -> None:
-        """Give restored Adam moments the memory layout of their (channels_last) parameters.
-
-        Checkpoints store tensors contiguous; torch's fused AdamW walks param and moments in memory
-        order, so a channels_last weight with contiguous moments would be updated with the wrong
-        elements after a resume. (Called from load_state_dict, which the Trainer runs after it has
-        restored the optimizer.)
-        """
-        for opt in getattr(self, "_optimizers", {}).values():
-            for param, state in opt.state.items():
-                for key, value in state.items():
-                    if (
-                        isinstance(value, torch.Tensor)
-                        and value.shape == param.shape
-                        and value.stride() != param.stride()
-                    ):
-                        state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+        return {"model": adamw(self.unet, cfg)}
 
     def _labels(self, y: torch.Tensor) -> torch.Tensor | None:
         return y if self.cfg.num_classes > 0 else None
@@ -271,7 +252,6 @@ class DiffusionTask(_ImageTask):
         super().load_state_dict(state)
         ema = {k.removeprefix("ema."): v for k, v in state.tensors.items() if k.startswith("ema.")}
         self.ema.load_state_dict(ema, int(state.meta["ema_updates"]))
-        self._match_optimizer_layout()
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous().clone() for k, v in self.ema.state_dict().items()}
@@ -619,39 +599,6 @@ def train_image(
     return trainer.fit()
 
 
-def demo_images(out: str | Path, family: str = "vae", max_time: float = 60.0, log: Any = None) -> Path:
-    """`make demo` for images: digits at 16x16 -> a class-aware model in ~max_time s -> `out/grid.png`.
-
-    The VAE (default) gives clean digits within a minute on a laptop CPU; `family="diffusion"`
-    trains the `small` UNet (conditional) in the same budget, blurrier at that length.
-    """
-    from aigc.data.images import prepare_images
-    from aigc.generation.image import ImageGenerator
-
-    out = Path(out)
-    say = log or (lambda msg: None)
-    data, run = out / "data", out / "run"
-    if not data.is_dir():
-        prepare_images("digits", data, overrides=["size=16"])
-    say(f"prepared scikit-learn digits (16x16) in {data}; training a {family} for {max_time:.0f} s")
-    extra = ["conditional=true"] if family == "diffusion" else []
-    train_image(
-        family,
-        data,
-        run,
-        preset="small",
-        overrides=extra,
-        max_time=max_time,
-        overwrite=True,
-        progress=log is not None,
-        log=log,
-    )
-    gen = ImageGenerator.load(run)
-    result = gen.generate(n=40, seed=0) if family != "diffusion" else gen.generate(n=40, seed=0, steps=20)
-    paths = result.save(out / "samples", scale=4)
-    return paths[-1]
-
-
 __all__ = [
     "IMAGE_FAMILIES",
     "RUN_CONFIGS",
@@ -660,7 +607,6 @@ __all__ = [
     "GANTask",
     "VAETask",
     "build_image_task",
-    "demo_images",
     "export_diffusers",
     "load_image_model",
     "run_config_dict",

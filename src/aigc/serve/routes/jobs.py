@@ -7,7 +7,8 @@
 
 A job makes its images one at a time (image i with seed `seed + i`, recorded per image), so
 progress, preview (the newest image, as a data URL) and cancellation happen between images. The
-generator gives no hook inside one image's denoising loop, so a step is one image. Jobs live in
+generator gives no hook inside one image's denoising loop, so a step is one image. Each image is
+recorded in the content store as it is made (`generation_id` in its result item). Jobs live in
 memory, visible only to the API key that created them; the oldest finished ones are forgotten
 past MAX_JOBS.
 """
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 
 from aigc.errors import AigcError
 from aigc.serve.app import ApiError, identity
+from aigc.serve.routes import feedback
 from aigc.serve.routes.images import run_images
 from aigc.serve.schemas import ErrorResponse, ImageRequest, Strict
 from aigc.serve.streaming import SSE_DONE, SSE_HEADERS, sse
@@ -113,14 +115,19 @@ async def _run(request: Request, job: Job) -> None:
                 job.status = "cancelled"
                 break
             seed = (job.seed + i) % 2**63
+            t0 = time.perf_counter()
             pngs, params = await asyncio.to_thread(run_images, lm, one, seed)
+            # recorded like POST /v1/images/generations: PNG in the blob folder, one row per image
+            row = dict(kind="image", model=feedback.model_name(lm.entry), prompt=body.prompt or "",
+                       params=params[0], seed=seed, duration=time.perf_counter() - t0)  # fmt: skip
+            [gid] = await feedback.record(request, lm.entry, [row], blobs=pngs, ext="png")
             b64 = base64.b64encode(pngs[0]).decode("ascii")
             item = (
                 {"b64_json": b64}
                 if body.response_format == "b64_json"
                 else {"url": "data:image/png;base64," + b64}
             )
-            job.data.append({**item, "seed": seed, "parameters": params[0]})
+            job.data.append({**item, "seed": seed, "parameters": params[0], "generation_id": gid})
             job.preview = "data:image/png;base64," + b64
             job.step = i + 1
             st.metrics.observe_images(1)
@@ -129,6 +136,8 @@ async def _run(request: Request, job: Job) -> None:
             job.status = "succeeded"
     except AigcError as e:
         job.status, job.error = "failed", str(e)
+    except ApiError as e:  # the store was busy: the image was not recorded
+        job.status, job.error = "failed", e.message
     except Exception as e:  # a bug: recorded on the job, not lost in a background task
         job.status, job.error = "failed", f"internal error: {type(e).__name__}"
     job.touch()

@@ -229,7 +229,10 @@ function ratingWidget(gid, current) {
     el("button", { class: "thumb down", title: t("down"), "aria-label": t("down"), onclick: () => rate(-1, "thumb") }, thumbIcon()),
   );
   const stars = el("span", { class: "stars", title: t("stars") });
-  for (let i = 1; i <= 5; i++) stars.append(el("button", { class: "star", "data-v": i, onclick: () => rate(i, "stars") }, "★"));
+  const filled = Math.round(current || 0);  // the mean so far; hovering previews a new vote
+  for (let i = 1; i <= 5; i++) {
+    stars.append(el("button", { class: i <= filled ? "star on" : "star", "data-v": i, onclick: () => rate(i, "stars") }, "★"));
+  }
   box.append(stars, note);
   return box;
 }
@@ -246,13 +249,17 @@ function genActions(row, extra = []) {
 // ---------------------------------------------------------------------------- text
 
 let textAbort = null;
+let textChat = null;  // a restored chat generation's messages: it runs again through the chat route
+
 
 function textRequest() {
   const p = params("text-params");
-  return {
+  const req = {
     model: $("#text-model").value, prompt: $("#text-prompt").value, max_tokens: p.max_tokens,
     temperature: p.temperature, top_p: p.top_p, top_k: p.top_k, seed: nextSeed("text-params"),
   };
+  if (textChat) req.messages = textChat;
+  return req;
 }
 
 // Stream a completion over SSE (fetch + ReadableStream) into the output box.
@@ -272,8 +279,10 @@ async function generateText(req = textRequest()) {
   const t0 = performance.now();
   let gid = null, seed = req.seed, finish = null;
   try {
-    const r = await fetch("v1/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify({ ...req, stream: true }), signal: textAbort.signal,
+    const { prompt, ...chat } = req;  // a chat request has messages instead of a prompt
+    const r = await fetch(req.messages ? "v1/chat/completions" : "v1/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify({ ...(req.messages ? chat : req), stream: true }),
+      signal: textAbort.signal,
     });
     if (!r.ok) await raise(r);
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -290,7 +299,8 @@ async function generateText(req = textRequest()) {
           if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
           const chunk = JSON.parse(line.slice(6));
           for (const c of chunk.choices || []) {
-            if (c.text) gen.textContent += c.text;
+            const piece = c.text ?? (c.delta && c.delta.content);
+            if (piece) gen.textContent += piece;
             if (c.finish_reason) { finish = c.finish_reason; gid = c.generation_id; seed = c.seed; }
           }
           if (chunk.warnings) say(chunk.warnings.join("; "), "error");
@@ -301,7 +311,8 @@ async function generateText(req = textRequest()) {
     meta.textContent = `#${gid} · ${req.model} · seed ${seed} · ${finish} · ${dt} s`;
     if (gid !== null) {
       const row = { id: gid, kind: "text", model: req.model, prompt: req.prompt, seed,
-                    params: { temperature: req.temperature, top_p: req.top_p, top_k: req.top_k, max_new_tokens: req.max_tokens } };
+                    params: { temperature: req.temperature, top_p: req.top_p, top_k: req.top_k,
+                              max_new_tokens: req.max_tokens, messages: req.messages } };
       actions.replaceWith(Object.assign(genActions(row), { id: "text-actions" }));
     }
   } catch (e) {
@@ -391,6 +402,7 @@ async function restore(row, mode = null) {
     showTab("text");
     setOption($("#text-model"), row.model);
     $("#text-prompt").value = row.prompt;
+    textChat = p.messages || null;
     setParams("text-params", { temperature: p.temperature, top_p: p.top_p, top_k: p.top_k,
                                max_tokens: p.max_new_tokens, seed, seed_lock: true });
     if (mode) return generateText();
@@ -520,7 +532,10 @@ function init() {
     $("#" + id + " .randomise").addEventListener("click", () => setParams(id, { seed: randomSeed(), seed_lock: false }));
   }
   $("#text-prompt").value = localStorage.getItem("aigc.prompt") || "";
-  $("#text-prompt").addEventListener("input", (e) => localStorage.setItem("aigc.prompt", e.target.value));
+  $("#text-prompt").addEventListener("input", (e) => {
+    textChat = null;  // an edited prompt is a plain completion again
+    localStorage.setItem("aigc.prompt", e.target.value);
+  });
   $("#text-go").addEventListener("click", () => generateText());
   $("#text-stop").addEventListener("click", () => textAbort && textAbort.abort());
   $("#image-go").addEventListener("click", () => generateImages());

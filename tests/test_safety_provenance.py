@@ -140,6 +140,11 @@ def test_sidecars_and_verify(tmp_path, monkeypatch):
     assert rep["watermark"]["status"] == "not applicable" and rep["c2pa"] == "none"
     wav.write_bytes(b"RIFF edited")
     assert prov.verify(wav)["file_unchanged"] is False
+    mid = tmp_path / "piece-0.mid"  # music outputs: save_music writes piece-0.json beside
+    mid.write_bytes(b"MThd")
+    (tmp_path / "piece-0.json").write_text('{"key": "D minor", "seed": 7}', encoding="utf-8")
+    rep = prov.verify(mid)
+    assert rep["metadata"]["seed"] == 7 and rep["metadata_source"] == "sidecar piece-0.json"
 
     txt = prov.save_text(
         "Hello there.", tmp_path / "t.txt", prov.make_record(kind="text", model="tiny@1", seed=1)

@@ -6,11 +6,13 @@ dev extra). Never `playwright install`: the system chromium is the browser."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 from pathlib import Path
 
 import pytest
 
+from aigc.feedback.blobs import Blobs
 from aigc.feedback.store import Store
 from aigc.generation import load_generator
 from aigc.serve.app import create_app
@@ -53,13 +55,21 @@ def server(tmp_path_factory):
         models_dirs=[root], api_keys_file=keys, db=str(home / "aigc.db"), outputs_dir=home / "out"
     )
     with LiveServer(create_app(settings)) as live:
-        live.root, live.db = root, home / "aigc.db"
+        live.root, live.db, live.outputs = root, home / "aigc.db", home / "out"
         yield live
 
 
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def pixels(png: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).tobytes()
 
 
 def store(server) -> Store:
@@ -127,6 +137,7 @@ def test_studio_end_to_end(browser, server):
     page.wait_for_function("document.querySelectorAll('#image-results figure img').length == 2")
     with store(server) as s:
         assert len(s.list_generations(kind="image")["data"]) == 2
+    assert any(u.endswith("/events") and "/v1/jobs/" in u for u, _ in requests)  # progress over SSE
     shot(page, "2-image")
 
     # 4. side-by-side compare, blind: pick the first card
@@ -155,6 +166,18 @@ def test_studio_end_to_end(browser, server):
         "[...document.querySelectorAll('#history-list img')].every(i => i.complete && i.src)"
     )
     shot(page, "4-history-all")
+    # an image regenerates exactly: the same image as the stored one
+    with store(server) as s:
+        img_row = s.list_generations(kind="image", limit=1)["data"][0]
+    png = Blobs(server.outputs).get(img_row["output_ref"])
+    page.click(f"#history-list [data-id='{img_row['id']}'] .regenerate")
+    page.wait_for_selector("#image-results figure img")
+    src = page.get_attribute("#image-results figure img", "src")
+    # same pixels (the PNG's text chunk differs: it records the time it was made)
+    assert pixels(base64.b64decode(src.split(",", 1)[1])) == pixels(png)
+    page.click("#tabs [data-tab=history]")
+    models = page.eval_on_selector_all("#history-filters [name=model] option", "os => os.map(o => o.value)")
+    assert "story@1" in models and "story" not in models  # rows name the exact version
     page.fill("#history-filters [name=q]", "ROMEO")
     page.select_option("#history-filters [name=kind]", "text")
     page.click("#history-filters button")

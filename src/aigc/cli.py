@@ -760,6 +760,7 @@ def demo_cmd(
             f"\n[bold]music[/]: GPT trained {r['steps']} steps on 24 Bach chorales; an 8-bar chorale "
             f"({r['notes']} notes, {r['seconds']:.0f} s): {f['mid']}, {f['wav']}, {f['png']}",
             highlight=False,
+            soft_wrap=True,
         )
     out.print(f"\nEverything is in {out_dir}/ (runs load with aigc.load(PATH)).")
 

@@ -31,7 +31,7 @@ TEXT_FAMILIES = ("gpt", "lstm")
 IMAGE_FAMILIES = ("diffusion", "gan", "vae")
 DEFAULT_TEXT_TOKENS = 128  # new tokens per text sample (at most context - 1) without --max-new-tokens
 MUSIC_BARS = 8  # bars per generated piece (MusicGenerator's default length)
-MAX_LOSS_TOKENS = 262_144  # held-out tokens scored for val loss (the mean settles long before)
+MAX_LOSS_TOKENS = 131_072  # held-out tokens scored for val loss (the mean settles long before)
 TEXT_BATCH = 128  # prompts per TextGenerator.generate call
 IMAGE_VAL_FRACTION = 0.05  # as training/image_tasks._ImageTask: the last 5% (<= 512) are held out
 EXAMPLES = 5  # decoded samples kept in the report
@@ -150,7 +150,7 @@ def _lm_scores(model: Any, val: np.ndarray, meta: dict[str, Any]) -> tuple[dict[
     from aigc.evaluation.text import bits_per_byte, bits_per_token, lm_loss, perplexity
 
     block = int(model.config.block_size)
-    batch = 16
+    batch = 64  # measured: 5x less CPU per token than batches of 16 for a tiny GPT
     max_batches = max(1, math.ceil(MAX_LOSS_TOKENS / (block * batch)))
     loss, scored = lm_loss(model, np.asarray(val), block, batch_size=batch, max_batches=max_batches)
     # bits/byte uses the whole split's tokens/bytes ratio: the scored part is a prefix of it

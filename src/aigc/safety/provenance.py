@@ -173,6 +173,37 @@ def stamp_png(path: str | Path, record: dict[str, Any], out: str | Path | None =
     return save_png(image, out or path, record, extra=chunks)
 
 
+def stamp_image_files(paths: list[Path], model: str | Path | None = None, watermark: bool = False) -> None:
+    """Give PNGs written by `aigc.generation.image_io` (JSON `parameters` chunk) their provenance:
+    the `aigc` record + A1111 line, and with `watermark` the invisible key-id mark. In place."""
+    from aigc.safety.watermark_image import embed
+    from aigc.safety.watermark_text import load_config
+
+    cfg = load_config() if watermark else None
+    mhash = None
+    if model is not None and (Path(model) / "model.safetensors").is_file():
+        mhash = model_hash(model)
+    for path in paths:
+        image, chunks = open_png(path)
+        try:
+            params = json.loads(chunks.pop("parameters", "{}"))
+        except json.JSONDecodeError:
+            params = {}
+        chunks.pop("aigc", None)
+        if cfg is not None:
+            image = embed(image, cfg)
+        record = make_record(
+            kind="image",
+            model=str(params.get("model") or model),
+            parameters=params,
+            seed=params.get("seed"),
+            prompt=params.get("prompt"),
+            model_hash=mhash,
+            watermark_key_id=cfg.key_id if cfg is not None else None,
+        )
+        save_png(image, path, record, extra=chunks)
+
+
 def open_png(path: str | Path):
     """(PIL image fully decoded, its text chunks); a corrupted or truncated PNG is an AigcError."""
     from PIL import Image
@@ -267,7 +298,14 @@ def verify(path: str | Path, model: str | None = None, threshold: float = 4.0) -
         return report
     record = read_sidecar(p)
     report["type"] = p.suffix.lstrip(".").lower() or "file"
-    report["metadata_source"] = "sidecar" if record else "none"
+    report["metadata_source"] = f"sidecar {sidecar_path(p).name}" if record else "none"
+    stem_json = p.with_suffix(".json")
+    if record is None and p.suffix.lower() in (".mid", ".midi", ".wav", ".png") and stem_json.is_file():
+        # music outputs (`save_music`) and others written before provenance: `<stem>.json` beside
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+            found = json.loads(stem_json.read_text(encoding="utf-8"))
+            record = found if isinstance(found, dict) else None
+            report["metadata_source"] = f"sidecar {stem_json.name}" if record else "none"
     report["metadata"] = record
     if record and record.get("file_sha256"):
         report["file_unchanged"] = record["file_sha256"] == _sha256(p)

@@ -28,6 +28,7 @@ short public id (`key_id`) is ever written into outputs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -71,7 +72,7 @@ class WatermarkConfig:
                 f"watermark context_width={self.context_width} is invalid; allowed: an integer >= 1"
             )
 
-    @property
+    @functools.cached_property
     def hash_key(self) -> int:
         """The integer key of the hashing (transformers' `hashing_key`); a hex key is read as a number."""
         try:
@@ -171,12 +172,30 @@ def watermark_logits(
     of history is left alone (transformers skips seeding the same way).
     """
     B, V = logits.shape
-    bias = torch.zeros(B, V, dtype=logits.dtype)
-    for r, (hist, cfg) in enumerate(zip(histories, cfgs, strict=True)):
+    # one cached (V,) mask per (key, context): stacking them costs far less than indexing per row
+    masks, deltas = [], []
+    for hist, cfg in zip(histories, cfgs, strict=True):
         if cfg is None or len(hist) < cfg.context_width:
+            masks.append(_no_mask(V))
+            deltas.append(0.0)
             continue
-        bias[r, greenlist_ids(hist, cfg, V)] = cfg.delta
+        ctx = hist[len(hist) - cfg.context_width :]
+        masks.append(_green_mask(context_seed(ctx, cfg.hash_key), V, int(V * cfg.gamma)))
+        deltas.append(cfg.delta)
+    bias = torch.stack(masks).to(logits.dtype) * torch.tensor(deltas, dtype=logits.dtype)[:, None]  # (B, V)
     return logits + bias
+
+
+@lru_cache(maxsize=8192)
+def _green_mask(seed: int, vocab_size: int, size: int) -> torch.Tensor:
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[_green_ids(seed, vocab_size, size)] = True
+    return mask
+
+
+@lru_cache(maxsize=16)
+def _no_mask(vocab_size: int) -> torch.Tensor:
+    return torch.zeros(vocab_size, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------- detection

@@ -142,8 +142,10 @@ async function loadModels() {
     if (sel.dataset.any) sel.append(el("option", { value: "" }, t("any.model")));
     for (const m of models) {
       if (sel.dataset.kind && m.kind !== sel.dataset.kind) continue;
-      sel.append(el("option", { value: m.id }, m.id));
-      for (const v of m.versions || []) if (v !== m.id) sel.append(el("option", { value: v }, "  " + v));
+      const versions = (m.versions || []).filter((v) => v !== m.id);
+      // history rows name the exact version (name@version): the filter offers only those
+      if (!sel.dataset.any || !versions.length) sel.append(el("option", { value: m.id }, m.id));
+      for (const v of versions) sel.append(el("option", { value: v }, (sel.dataset.any ? "" : "  ") + v));
     }
     if (keep) sel.value = keep;
   }
@@ -262,6 +264,25 @@ function textRequest() {
   return req;
 }
 
+// Read a server-sent events body (fetch + ReadableStream): onEvent(JSON) per "data:" line.
+async function readSSE(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value;
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {  // one event per blank-line-separated block
+      const block = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      for (const line of block.split("\n")) {
+        if (line.startsWith("data: ") && line !== "data: [DONE]") onEvent(JSON.parse(line.slice(6)));
+      }
+    }
+  }
+}
+
 // Stream a completion over SSE (fetch + ReadableStream) into the output box.
 async function generateText(req = textRequest()) {
   saveForm("text-params");
@@ -285,28 +306,14 @@ async function generateText(req = textRequest()) {
       signal: textAbort.signal,
     });
     if (!r.ok) await raise(r);
-    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {  // one SSE event per blank-line-separated block
-        const block = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        for (const line of block.split("\n")) {
-          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-          const chunk = JSON.parse(line.slice(6));
-          for (const c of chunk.choices || []) {
-            const piece = c.text ?? (c.delta && c.delta.content);
-            if (piece) gen.textContent += piece;
-            if (c.finish_reason) { finish = c.finish_reason; gid = c.generation_id; seed = c.seed; }
-          }
-          if (chunk.warnings) say(chunk.warnings.join("; "), "error");
-        }
+    await readSSE(r, (chunk) => {
+      for (const c of chunk.choices || []) {
+        const piece = c.text ?? (c.delta && c.delta.content);
+        if (piece) gen.textContent += piece;
+        if (c.finish_reason) { finish = c.finish_reason; gid = c.generation_id; seed = c.seed; }
       }
-    }
+      if (chunk.warnings) say(chunk.warnings.join("; "), "error");
+    });
     const dt = ((performance.now() - t0) / 1000).toFixed(2);
     meta.textContent = `#${gid} · ${req.model} · seed ${seed} · ${finish} · ${dt} s`;
     if (gid !== null) {
@@ -338,22 +345,42 @@ function imageRequest() {
   return req;
 }
 
+// Images run as a background job (POST /v1/jobs): each one shows as soon as it is made, from the
+// job's SSE events (progress, ETA, preview). Image i of a job has seed + i and is made alone, so
+// any one can be made again with n=1. `only`: regenerate image `only` of a direct call, whose
+// images share one seed: ask for only+1 images and keep the last.
 async function generateImages(req = imageRequest(), only = null) {
   saveForm("image-params");
   const box = $("#image-results");
-  box.replaceChildren(el("p", { class: "muted" }, t("generating")));
+  const progress = el("p", { class: "muted progress" }, t("generating"));
+  box.replaceChildren(progress);
   $("#image-go").disabled = true;
   say("");
   try {
-    const res = await api("v1/images/generations", req);
+    let items;
+    if (only !== null) {
+      const res = await api("v1/images/generations", req);
+      items = res.data.map((d, i) => ({ ...d, generation_id: res.generation_ids[i] })).slice(only, only + 1);
+    } else {
+      const job = await api("v1/jobs", { type: "images.generations", input: req });
+      const r = await fetch(`v1/jobs/${job.id}/events`, { headers: headers(false) });
+      if (!r.ok) await raise(r);
+      await readSSE(r, (ev) => {
+        const eta = ev.eta_s !== null && ev.eta_s !== undefined ? ` · ETA ${ev.eta_s.toFixed(1)} s` : "";
+        progress.textContent = `${t("generating")} ${ev.step}/${ev.total}${eta}`;
+        if (ev.preview) box.append(el("img", { class: "preview", src: ev.preview, alt: `${ev.step}/${ev.total}` }));
+      });
+      const view = await api(`v1/jobs/${job.id}`);
+      if (view.status !== "succeeded") throw new Error(view.error || view.status);
+      items = view.result.data;
+    }
     box.replaceChildren();
-    res.data.forEach((d, i) => {
-      if (only !== null && i !== only) return;
-      const row = { id: res.generation_ids[i], kind: "image", model: req.model, prompt: req.prompt || "",
-                    seed: res.seed, params: d.parameters };
+    items.forEach((d, i) => {
+      const row = { id: d.generation_id, kind: "image", model: req.model, prompt: req.prompt || "",
+                    seed: d.seed, params: d.parameters };
       box.append(el("figure", { class: "card" },
-        el("img", { src: "data:image/png;base64," + d.b64_json, alt: `seed ${res.seed} #${i}` }),
-        el("figcaption", {}, `#${row.id} · seed ${res.seed} · ${i + 1}/${req.n}`),
+        el("img", { src: "data:image/png;base64," + d.b64_json, alt: `seed ${d.seed}` }),
+        el("figcaption", {}, `#${row.id} · seed ${d.seed} · ${i + 1}/${items.length}`),
         genActions(row)));
     });
   } catch (e) {

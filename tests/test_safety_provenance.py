@@ -201,3 +201,24 @@ def test_verify_reads_image_io_and_a1111_pngs(tmp_path):
     assert rep["a1111"]["Seed"] == "42" and rep["a1111"]["prompt"] == "a castle" and rep["metadata"] is None
     natural(32).save(tmp_path / "bare.png")
     assert prov.verify(tmp_path / "bare.png")["metadata_source"] == "none"
+
+
+def test_stamp_image_files_marks_and_records(tmp_path, monkeypatch):
+    from aigc.generation.image_io import save_png
+
+    monkeypatch.setenv("AIGC_WATERMARK_KEY", KEY.key)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"weights")
+    paths = [save_png(natural(64, seed=i), tmp_path / f"image-{i}.png", {"model": "run", "seed": i, "label": 3})
+             for i in range(2)]  # fmt: skip
+    prov.stamp_image_files(paths, run, watermark=True)
+    for i, p in enumerate(paths):
+        rec, chunks = prov.read_png_record(p)
+        assert (
+            rec["seed"] == i and rec["parameters"]["label"] == 3 and rec["watermark"]["key_id"] == KEY.key_id
+        )
+        assert rec["model_hash"] == prov.model_hash(run) and chunks["label"] == "3"  # image_io's chunks kept
+        assert WI.detect(Image.open(p), KEY).detected
+    with pytest.raises(AigcError, match="at least 24x24"):
+        prov.stamp_image_files([save_png(natural(16), tmp_path / "tiny.png", {})], watermark=True)

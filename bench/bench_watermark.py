@@ -50,7 +50,7 @@ def train_tiny(text: str, steps: int, seed: int = 0) -> tuple[GPT, object, float
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model.eval(), tok, float(loss)
+    return model.eval(), tok, float(loss.detach())
 
 
 @torch.no_grad()

@@ -121,7 +121,9 @@ def test_cli_generate_checks_prompt_and_outputs(run_cli, tmp_path):
     assert code == 1 and "everything" in err  # the prompt itself matches
     code, out, err = run_cli("generate", "text", "--model", run, "--max-new-tokens", "5", "--n", "2",
                              "--moderation", rules, "--seed", "1")  # fmt: skip
-    assert code == 0 and out == "" and err.count("blocked (withheld) (everything)") == 2  # empty prompt passes
+    assert (
+        code == 0 and out == "" and err.count("blocked (withheld) (everything)") == 2
+    )  # empty prompt passes
     rules.write_text('[categories.everything]\npolicy = "flag"\nregex = ["."]\n', encoding="utf-8")
     code, out, err = run_cli("generate", "text", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", "5",
                              "--moderation", rules, "--seed", "1")  # fmt: skip

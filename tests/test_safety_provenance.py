@@ -222,3 +222,32 @@ def test_stamp_image_files_marks_and_records(tmp_path, monkeypatch):
         assert WI.detect(Image.open(p), KEY).detected
     with pytest.raises(AigcError, match="at least 24x24"):
         prov.stamp_image_files([save_png(natural(16), tmp_path / "tiny.png", {})], watermark=True)
+
+
+def test_cli_generate_image_stamps_and_marks(run_cli, tmp_path, monkeypatch):
+    from aigc.generation.image_io import read_png_params
+    from serve_helpers import write_image_run
+
+    monkeypatch.setenv("AIGC_WATERMARK_KEY", KEY.key)
+    run = write_image_run(tmp_path / "pix")
+    base = ["generate", "image", "--model", run, "--n", "2", "--steps", "2", "--seed", "4", "--scale", "4"]
+    code, _, err = run_cli(*base, "--out", tmp_path / "plain")
+    assert code == 0, err
+    rec, chunks = prov.read_png_record(tmp_path / "plain" / "image-001.png")
+    assert (
+        rec["seed"] == read_png_params(tmp_path / "plain" / "image-001.png")["seed"]
+    )  # image_io still reads it
+    assert (
+        rec["model_hash"] == prov.model_hash(run)
+        and rec["watermark"] is None
+        and "Seed: " in chunks["parameters"]
+    )
+    code, _, err = run_cli(*base, "--out", tmp_path / "marked", "--watermark")
+    assert code == 0, err
+    code, out, _ = run_cli("verify", tmp_path / "marked" / "image-000.png")
+    assert "watermarked" in out and KEY.key_id in out
+    code, out, _ = run_cli("detect", "image", tmp_path / "plain" / "image-000.png")
+    assert out.startswith("no watermark")
+    # 8x8 images cannot carry the mark: a clean error, nothing written
+    code, _, err = run_cli(*base[:-2], "--out", tmp_path / "small", "--watermark")
+    assert code == 1 and "at least 24x24" in err and not (tmp_path / "small").exists()

@@ -807,15 +807,15 @@ def eval_cmd(
 
     from aigc.evaluation.run import evaluate
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():  # shown below from report["warnings"], without library noise
+        warnings.simplefilter("ignore")
         report = evaluate(
             model, data=data, n=n, seed=seed, out=out_path, classifier=classifier,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             sampler=sampler, steps=steps, guidance=guidance,
             log=lambda m: err.print(m, highlight=False, markup=False),
         )  # fmt: skip
-    for msg in dict.fromkeys(str(w.message) for w in caught):
+    for msg in report["warnings"]:
         err.print(f"warning: {msg}", highlight=False, markup=False)
     if as_json:
         typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
@@ -824,11 +824,17 @@ def eval_cmd(
     def fmt(v: object) -> str:
         return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
-    p = report["protocol"]
-    table = Table("metric", "model", "real vs real", title=f"{report['kind']} eval: {p['samples']} samples")
+    def scalar(side: dict, k: str) -> object:  # nested results shown by their headline number
+        v = side.get(k)
+        return v.get("accuracy", v.get("flagged_share")) if isinstance(v, dict) else v
+
+    sides = ["model", "real"] + (["baseline"] if "baseline" in report else [])
+    title = f"{report['kind']} eval: {report['protocol']['samples']} samples"
+    table = Table("metric", "model", "real vs real", *sides[2:], title=title)
     for k, v in report["model"].items():
-        if not isinstance(v, (dict, list)):
-            table.add_row(k, fmt(v), fmt(report["real"].get(k)))
+        if not isinstance(v, list):
+            name = {"copies": "copies_flagged_share", "label_accuracy": "label_accuracy"}.get(k, k)
+            table.add_row(name, *(fmt(scalar(report[s], k)) for s in sides))
     out.print(table)
 
 

@@ -75,6 +75,9 @@ def evaluate(
     run = Path(run)
     if not (run / "config.json").is_file():
         raise AigcError(f"{run} is not a run directory (no config.json); pass the --out of `aigc train`")
+    out = Path(out) if out is not None else run / "eval" / "report.json"
+    if out.suffix != ".json":
+        raise AigcError(f"--out {out} must end in .json (report.md and PNGs are written beside it)")
     cfg = read_json(run / "config.json")
     family = cfg.get("family")
     t0 = time.perf_counter()
@@ -98,14 +101,12 @@ def evaluate(
                 f"{run} holds a {family!r} model; aigc eval takes text ({', '.join(TEXT_FAMILIES)}) "
                 f"or image ({', '.join(IMAGE_FAMILIES)}) runs"
             )
-    report["warnings"] = [str(w.message) for w in caught]
+    # the user's warnings (e.g. a capped --n); library deprecation noise is only re-emitted
+    report["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if w.category is UserWarning))
     report["protocol"]["seconds"] = round(time.perf_counter() - t0, 2)
     for w in caught:  # re-emitted outside the recording block, so callers see them too
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
-    out = Path(out) if out is not None else run / "eval" / "report.json"
-    if out.suffix != ".json":
-        raise AigcError(f"--out {out} must end in .json (report.md and PNGs are written beside it)")
     samples = report.pop("_samples", None)
     if samples is not None:  # every decoded sample with its seed, one JSON object per line
         from aigc.utils.io import atomic_write_text

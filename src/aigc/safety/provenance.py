@@ -102,7 +102,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     fields = [f"{name}: {_a1111_value(values[k])}" for k, name in A1111_FIELDS if values.get(k) is not None]
     if record.get("watermark"):
         fields.append(f"Watermark: {record['watermark']['key_id']}")
-    prompt = (record.get("prompt") or p.get("label") or "").replace("\n", " ")
+    label = p.get("label")  # class-conditional images: the label is their "prompt" (0 included)
+    prompt = str(record.get("prompt") or ("" if label is None else label)).replace("\n", " ")
     return f"{prompt}\n{', '.join(fields)}" if fields else prompt
 
 
@@ -114,8 +115,11 @@ def _a1111_value(v: Any) -> str:
 def parse_a1111(text: str) -> dict[str, str]:
     """Parse an A1111 `parameters` text back into {"prompt", field: value} (quoted values unquoted)."""
     lines = text.split("\n")
-    out = {"prompt": lines[0] if len(lines) > 1 else ""}
-    last = lines[-1] if len(lines) > 1 else lines[0]
+    head, last = lines[:-1], lines[-1]  # prompt (may span lines), then the `Key: value, ...` line
+    neg = [ln for ln in head if ln.startswith("Negative prompt: ")]
+    out = {"prompt": "\n".join(ln for ln in head if ln not in neg)}
+    if neg:
+        out["Negative prompt"] = neg[0].removeprefix("Negative prompt: ")
     i = 0
     while i < len(last):
         j = last.find(": ", i)
@@ -127,7 +131,10 @@ def parse_a1111(text: str) -> dict[str, str]:
             end = i + 1
             while end < len(last) and (last[end] != '"' or last[end - 1] == "\\"):
                 end += 1
-            value = json.loads(last[i : end + 1])
+            try:
+                value = json.loads(last[i : end + 1])
+            except json.JSONDecodeError:  # not our quoting: keep the raw text
+                value = last[i + 1 : end]
             i = end + 1
         else:
             end = last.find(",", i)

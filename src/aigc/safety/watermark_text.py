@@ -74,7 +74,12 @@ class WatermarkConfig:
 
     @functools.cached_property
     def hash_key(self) -> int:
-        """The integer key of the hashing (transformers' `hashing_key`); a hex key is read as a number."""
+        """The integer key of the hashing (transformers' `hashing_key`); a hex key is read as a number.
+
+        Reduced to 61 bits, as the transformers-compatible seed is key * token mod 2**64 - 1: enough to
+        keep outsiders from guessing the green lists, not a cryptographic strength claim (with h = 1
+        someone holding many marked texts can estimate the lists from token statistics).
+        """
         try:
             return int(self.key, 16) % (2**61 - 1) or 1
         except ValueError:

@@ -14,7 +14,6 @@ built in a staging directory and moved into place at the end, so a failure leave
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch.nn as nn
 from aigc.errors import AigcError
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.models.hf_causal import to_llama_state
-from aigc.utils.io import atomic_write_json, commit_dir, prepare_out_dir, staging_dir
+from aigc.utils.io import atomic_write_json, building_dir, prepare_out_dir
 
 FORMATS = ("hf",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -99,8 +98,7 @@ def export_hf(
 
     out_dir = prepare_out_dir(out_dir, overwrite)
     eos_id = getattr(tokenizer, "eos_id", None)
-    stage = staging_dir(out_dir)
-    try:
+    with building_dir(out_dir) as stage:
         atomic_write_json(stage / "config.json", llama_config(model.config, dtype, eos_id))
         save_file(to_llama_state(model, dtype), str(stage / "model.safetensors"), metadata={"format": "pt"})
         # no max_length: transformers warns when it meets max_new_tokens; the context length is
@@ -108,10 +106,7 @@ def export_hf(
         generation = {"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None}
         atomic_write_json(stage / "generation_config.json", generation)
         tokenizer.save_pretrained(stage)
-        return commit_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    return out_dir
 
 
 def export_artifact(run: str | Path, out_dir: str | Path, fmt: str = "hf", **kwargs: Any) -> Path:

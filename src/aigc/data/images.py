@@ -28,7 +28,7 @@ import numpy as np
 
 from aigc.config import resolve, save_config, to_dict
 from aigc.errors import AigcError
-from aigc.utils.io import atomic_write_json, commit_dir, prepare_out_dir, read_json, staging_dir
+from aigc.utils.io import atomic_write_json, building_dir, prepare_out_dir, read_json
 
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -409,19 +409,12 @@ def prepare_images(
         "value_range": list(cfg.value_range),
         "flip": cfg.flip,
     }
-    stage = staging_dir(out)
-    try:
+    with building_dir(out) as stage:
         save_file(
             {"images": np.ascontiguousarray(images), "labels": labels}, str(stage / "images.safetensors")
         )
         atomic_write_json(stage / "meta.json", meta)
         save_config(cfg, stage / "config.json")
-        commit_dir(stage, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return meta
 
 

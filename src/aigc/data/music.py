@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import math
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from aigc.tokenizers.music import (
     parse_key,
     parse_meter,
 )
-from aigc.utils.io import atomic_write_json, commit_dir, prepare_out_dir, read_json, staging_dir
+from aigc.utils.io import atomic_write_json, building_dir, prepare_out_dir, read_json
 
 FORMAT_VERSION = 1
 CACHE_VERSION = 1  # bump when parsing changes, so old cached pieces are not reused
@@ -454,17 +453,12 @@ def prepare_music(
         "meters": dict(Counter(r["meter"] for r in rows).most_common()),
         "pieces": rows,
     }
-    stage = staging_dir(out)
-    try:
+    with building_dir(out) as stage:
         for split, arr in arrays.items():
             arr.astype("<u2").tofile(stage / f"{split}.bin")
         tok.save(stage / "tokenizer.json")
         atomic_write_json(stage / "meta.json", meta)
         save_config(cfg, stage / "config.json")
-        commit_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     log(f"wrote {out}")
     return meta
 

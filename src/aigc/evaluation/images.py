@@ -310,7 +310,7 @@ def feature_classifier(
     from safetensors.torch import load_file, save_file
 
     from aigc.models.image_classifier import ImageClassifier, ImageClassifierConfig
-    from aigc.utils.io import atomic_write_json, commit_dir, staging_dir
+    from aigc.utils.io import atomic_write_json, building_dir
 
     cfg = cfg or FeatureTrainConfig()
     x = as_float_images(images)
@@ -367,12 +367,11 @@ def feature_classifier(
         "network": "aigc.models.image_classifier.ImageClassifier",
         "train": asdict(cfg),
     }
-    stage = staging_dir(final)
-    save_file(model.state_dict(), str(stage / "model.safetensors"))
-    atomic_write_json(
-        stage / "config.json", {"family": "image_classifier", "model": asdict(model_cfg), "info": info}
-    )
-    commit_dir(stage, final)
+    with building_dir(final) as stage:
+        save_file(model.state_dict(), str(stage / "model.safetensors"))
+        atomic_write_json(
+            stage / "config.json", {"family": "image_classifier", "model": asdict(model_cfg), "info": info}
+        )
     return model, info
 
 

@@ -165,7 +165,7 @@ def train_classifier(
     from safetensors.torch import save_file
 
     from aigc.evaluation.embeddings import model_source
-    from aigc.utils.io import atomic_write_json, atomic_write_text, commit_dir, prepare_out_dir, staging_dir
+    from aigc.utils.io import atomic_write_json, atomic_write_text, building_dir, prepare_out_dir
 
     cfg = cfg or ClassifierTrainConfig()
     say = log or (lambda s: None)
@@ -263,8 +263,7 @@ def train_classifier(
     }
     if cfg.kind == "embeddings":
         config["encoder"] = model_source(model.encoder_source)
-    stage = staging_dir(out)
-    try:
+    with building_dir(out) as stage:
         save_file(
             {k: v.contiguous() for k, v in model.state_dict().items()}, str(stage / "model.safetensors")
         )
@@ -274,12 +273,7 @@ def train_classifier(
         lines = [json.dumps(r) for r in history] + [json.dumps(test)]
         atomic_write_text(stage / "metrics.jsonl", "\n".join(lines) + "\n")
         atomic_write_text(stage / "card.md", _card(config, test, out))
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return commit_dir(stage, out)
+    return Path(out)
 
 
 def _card(config: dict, test: dict, out: Path) -> str:

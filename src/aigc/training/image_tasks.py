@@ -275,23 +275,17 @@ class DiffusionTask(_ImageTask):
 
 def export_diffusers(cfg: DiffusionConfig, weights: dict[str, torch.Tensor], out: Path) -> Path:
     """Write a diffusers DDPMPipeline directory (unet/ + scheduler/ + model_index.json), atomically."""
-    import shutil
 
     from diffusers import DDPMPipeline
 
-    from aigc.utils.io import commit_dir, staging_dir
+    from aigc.utils.io import building_dir
 
     unet = build_unet(cfg)
     unet.load_state_dict(weights)
-    stage = staging_dir(out)
-    try:
+    with building_dir(out) as stage:
         DDPMPipeline(unet=unet, scheduler=make_scheduler(cfg, "ddpm")).save_pretrained(
             stage, safe_serialization=True
         )
-        commit_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 

@@ -5,11 +5,12 @@ A crash (or a full disk) mid-write leaves the previous file intact, never a half
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,20 @@ def commit_dir(staging: Path, final: str | Path) -> Path:
     else:
         os.replace(staging, final)
     return final
+
+
+@contextlib.contextmanager
+def building_dir(final: str | Path) -> Iterator[Path]:
+    """Build an output directory in a staging dir that replaces `final` only when the block ends
+    without error; on any error the staging dir is removed and `final` is left as it was.
+
+        with building_dir(out) as stage:
+            save_file(..., stage / "model.safetensors")
+    """
+    stage = staging_dir(final)
+    try:
+        yield stage
+        commit_dir(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

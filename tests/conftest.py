@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_data() -> Path | None:
     """The real data sets folder (../shared/data or AIGC_DATA_PATH), or None when absent."""
-    for candidate in [*os.environ.get("AIGC_DATA_PATH", "").split(os.pathsep), str(REPO.parent / "shared" / "data")]:
+    for candidate in [
+        *os.environ.get("AIGC_DATA_PATH", "").split(os.pathsep),
+        str(REPO.parent / "shared" / "data"),
+    ]:
         if candidate and (Path(candidate) / "text" / "tinyshakespeare.txt").is_file():
             return Path(candidate)
     return None
@@ -24,6 +27,18 @@ def data_root() -> Path:
     if root is None:
         pytest.skip("real data sets not found: set AIGC_DATA_PATH to the shared data folder (see README)")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny models, which run fastest on one intra-op thread; with two, a test slows down
+    by orders of magnitude when other processes share the cores (CI machines, parallel jobs)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -155,6 +155,7 @@ TINY_UNET = ["model.block_out_channels=[8,16]", "model.attention_levels=[1]", "m
 
 @pytest.fixture
 def image_run(tmp_path):
+    """A tiny class-conditional diffusion model trained 2 steps on 8x8 digits (400 images)."""
     from aigc.data.images import prepare_images
     from aigc.training.image_tasks import train_image
 
@@ -174,7 +175,7 @@ def image_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_conditional_image_run(image_run, tmp_path):
+def test_eval_conditional_image_run(image_run, tmp_path, run_cli):
     import aigc
     from aigc.evaluation.images import FeatureTrainConfig
 
@@ -193,9 +194,7 @@ def test_eval_conditional_image_run(image_run, tmp_path):
         assert (image_run / "eval" / name).is_file(), name
     assert "eval/report.json" in (image_run / "card.md").read_text()
 
-
-@pytest.mark.slow
-def test_eval_image_shape_mismatch(image_run, tmp_path, run_cli):
+    # data of another shape: one line, before any sampling
     from aigc.data.images import prepare_images
 
     prepare_images("digits", tmp_path / "big", overrides=["size=16", "limit=50"])
@@ -203,8 +202,6 @@ def test_eval_image_shape_mismatch(image_run, tmp_path, run_cli):
     assert code == 1 and len(stderr.strip().splitlines()) == 1
     assert "(1, 16, 16)" in stderr and "(1, 8, 8)" in stderr
     with pytest.raises(AigcError, match="apply to text runs"):
-        import aigc
-
         aigc.evaluate(image_run, n=2, max_new_tokens=5)
 
 

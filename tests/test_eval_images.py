@@ -31,15 +31,6 @@ def _feats(seed: int, n: int = 300, d: int = 16, shift: float = 0.0) -> np.ndarr
     return np.random.default_rng(seed).normal(size=(n, d)) @ mix + shift
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _Identity(torch.nn.Module):
     """A "feature network" that passes features through, to feed torchmetrics our own features."""
 

@@ -14,15 +14,6 @@ from aigc.safety import watermark_text as W
 HF_KEY = 15485863  # transformers' default hashing_key
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode ~100x faster on one thread when the 2 cores are shared (see README)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_config(gamma: float = 0.25, delta: float = 2.0) -> dict:
     return dict(
         greenlist_ratio=gamma, bias=delta, hashing_key=HF_KEY, seeding_scheme="lefthash", context_width=1

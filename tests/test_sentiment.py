@@ -27,16 +27,6 @@ from aigc.models.classifier import (
     pack,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 POS = ["great", "love", "excellent", "wonderful", "perfect", "amazing"]
 NEG = ["awful", "hate", "terrible", "broken", "worst", "boring"]
 THINGS = ["phone", "movie", "pizza", "service", "case", "plot", "battery", "staff"]

@@ -519,6 +519,9 @@ def generate_image(
     animate: Annotated[
         bool, typer.Option("--animate", help="Write a latent-interpolation GIF (--n frames) instead.")
     ] = False,
+    watermark: Annotated[
+        bool, typer.Option("--watermark", help="Invisible mark with this deployment's key id (>= 24 px).")
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate images (PNGs with their parameters + a grid), or a latent walk as an animated GIF."""
@@ -528,6 +531,8 @@ def generate_image(
     from aigc.utils.io import commit_dir, prepare_out_dir, staging_dir
 
     lab: int | str | None = int(label) if label is not None and label.lstrip("-").isdigit() else label
+    if watermark and animate:
+        raise AigcError("--watermark marks the PNG images, not the --animate GIF; drop one of the two")
     target = prepare_out_dir(out_dir, overwrite=overwrite)
     gen = ImageGenerator.load(model)
     if animate:
@@ -544,7 +549,11 @@ def generate_image(
         if animate:
             gen.save_animation(frames, params, stage / "animation.gif", scale=scale)
         else:
+            from aigc.safety.provenance import stamp_image_files
+
             paths = result.save(stage, scale=scale)
+            # provenance on every PNG (A1111 line + aigc record), the invisible mark on request
+            stamp_image_files(paths, model, watermark=watermark)
         commit_dir(stage, target)
     except BaseException:
         import shutil
@@ -566,8 +575,12 @@ def generate_image(
 
 @generate_app.command("music")
 def generate_music(
-    model: Annotated[str, typer.Option("--model", "-m", help="Run directory of a music model (aigc train music).")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory for .mid/.wav/.png/.json per piece.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Run directory of a music model (aigc train music).")
+    ],
+    out_dir: Annotated[
+        str, typer.Option("--out", "-o", help="Directory for .mid/.wav/.png/.json per piece.")
+    ],
     key: Annotated[str, typer.Option("--key", help='Key, e.g. "D minor", "Bb major", "f#".')] = "C major",
     meter: Annotated[str, typer.Option("--meter", help="Time signature, e.g. 4/4, 3/4, 6/8.")] = "4/4",
     style: Annotated[
@@ -578,8 +591,12 @@ def generate_music(
     primer: Annotated[
         str | None, typer.Option("--primer", help="A MIDI file whose notes open every piece.")
     ] = None,
-    instrument: Annotated[str, typer.Option("--instrument", help="WAV voice: piano, organ or strings.")] = "piano",
-    tempo: Annotated[float | None, typer.Option("--tempo", help="Quarter notes per minute (default 100).")] = None,
+    instrument: Annotated[
+        str, typer.Option("--instrument", help="WAV voice: piano, organ or strings.")
+    ] = "piano",
+    tempo: Annotated[
+        float | None, typer.Option("--tempo", help="Quarter notes per minute (default 100).")
+    ] = None,
     temperature: TempOpt = 1.0,
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,

@@ -51,7 +51,10 @@ def read_png_params(path: str | Path) -> dict[str, Any]:
     from PIL import Image
 
     with Image.open(path) as im:
-        text = im.text.get("parameters") if hasattr(im, "text") else None
+        chunks = im.text if hasattr(im, "text") else {}
+    if "aigc" in chunks:  # stamped by aigc.safety.provenance: `parameters` is then an A1111 line
+        return json.loads(chunks["aigc"]).get("parameters", {})
+    text = chunks.get("parameters")
     return json.loads(text) if text else {}
 
 

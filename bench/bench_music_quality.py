@@ -22,7 +22,7 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench-output/music", help="working directory (data, run, pieces)")
+    ap.add_argument("--out", default="runs/bench-music", help="working directory (data, run, report)")
     ap.add_argument("--max-time", type=float, default=400.0, help="training budget in seconds")
     ap.add_argument("--transpose", type=int, default=3, help="train-split transposition augmentation")
     ap.add_argument("--n", type=int, default=100, help="pieces to generate")

@@ -91,7 +91,9 @@ def test_cancel_frees_the_slot_and_queue_bound(runs):
     col = Collector()
     col.expected = 1
     try:
-        long = sched.submit("ROMEO:", make_params(max_new_tokens=60, seed=1), col.emit_for("long"))
+        long = sched.submit(
+            "ROMEO:", make_params(max_new_tokens=4000, seed=1, ignore_eos=True), col.emit_for("long")
+        )  # runs until cancelled
         with pytest.raises(QueueFull):  # 1 running + 3 more rows > max_rows
             sched.submit("w", make_params(n=3), col.emit_for("over"))
         long.cancel()

@@ -107,6 +107,7 @@ class Scheduler:
         self.metrics = metrics
         self.can_join = isinstance(self.decoder, (GPTDecoder, LSTMDecoder))
         self.pending: deque[Row] = deque()
+        self._admitting: list[Row] = []  # taken from pending, not yet running (counted by `load`)
         self.rows: list[Row] = []  # running, in decoder row order
         self.cv = threading.Condition()
         self.closed = False
@@ -122,7 +123,7 @@ class Scheduler:
     @property
     def load(self) -> int:
         """Rows waiting or running."""
-        return len(self.pending) + len(self.rows)
+        return len(self.pending) + len(self._admitting) + len(self.rows)
 
     def submit(self, prompt: str, params: GenerationParams, emit: Emit) -> Ticket:
         """Queue a request (n rows); tokenizing errors raise AigcError here, in the caller."""
@@ -163,9 +164,11 @@ class Scheduler:
                 if (self.can_join or not self.rows) and not self.closed:
                     while self.pending and len(self.rows) + len(new) < self.max_batch:
                         new.append(self.pending.popleft())
+                self._admitting = new
             try:
                 if new:
                     self._admit(new)
+                self._admitting = []
                 if self.rows:
                     self._step()
             except Exception as e:  # a bug: fail the rows in flight, keep serving the others
@@ -174,6 +177,7 @@ class Scheduler:
                     if not r.cancelled:
                         r.emit("error", r.index, f"internal error while generating: {type(e).__name__}")
                 self.rows, self._logits, self._positions, self._dirty = [], None, None, True
+                self._admitting = []
 
     def _admit(self, new: list[Row]) -> None:
         """Prefill the new rows and append them to the running batch."""

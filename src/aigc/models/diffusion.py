@@ -124,7 +124,10 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm"):
         return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=True)
     if sampler == "ddim":
         return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True)
-    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    # pixel-space model: dynamic thresholding keeps predicted x0 in range (as clip_sample does above)
+    return DPMSolverMultistepScheduler(
+        **common, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
+    )
 
 
 def denoise(

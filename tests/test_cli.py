@@ -38,7 +38,9 @@ def test_every_command_has_help(run_cli, path):
 
 
 def test_python_dash_m_runs():
-    proc = subprocess.run([sys.executable, "-m", "aigc", "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aigc", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and __version__ in proc.stdout
 
 

@@ -32,7 +32,9 @@ class Run:
 
 
 def test_defaults_and_overrides():
-    cfg = config.resolve(Run, overrides=["train.lr=3e-4", "--model.n_layer=4", "train.max_time=90", "train.compile=true"])
+    cfg = config.resolve(
+        Run, overrides=["train.lr=3e-4", "--model.n_layer=4", "train.max_time=90", "train.compile=true"]
+    )
     assert cfg.train.lr == 3e-4 and cfg.model.n_layer == 4
     assert cfg.train.max_time == 90.0 and isinstance(cfg.train.max_time, float)
     assert cfg.train.compile is True
@@ -40,7 +42,9 @@ def test_defaults_and_overrides():
 
 
 def test_tuple_and_literal_overrides():
-    cfg = config.resolve(Run, overrides=["train.betas=[0.8, 0.99]", "train.precision=fp32", "model.name=lstm"])
+    cfg = config.resolve(
+        Run, overrides=["train.betas=[0.8, 0.99]", "train.precision=fp32", "model.name=lstm"]
+    )
     assert cfg.train.betas == (0.8, 0.99)
     assert cfg.train.precision == "fp32"
     assert cfg.model.name == "lstm"

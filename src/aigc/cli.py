@@ -488,8 +488,18 @@ def generate_text(
     if store is not None:
         with store:
             ids = store.add_generations(
-                [dict(kind="text", model=str(model), prompt=prompt, params=r.params, seed=r.seed,
-                      output_text=r.text, duration=dt / len(results)) for r in results]  # fmt: skip
+                [
+                    dict(
+                        kind="text",
+                        model=str(model),
+                        prompt=prompt,
+                        params=r.params,
+                        seed=r.seed,
+                        output_text=r.text,
+                        duration=dt / len(results),
+                    )
+                    for r in results
+                ]  # fmt: skip
             )
         err.print(f"recorded as generation {', '.join(map(str, ids))} in {store.where}", highlight=False)
 

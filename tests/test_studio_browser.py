@@ -239,3 +239,40 @@ def test_studio_phone_width(browser, server):
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, "6-phone")
     page.close()
+
+
+def test_studio_music_tab(browser, tmp_path_factory):
+    """The Music tab appears with the music route, generates a piece, plays it and shows its roll."""
+    pytest.importorskip("music21")
+    from aigc.data.music import prepare_music
+    from aigc.training.music import train_music
+    from test_music_generate import STEPS, TINY
+
+    root = tmp_path_factory.mktemp("music-models")
+    prepare_music("music21:bach", root / "data", overrides=["limit=4"])
+    train_music(
+        "music", root / "data", root / "models" / "chorale", overrides=TINY, max_steps=STEPS, progress=False
+    )
+    home = tmp_path_factory.mktemp("music-home")
+    (home / "keys.txt").write_text(hash_key(KEY) + "\n")
+    settings = Settings(
+        models_dirs=[root / "models"], api_keys_file=home / "keys.txt", db=str(home / "aigc.db"),
+        outputs_dir=home / "out",
+    )  # fmt: skip
+    with LiveServer(create_app(settings)) as live:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(live.url + "/")
+        page.fill("#apikey", KEY)
+        page.dispatch_event("#apikey", "change")
+        page.wait_for_selector("#tabs [data-tab=music]:not([hidden])")
+        page.click("#tabs [data-tab=music]")
+        page.wait_for_function("document.querySelectorAll('#music-model option').length >= 1")
+        page.select_option("#music-model", "chorale")
+        page.fill("#music-params [name=bars]", "2")
+        page.click("#music-go")
+        page.wait_for_selector("#music-results audio", timeout=60_000)
+        assert page.locator("#music-results img[alt='piano roll']").count() == 1
+        assert page.get_attribute("#music-results audio", "src").startswith("data:audio/wav;base64,")
+        shot(page, "7-music")
+        with Store.open(str(home / "aigc.db")) as s:
+            assert len(s.list_generations(kind="music")["data"]) == 1

@@ -482,26 +482,11 @@ class PreparedMusic:
 
 
 def load_prepared_music(directory: str | Path) -> PreparedMusic:
-    """Open a directory written by `prepare_music`."""
-    path = Path(directory)
-    missing = [n for n in ("train.bin", "val.bin", "tokenizer.json", "meta.json") if not (path / n).is_file()]
-    if missing:
-        raise AigcError(
-            f"{path} is not a prepared music data set (missing {', '.join(missing)}); "
-            "create one with `aigc data prepare SOURCE --kind music --out DIR`"
-        )
-    meta = read_json(path / "meta.json")
-    if meta.get("kind") != "music":
-        raise AigcError(f"{path} holds {meta.get('kind')!r} data, not music; give a music data set")
+    """Open a directory written by `prepare_music` (the prepared text layout, kind "music")."""
+    from aigc.data.text import load_prepared
 
-    def load(split: str) -> np.ndarray:
-        arr = np.fromfile(path / f"{split}.bin", dtype="<u2")
-        if len(arr) != meta[f"{split}_tokens"]:
-            raise AigcError(f"{path}/{split}.bin does not match meta.json; prepare the data set again")
-        return arr
-
-    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    return PreparedMusic(path, meta, config, load("train"), load("val"), MusicTokenizer.load(path))
+    d = load_prepared(directory, kind="music")
+    return PreparedMusic(d.path, d.meta, d.config, d.train, d.val, d.tokenizer)
 
 
 __all__ = [

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from aigc.config import resolve, save_config, to_dict
 from aigc.data.clean import Cleaner
 from aigc.data.sources import BUILTINS, Source, open_source
 from aigc.errors import AigcError
-from aigc.utils.io import atomic_write_json, commit_dir, prepare_out_dir, read_json, staging_dir
+from aigc.utils.io import atomic_write_json, building_dir, prepare_out_dir, read_json
 
 FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 16  # encode long documents in pieces of about this many characters
@@ -329,8 +328,7 @@ def prepare_text(
 
     # 3. encode into a staging directory, moved into place when complete
     say(f"encoding {scan.chars:,} characters with a {tok.kind} tokenizer of {tok.vocab_size:,} tokens")
-    stage = staging_dir(out)
-    try:
+    with building_dir(out) as stage:
         writers = {s: _BinWriter(stage / f"{s}.bin", dtype) for s in ("train", "val")}
         try:
             _encode(tok, _splits(corpus, scan), writers, eos=not scan.single)
@@ -379,10 +377,6 @@ def prepare_text(
         tok.save_pretrained(stage)
         atomic_write_json(stage / "meta.json", meta)
         save_config(cfg, stage / "config.json")
-        commit_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     say(f"wrote {out}")
     return meta
 
@@ -414,8 +408,9 @@ def _memmap(path: Path, dtype: np.dtype, expected: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def load_prepared(directory: str | Path) -> PreparedText:
-    """Open a directory written by `prepare_text` (`aigc data prepare`)."""
+def load_prepared(directory: str | Path, kind: str = "text") -> PreparedText:
+    """Open a directory written by `prepare_text` (`aigc data prepare`); `kind` is the data kind
+    expected in its meta.json (prepared music uses the same layout)."""
     from aigc.tokenizers import load_tokenizer
 
     path = Path(directory)
@@ -424,15 +419,15 @@ def load_prepared(directory: str | Path) -> PreparedText:
     missing = [name for name in TEXT_FILES if not (path / name).is_file()]
     if missing:
         raise AigcError(
-            f"{path} is not a prepared text data set: missing {', '.join(missing)}; "
+            f"{path} is not a prepared {kind} data set: missing {', '.join(missing)}; "
             "create one with `aigc data prepare SOURCE --out DIR`"
         )
     try:
         meta = read_json(path / "meta.json")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AigcError(f"{path / 'meta.json'} is not valid JSON ({e}); prepare the data set again") from None
-    if meta.get("kind") != "text":
-        raise AigcError(f"{path} holds {meta.get('kind')!r} data, not text; give a text data set")
+    if meta.get("kind") != kind:
+        raise AigcError(f"{path} holds {meta.get('kind')!r} data, not {kind}; give a {kind} data set")
     if meta.get("format_version") != FORMAT_VERSION:
         raise AigcError(
             f"{path} has format version {meta.get('format_version')}, this aigc reads {FORMAT_VERSION}; "

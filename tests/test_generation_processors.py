@@ -171,6 +171,20 @@ def test_sampling_follows_distribution():
     assert abs(freq[0] - 0.7) < 0.04 and abs(freq[1] - 0.2) < 0.04
 
 
+def test_sampling_never_picks_filtered_tokens_and_mixes_greedy_rows():
+    # top-k style filtering (-inf) around the edges of the vocabulary: the inverse-CDF draw must
+    # land only on finite-logit tokens, whatever the uniform; greedy rows keep their argmax
+    x = torch.full((3, 10), float("-inf"))
+    x[0, 0] = 0.0  # only the first token allowed
+    x[1, 9] = 0.0  # only the last one
+    x[2, [3, 5]] = torch.tensor([1.0, 2.0])
+    sample = torch.tensor([True, True, False])
+    gens = [make_generator(s) for s in (0, 1)] + [None]
+    for _ in range(200):
+        t = sample_next(x, sample, gens).tolist()
+        assert t[0] == 0 and t[1] == 9 and t[2] == 5
+
+
 def test_greedy_rows_take_argmax():
     x = _logits(4)
     tok = sample_next(x, torch.zeros(B, dtype=torch.bool), [None] * B)

@@ -208,7 +208,7 @@ def test_hot_new_version_and_memory_budget(tmp_path):
     root = tmp_path / "models"
     write_text_run(root / "poem" / "1", seed=1)
     write_text_run(root / "other", seed=3)
-    body = {"model": "poem", "prompt": "soft", "max_tokens": 12, "seed": 5}
+    body = {"model": "poem", "prompt": "soft", "max_tokens": 12, "seed": 5, "temperature": 2.0}
     with TestClient(create_app(Settings(models_dirs=[root], memory_budget_bytes=1))) as c:
         one = c.post("/v1/completions", json=body).json()
         assert one["model"] == "poem@1"

@@ -1,7 +1,9 @@
 """The asyncio side of a text request: submit rows to a model's scheduler, await their events.
 
 The scheduler's worker thread calls `emit`, which appends to the call's inbox and wakes the event
-loop (`call_soon_threadsafe`) only if no wake-up is pending; the route awaits `TextCall.events()`.
+loop only if no wake-up is pending for that call; the route awaits `TextCall.events()`. Wake-ups of
+all calls on one loop share a `LoopWaker`: one `call_soon_threadsafe` (a self-pipe write, ~8 % of
+server CPU with 16 streams when each call woke on its own) per batch of wakes, not one per call.
 Events waiting together are merged (consecutive deltas of one choice become one), and after a
 delta the next batch is awaited at least STREAM_INTERVAL_S later: a fast model's tokens reach the
 client in a few larger SSE chunks per 10 ms instead of one HTTP write each (the per-chunk cost,
@@ -25,6 +27,43 @@ from aigc.serve.batching import QueueFull, Scheduler, Ticket
 from aigc.serve.settings import STREAM_INTERVAL_S
 
 
+class LoopWaker:
+    """Runs callbacks on an event loop from other threads, coalescing them into one loop hop."""
+
+    _by_loop: dict[int, LoopWaker] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[Any] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopWaker:
+        with cls._registry_lock:
+            for key, w in list(cls._by_loop.items()):  # forget closed loops (tests make many)
+                if w.loop.is_closed():
+                    del cls._by_loop[key]
+            w = cls._by_loop.get(id(loop))
+            if w is None:
+                w = cls._by_loop[id(loop)] = cls(loop)
+            return w
+
+    def call(self, fn: Any) -> None:
+        """Schedule fn() on the loop; calls made before the loop gets to them run in one hop."""
+        with self.lock:
+            first = not self.pending
+            self.pending.append(fn)
+        if first:
+            self.loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        with self.lock:
+            fns, self.pending = self.pending, []
+        for fn in fns:
+            fn()
+
+
 class TextCall:
     """One HTTP request's rows (several prompts x n choices) on one scheduler."""
 
@@ -34,6 +73,7 @@ class TextCall:
         self._ApiError = ApiError
         self.scheduler = scheduler
         self.loop = asyncio.get_running_loop()
+        self.waker = LoopWaker.of(self.loop)
         self.inbox: list[tuple[str, int, Any]] = []  # filled by the worker thread
         self.lock = threading.Lock()
         self.ready = asyncio.Event()  # set (on the loop) when the inbox has something
@@ -53,9 +93,9 @@ class TextCall:
                 self.inbox.append((kind, offset + index, payload))
                 wake, self.wake_pending = not self.wake_pending, True
             if wake:  # one hop onto the loop per batch of events, not one per token
-                self.loop.call_soon_threadsafe(self.ready.set)
+                self.waker.call(self.ready.set)
             if kind != "delta":
-                self.loop.call_soon_threadsafe(self.final.set)
+                self.waker.call(self.final.set)
 
         try:
             ticket = self.scheduler.submit(prompt, params, emit)

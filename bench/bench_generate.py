@@ -88,6 +88,11 @@ def bench(name: str, cfg: GPTConfig, n: int, batch_sizes: list[int], repeats: in
         ob_tps, _ = our_tokens_per_s(GPTDecoder(model, torch.bfloat16), prompt1, n, repeats)
         print(f"batch 1  HF generate bf16 {hfb_tps:8.1f} tok/s | ours bf16 {ob_tps:8.1f} tok/s | "
               f"ratio vs HF fp32 {ob_tps / hf_tps:5.2f}x, vs HF bf16 {ob_tps / hfb_tps:5.2f}x")  # fmt: skip
+        # weight-only int8 (aigc generate text --dtype int8): a quarter of fp32's bytes per token
+        oq_tps, oq_tokens = our_tokens_per_s(GPTDecoder(model, torch.int8), prompt1, n, repeats)
+        same_q = sum(a == b for a, b in zip(our_tokens, oq_tokens, strict=False))
+        print(f"batch 1  ours int8 weights {oq_tps:8.1f} tok/s | ratio vs HF fp32 {oq_tps / hf_tps:5.2f}x, "
+              f"vs HF bf16 {oq_tps / hfb_tps:5.2f}x | same greedy tokens as our fp32 {same_q}/{n}")  # fmt: skip
     for B in batch_sizes:
         prompt = torch.randint(0, cfg.vocab_size, (B, 8))
         tps, _ = our_tokens_per_s(GPTDecoder(model), prompt, n, repeats)

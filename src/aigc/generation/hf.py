@@ -141,6 +141,8 @@ def load_hf(spec: str, dtype: torch.dtype | None = None) -> HFTextGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:  # pragma: no cover - depends on the environment
         raise AigcError("hf: models need transformers: pip install 'aigc[hf]'") from None
+    if dtype == torch.int8:
+        raise AigcError("int8 weights are for our own GPT runs; load hf: models in float32 or bfloat16")
     name = spec.removeprefix("hf:")
     if not name:
         raise AigcError("empty hf: spec; use hf:<local directory> or hf:<hub id>, e.g. hf:gpt2")

@@ -345,7 +345,9 @@ def _stops(stop: list[str] | None) -> list[str]:
     return [s.replace("\\n", "\n").replace("\\t", "\t") for s in stop or []]
 
 
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights for decoding: float32 or bfloat16.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Weights for decoding: float32, bfloat16 or int8 (weight-only, GPT models).")
+]
 
 
 def _dtype(name: str):
@@ -356,9 +358,10 @@ def _dtype(name: str):
         "fp32": torch.float32,
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
+        "int8": torch.int8,  # weight-only int8 (our GPT models), bf16 activations
     }
     if name not in table:
-        raise AigcError(f"--dtype {name!r} is not supported; use float32 or bfloat16")
+        raise AigcError(f"--dtype {name!r} is not supported; use float32, bfloat16 or int8 (GPT models)")
     return table[name]
 
 

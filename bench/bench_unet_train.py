@@ -48,7 +48,12 @@ def load_images(size: int, limit: int) -> PreparedImages:
 
 def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int):
     """The diffusers example's step (fp32, DataLoader, AdamW), as a callable."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
     unet = build_unet(cfg)
+    for m in unet.modules():  # diffusers' own default attention, not our SpatialAttnProcessor
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor2_0())
     unet.load_state_dict(state)
     unet.train()
     sched = make_scheduler(cfg, "ddpm")

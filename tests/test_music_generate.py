@@ -86,7 +86,9 @@ def test_a_seed_reproduces_its_piece_alone(gen):
 def test_primer_notes_open_the_piece(gen):
     primer = [(0, 4, 62), (4, 4, 65), (8, 4, 69)]  # D F A, quarter notes
     [r] = gen.generate(key="D minor", meter="4/4", bars=1, primer=primer, seed=0, formats=("mid",))
-    assert [(n.start, n.duration, n.pitch) for n in r.piece.notes[:3]] == primer
+    # the primer is kept verbatim; the model may add notes beside it (e.g. a chord at step 0)
+    notes = [(n.start, n.duration, n.pitch) for n in r.piece.notes]
+    assert set(primer) <= set(notes)
     assert r.params["primer"] == "3 notes"
 
 
@@ -97,7 +99,7 @@ def test_primer_from_a_midi_file(gen, tmp_path):
     path = tmp_path / "p.mid"
     path.write_bytes(midi_bytes(Piece([Note(0, 8, 60), Note(8, 8, 64)], key="C major")))
     [r] = gen.generate(bars=1, primer=path, seed=0, formats=("mid",))
-    assert [(n.start, n.pitch) for n in r.piece.notes[:2]] == [(0, 60), (8, 64)]
+    assert {(0, 60), (8, 64)} <= {(n.start, n.pitch) for n in r.piece.notes}
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"MThd not really")
     with pytest.raises(AigcError, match="not a readable MIDI file"):

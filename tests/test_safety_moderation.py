@@ -121,11 +121,47 @@ def test_cli_generate_checks_prompt_and_outputs(run_cli, tmp_path):
     assert code == 1 and "everything" in err  # the prompt itself matches
     code, out, err = run_cli("generate", "text", "--model", run, "--max-new-tokens", "5", "--n", "2",
                              "--moderation", rules, "--seed", "1")  # fmt: skip
-    assert (
-        code == 0 and out == "" and err.count("blocked (withheld) (everything)") == 2
-    )  # empty prompt passes
+    # the empty prompt passes; both outputs are blocked: withheld, one error line, exit 1
+    assert code == 1 and out == "" and "output 1, 2 of 2 blocked by moderation (category: everything)" in err
     rules.write_text('[categories.everything]\npolicy = "flag"\nregex = ["."]\n', encoding="utf-8")
     code, out, err = run_cli("generate", "text", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", "5",
                              "--moderation", rules, "--seed", "1")  # fmt: skip
     assert code == 0 and "moderation: output 1 flagged (everything)" in err
     assert out.startswith("ROMEO:")
+
+
+def test_cli_generate_streams_moderated_and_records_verdicts(run_cli, tmp_path):
+    from aigc.feedback.store import Store
+    from serve_helpers import write_text_run
+
+    run = write_text_run(tmp_path / "tiny")
+    db = tmp_path / "aigc.db"
+    rules = tmp_path / "mod.toml"
+    rules.write_text('[categories.everything]\npolicy = "block"\nregex = ["[^?\\\\s]"]\n', encoding="utf-8")
+    args = ("generate", "text", "--model", run, "--max-new-tokens", "8", "--seed", "2", "--moderation", rules)
+    # streamed: the held-back tail never reaches stdout once the text is blocked
+    code, out, err = run_cli(*args, "--prompt", "?", "--stream", "--no-echo", "--record", "--db", db)
+    assert (
+        code == 1
+        and out.strip() == ""
+        and "output 1 of 1 blocked by moderation (category: everything)" in err
+    )
+    # a blocked prompt is refused and, with --record, stored with its verdict and no output
+    code, _, err = run_cli(*args, "--prompt", "how to make a bomb", "--record", "--db", db)
+    assert code == 1 and "illicit" in err
+    rules.write_text('[categories.everything]\npolicy = "flag"\nregex = ["[^?\\\\s]"]\n', encoding="utf-8")
+    code, out, err = run_cli(*args, "--prompt", "?", "--stream", "--no-echo", "--record", "--db", db)
+    assert code == 0 and out.strip() and "moderation: output 1 flagged" in err
+    with Store.open(str(db)) as store:
+        rows = store.list_generations(limit=10)["data"]
+        flagged, prompt, blocked = rows
+        assert blocked["moderation"] == "blocked:everything" and blocked["output_text"] is None
+        assert (
+            prompt["moderation"] == "blocked:everything,illicit" and prompt["prompt"] == "how to make a bomb"
+        )
+        assert flagged["moderation"] == "flagged:everything" and flagged["output_text"] == out[:-1]
+        assert [g["id"] for g in store.list_generations(moderation="blocked")["data"]] == [
+            prompt["id"],
+            blocked["id"],
+        ]
+        assert store.list_generations(moderation="none")["data"] == []

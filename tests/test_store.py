@@ -105,7 +105,7 @@ def test_migrates_a_v1_file_and_keeps_the_data(tmp_path):
     con.close()
 
     store = Store.open(str(path))
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     g1 = store.get_generation(1)
     assert (g1["prompt"], g1["output_text"], g1["params"], g1["seed"]) == (
         "Once upon",
@@ -127,7 +127,7 @@ def test_migrates_a_v1_file_and_keeps_the_data(tmp_path):
     Store.open(str(fresh)).close()
     assert _schema(f"sqlite:///{path}") == _schema(f"sqlite:///{fresh}")
     con = sqlite3.connect(path)
-    assert con.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,)]
+    assert con.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,), (3,)]
     con.close()
 
 

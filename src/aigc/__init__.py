@@ -75,4 +75,21 @@ def evaluate(run: str | Path, data: str | Path | None = None, n: int = 1000, **k
     return _evaluate(run, data=data, n=n, **kwargs)
 
 
-__all__ = ["__version__", "evaluate", "load", "sentiment"]
+def tune(
+    model: str | Path,
+    out: str | Path | None = None,
+    method: str = "dpo",
+    db: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Tune a text model on its feedback in the store (`db`: URL or SQLite path; default the usual
+    store) with dpo, kto or sft, and publish it as the model's next version; returns the report.
+    See `aigc.tuning.text.tune_text` for the options (overrides, scorer, max_steps, ...)."""
+    from aigc.feedback.store import Store
+    from aigc.tuning.text import tune_text
+
+    with Store.open(db) as store:
+        return tune_text(model, out, store=store, method=method, **{"progress": False, **kwargs})
+
+
+__all__ = ["__version__", "evaluate", "load", "sentiment", "tune"]

@@ -418,6 +418,15 @@ def generate_text(
     db: Annotated[
         str | None, typer.Option("--db", help="Store for --record (default $AIGC_DB or $AIGC_HOME/aigc.db).")
     ] = None,
+    best_of: Annotated[
+        int, typer.Option("--best-of", help="Draw N candidates per sample, keep the best (seeds seed..).")
+    ] = 1,
+    scorer: Annotated[
+        str | None,
+        typer.Option(
+            "--scorer", help="Rank --best-of candidates: sentiment, label:NAME@PATH, python:F.py:FN."
+        ),
+    ] = None,
 ) -> None:
     """Generate text from a prompt: the text goes to stdout, the seed and timing to stderr."""
     import json
@@ -449,30 +458,48 @@ def generate_text(
         from aigc.feedback.store import Store
 
         store = Store.open(db)
-    from aigc.safety.moderation import Moderator
+    from aigc.safety.moderation import Moderator, StreamGuard
 
+    # moderation, the server's policy: a blocked prompt or output is an error (exit 1; with --record
+    # its row is stored with the verdict and no output), a flagged one is printed with a warning
     moderator = Moderator.load(moderation)
+    prompt_check = moderator.check(prompt)
+    if prompt_check.blocked and store is not None:
+        with store:
+            store.add_generation(kind="text", model=str(model), prompt=prompt, params={"moderated": "prompt"},
+                                 moderation=moderator.verdict(prompt_check))  # fmt: skip
     moderator.enforce([prompt])  # a blocked category stops here with the category named
+    if prompt_check.flagged:
+        err.print(f"moderation: prompt flagged ({', '.join(prompt_check.matches)})", highlight=False)
     gen = load_generator(model, dtype=_dtype(dtype))
     t0 = time.perf_counter()
     if stream and not json_out:
-        if n > 1 or num_beams > 1:
-            raise AigcError("--stream prints one text: use it with --n 1 and --num-beams 1")
+        if n > 1 or num_beams > 1 or best_of > 1:
+            raise AigcError("--stream prints one text: use it with --n 1, --num-beams 1 and --best-of 1")
         s = gen.stream(prompt, params)
+        guard = StreamGuard(moderator)  # prints all but a held-back tail; stops printing on a block
         _write(prompt if echo else "")
         for delta in s:
-            _write(delta)
-        _write("\n")
-        results = [s.result]
+            _write(guard.feed(delta))
+        _write(guard.finish(s.result.text) + "\n")
+        results, checks = [s.result], [guard.result]
+        if guard.result.flagged and not guard.blocked:
+            err.print(f"moderation: output 1 flagged ({', '.join(guard.result.matches)})", highlight=False)
     else:
-        results = gen.generate(prompt, params)
-        for i, r in enumerate(results):
-            verdict = moderator.check(r.text)
-            if verdict.flagged:
-                what = "blocked (withheld)" if verdict.blocked else "flagged"
-                err.print(f"moderation: output {i + 1} {what} ({', '.join(verdict.matches)})", highlight=False)  # fmt: skip
+        if best_of > 1 or scorer is not None:  # the n best of best_of candidates (one batch)
+            from aigc.generation.best_of import generate_best_of
+
+            results = generate_best_of(gen, prompt, best_of=best_of, scorer=scorer, params=params)
+            err.print(f"best of {results[0].best_of} by {results[0].scorer}: scores "
+                      f"{', '.join(f'{v:.3g}' for v in results[0].scores)}", highlight=False)  # fmt: skip
+        else:
+            results = gen.generate(prompt, params)
+        checks = [moderator.check(r.text) for r in results]
+        for i, (r, verdict) in enumerate(zip(results, checks, strict=True)):
             if verdict.blocked:
-                continue  # withheld
+                continue  # withheld: reported below, after the others are printed and recorded
+            if verdict.flagged:
+                err.print(f"moderation: output {i + 1} flagged ({', '.join(verdict.matches)})", highlight=False)  # fmt: skip
             if json_out:
                 _write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
                 continue
@@ -498,13 +525,21 @@ def generate_text(
                         prompt=prompt,
                         params=r.params,
                         seed=r.seed,
-                        output_text=r.text,
+                        output_text=None if c.blocked else r.text,  # a blocked text is not kept
                         duration=dt / len(results),
+                        moderation=moderator.verdict(prompt_check, c),
                     )
-                    for r in results
+                    for r, c in zip(results, checks, strict=True)
                 ]  # fmt: skip
             )
         err.print(f"recorded as generation {', '.join(map(str, ids))} in {store.where}", highlight=False)
+    blocked = [i + 1 for i, c in enumerate(checks) if c.blocked]
+    if blocked:
+        cats = sorted({cat for c in checks if c.blocked for cat in c.blocked_categories(moderator.policies)})
+        raise AigcError(
+            f"output {', '.join(map(str, blocked))} of {len(results)} blocked by moderation (category: "
+            f"{', '.join(cats)}) and withheld; try another --seed or prompt, or change the policy (--moderation FILE)"
+        )
 
 
 @generate_app.command("image")
@@ -535,7 +570,17 @@ def generate_image(
     watermark: Annotated[
         bool, typer.Option("--watermark", help="Invisible mark with this deployment's key id (>= 24 px).")
     ] = False,
+    c2pa: Annotated[
+        bool, typer.Option("--c2pa", help="Sign every PNG with a C2PA manifest (needs aigc[c2pa]).")
+    ] = False,
     overwrite: OverwriteOpt = False,
+    best_of: Annotated[
+        int, typer.Option("--best-of", help="Draw N x --n images, keep the --n best under --scorer.")
+    ] = 1,
+    scorer: Annotated[
+        str | None,
+        typer.Option("--scorer", help="Image scorer for --best-of: digit:K@DATA_DIR, python:F.py:FN."),
+    ] = None,
 ) -> None:
     """Generate images (PNGs with their parameters + a grid), or a latent walk as an animated GIF."""
     from pathlib import Path
@@ -546,6 +591,22 @@ def generate_image(
     lab: int | str | None = int(label) if label is not None and label.lstrip("-").isdigit() else label
     if watermark and animate:
         raise AigcError("--watermark marks the PNG images, not the --animate GIF; drop one of the two")
+    if c2pa and animate:
+        raise AigcError("--c2pa signs the PNG images, not the --animate GIF; drop one of the two")
+    if c2pa:  # before the model runs: a missing package or certificate problem fails first
+        from aigc.safety.c2pa import init_cert, require
+
+        require()
+        init_cert()
+    if best_of < 1 or (best_of > 1 and (scorer is None or animate)):
+        raise AigcError(
+            f"--best-of {best_of}: give an integer >= 1, with --scorer (e.g. digit:7@DATA_DIR), no --animate"
+        )
+    rank = None
+    if scorer is not None:  # loaded (the digit classifier trained or read from cache) before sampling
+        from aigc.evaluation.scorers import load_scorer
+
+        rank = load_scorer(scorer)
     target = prepare_out_dir(out_dir, overwrite=overwrite)
     gen = ImageGenerator.load(model)
     if animate:
@@ -554,9 +615,16 @@ def generate_image(
         )
     else:
         result = gen.generate(
-            n=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps, prompt=prompt,
+            n=n * best_of, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps, prompt=prompt,
             batch_size=batch_size, size=size,
         )  # fmt: skip
+        if rank is not None:  # keep the n best of n * best_of
+            from aigc.generation.best_of import best_images
+
+            result, scores = best_images(result, n, rank)
+            kept = [p["score"] for p in result.params]
+            err.print(f"kept {n} of {len(scores)} by {rank.name}: mean score {sum(kept) / n:.3f} "
+                      f"(all: {sum(scores) / len(scores):.3f})", highlight=False)  # fmt: skip
     stage = staging_dir(target)  # the whole directory appears at once, or not at all
     try:
         if animate:
@@ -567,6 +635,12 @@ def generate_image(
             paths = result.save(stage, scale=scale)
             # provenance on every PNG (A1111 line + aigc record), the invisible mark on request
             stamp_image_files(paths, model, watermark=watermark)
+            if c2pa:  # last: the manifest binds the final bytes (chunks and mark included)
+                from aigc.safety.c2pa import sign_file
+                from aigc.safety.provenance import read_png_record
+
+                for path in paths:
+                    sign_file(path, read_png_record(path)[0] or {})
         commit_dir(stage, target)
     except BaseException:
         import shutil
@@ -614,6 +688,10 @@ def generate_music(
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in every file).")] = 0,
+    c2pa: Annotated[
+        bool,
+        typer.Option("--c2pa", help="Sign each WAV and piano-roll PNG with a C2PA manifest (aigc[c2pa])."),
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate music: MIDI, WAV (built-in synth) and a piano-roll PNG per piece, with a JSON sidecar."""
@@ -623,6 +701,11 @@ def generate_music(
     from aigc.utils.io import commit_dir, prepare_out_dir, staging_dir
 
     target = prepare_out_dir(out_dir, overwrite=overwrite)
+    if c2pa:  # before the model runs: a missing package or certificate problem fails first
+        from aigc.safety.c2pa import init_cert, require
+
+        require()
+        init_cert()
     gen = MusicGenerator.from_artifact(model)
     results = gen.generate(
         n=n, key=key, meter=meter, style=style, bars=bars, primer=primer, seed=seed, temperature=temperature,
@@ -632,6 +715,15 @@ def generate_music(
     try:
         for r in results:
             r.save(stage, f"piece-{r.index}")
+            if c2pa:  # the WAV and the piano roll (C2PA has no MIDI binding)
+                from aigc.safety.c2pa import sign_file
+                from aigc.safety.provenance import make_record
+
+                prompt = " ".join(x for x in (r.metadata.get("key"), r.metadata.get("meter"), style) if x)
+                record = make_record("music", str(r.metadata.get("model") or model), r.params, r.seed, prompt)
+                for ext in (".wav", ".png"):
+                    if (stage / f"piece-{r.index}{ext}").is_file():
+                        sign_file(stage / f"piece-{r.index}{ext}", record)
         commit_dir(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -1019,7 +1111,197 @@ def feedback_rate(
     out.print(f"rating {rid} on generation {generation_id}", highlight=False)
 
 
+@app.command("simulate-feedback")
+def simulate_feedback_cmd(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model id the server serves (name or name@version).")
+    ],
+    rater: Annotated[
+        str,
+        typer.Option(
+            "--rater",
+            help="Scorer spec the simulated person likes: sentiment, label:NAME@PATH, digit:K@DATA_DIR, python:FILE.py:FUNC.",
+        ),
+    ],
+    threshold: Annotated[float, typer.Option("--threshold", help="Thumb up when the score >= this.")] = 0.5,
+    n: Annotated[int, typer.Option("--n", "-n", help="Outputs to generate and rate.")] = 200,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="Prompt (repeatable; cycled; default: unconditional)."),
+    ] = None,
+    prompts_file: Annotated[
+        str | None, typer.Option("--prompts-file", help="File of prompts, one per line.")
+    ] = None,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Base URL of a running `aigc serve`.")
+    ] = None,
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--models", help="In-process server: directory of run dirs (repeatable)."),
+    ] = None,
+    db: DbOpt = None,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="text or image (default: the rater's kind).")
+    ] = None,
+    user: Annotated[
+        str, typer.Option("--user", help="Name of the simulated person (in each comment).")
+    ] = "sim",
+    seed: Annotated[int, typer.Option("--seed", help="Output i uses seed + i.")] = 0,
+    noise: Annotated[float, typer.Option("--noise", help="Chance that a thumb is flipped.")] = 0.0,
+    label: Annotated[str | None, typer.Option("--label", help="Class to generate (image models).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens per text output.")] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="Sampling temperature (text).")
+    ] = 1.0,
+    api_key_env: Annotated[
+        str, typer.Option("--api-key-env", help="Environment variable holding the API key for --server.")
+    ] = "AIGC_API_KEY",
+) -> None:
+    """Fill the store with a simulated person's thumbs, through the same HTTP API a person uses."""
+    import json
+    import os
+    from pathlib import Path
+
+    from aigc.feedback.simulate import Rater, read_prompts, simulate_feedback
+
+    if (server is None) == (models is None):
+        raise AigcError(
+            "pass --server URL (a running aigc serve) or --models DIR (an in-process server), one of the two"
+        )
+    if kind is not None and kind not in ("text", "image"):
+        raise AigcError(f"--kind {kind!r} is not supported; allowed: text, image")
+    prompts = read_prompts(prompt, prompts_file)
+    the_rater = Rater(rater, threshold=threshold, noise=noise, seed=seed)
+    kind = kind or the_rater.kind
+    if kind == "text":
+        params: dict = {"max_tokens": max_tokens, "temperature": temperature}
+    else:
+        params = {} if label is None else {"label": int(label) if label.isdigit() else label}
+    if server is not None:
+        counts = simulate_feedback(server, model, the_rater, n, prompts=prompts, user=user, seed=seed,
+                                   kind=kind, params=params, api_key=os.environ.get(api_key_env))  # fmt: skip
+    else:
+        from fastapi.testclient import TestClient
+
+        from aigc.serve.app import create_app
+        from aigc.serve.settings import Settings
+
+        dirs = [Path(d) for d in models or []]
+        for d in dirs:
+            if not d.is_dir():
+                raise AigcError(f"--models {d} is not a directory; pass a folder holding run directories")
+        with TestClient(create_app(Settings(models_dirs=dirs, db=db))) as client:
+            counts = simulate_feedback(client, model, the_rater, n, prompts=prompts, user=user, seed=seed,
+                                       kind=kind, params=params)  # fmt: skip
+    ids = counts.pop("generation_ids")
+    if ids:
+        err.print(
+            f"generations {ids[0]}..{ids[-1]} rated by {counts['rater']} (threshold {threshold:g})",
+            highlight=False,
+        )
+    out.print(
+        f"generated {counts['generated']}, liked {counts['liked']}, disliked {counts['disliked']}",
+        highlight=False,
+    )
+    err.print(json.dumps(counts), highlight=False)
+
+
+# ============================================================================ tune
+# `aigc tune`: the store's feedback -> DPO / KTO / SFT (text) or image tuning -> the next version
+
+
+@app.command("tune")
+def tune_cmd(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Run dir, transformers folder, or name / name@version.")
+    ],
+    from_feedback: Annotated[
+        bool, typer.Option("--from-feedback", help="Tune on the ratings and comparisons in the store.")
+    ] = False,
+    method: Annotated[
+        str | None, typer.Option("--method", help="Text: dpo (default), kto or sft. Images: see docs.")
+    ] = None,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", "-o", help="New run dir (default: the model's next version).")
+    ] = None,
+    db: DbOpt = None,
+    scorer: Annotated[
+        str | None,
+        typer.Option("--scorer", help="Judge for the report, e.g. sentiment (preferred rate, win rate)."),
+    ] = None,
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--models", help="Where model names are looked up (default $AIGC_HOME/models)."),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Tuning preset (name or .toml path).")
+    ] = None,
+    set_: SetOpt = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N steps.")] = None,
+    max_time: Annotated[float | None, typer.Option("--max-time", help="Stop after S seconds.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Tune a model on its feedback and publish the result as its next version (exit 1 if the
+    held-out guard trips: nothing is published, the report says why)."""
+    from pathlib import Path
+
+    from aigc.feedback.store import Store
+    from aigc.tuning.versions import next_version_dir, resolve_model
+    from aigc.utils.io import read_json
+
+    if not from_feedback:
+        raise AigcError(
+            "aigc tune needs a data source: pass --from-feedback (the store's ratings and comparisons)"
+        )
+    dirs = [Path(d) for d in models] if models else None
+    model_dir = resolve_model(model, dirs)
+    config = model_dir / "config.json"
+    family = read_json(config).get("family") if config.is_file() else None
+    say = lambda msg: err.print(msg, highlight=False, markup=False)  # noqa: E731
+    with Store.open(db) as store:
+        if family in ("diffusion", "vae", "gan"):
+            try:
+                from aigc.tuning.images import tune_images
+            except ModuleNotFoundError as e:
+                if e.name != "aigc.tuning.images":
+                    raise
+                raise AigcError(
+                    f"{model_dir} is a {family} model; image tuning is not installed in this aigc"
+                ) from None
+            target = Path(out_dir) if out_dir else next_version_dir(model_dir)
+            kwargs = {"method": method} if method else {}
+            report = tune_images(model_dir, target, store=store, overrides=set_, max_steps=max_steps,
+                                 max_time=max_time, overwrite=overwrite, progress=True, log=say, **kwargs)  # fmt: skip
+            out.print(f"tuned {model_dir} -> {report.get('run', target)}", highlight=False, soft_wrap=True)
+            return
+        from aigc.tuning.text import tune_text
+
+        report = tune_text(model_dir, out_dir, store=store, method=method, overrides=set_, preset=preset,
+                           max_steps=max_steps, max_time=max_time, overwrite=overwrite, progress=True,
+                           scorer=scorer, models_dirs=dirs, log=say)  # fmt: skip
+    hl, pr = report["heldout_loss"], report.get("preferred")
+    figures = f"held-out loss {hl['before']:.4f} -> {hl['after']:.4f} ({hl['change']:+.1%})"
+    if pr:
+        figures = (f"{pr['scorer']} preferred {pr['before']:.0%} -> {pr['after']:.0%}, win rate "
+                   f"{report['win_rate']:.0%} vs previous, " + figures)  # fmt: skip
+    out.print(f"tuned {report['model']['name']} with {report['method'].upper()}: {figures} -> {report['run']}",
+              highlight=False, soft_wrap=True)  # fmt: skip
+
+
 # ============================================================================ serve
+
+
+def _serve_scorers(specs: list[str] | None) -> list[str]:
+    """`--scorer` specs, checked at start (a python: scorer never runs on a request's behalf)."""
+    from aigc.evaluation.scorers import parse_spec
+
+    specs = list(specs) if specs else ["sentiment"]
+    for spec in specs:
+        if parse_spec(spec)[0] == "python":
+            raise AigcError(
+                f"--scorer {spec}: python: scorers run code; a server offers only sentiment, label:, digit:"
+            )
+    return specs
 
 
 @app.command("serve")
@@ -1047,6 +1329,26 @@ def serve_cmd(
         int | None, typer.Option("--threads", help="torch intra-op threads (default: torch's choice).")
     ] = None,
     db: DbOpt = None,
+    data_dir: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data-dir",
+            help="Folder of prepared data sets for training jobs (repeatable; "
+            "$AIGC_HOME/data is always searched).",
+        ),
+    ] = None,
+    max_train_time: Annotated[
+        float, typer.Option("--max-train-time", help="Cap on a training job's max_time, in seconds.")
+    ] = 3600.0,
+    c2pa: Annotated[
+        bool, typer.Option("--c2pa", help="Sign image PNGs and music WAVs with C2PA manifests (aigc[c2pa]).")
+    ] = False,
+    scorers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scorer", help="Scorer requests may use for best_of (repeatable; default: sentiment)."
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (FastAPI + uvicorn) and the studio at /."""
     from pathlib import Path
@@ -1064,8 +1366,15 @@ def serve_cmd(
     for d in dirs:
         if not d.is_dir():
             raise AigcError(f"--models {d} is not a directory; pass a folder holding run directories")
+    for d in data_dir or []:
+        if not Path(d).is_dir():
+            raise AigcError(f"--data-dir {d} is not a directory; pass a folder holding prepared data sets")
+    if not max_train_time > 0:
+        raise AigcError(f"--max-train-time {max_train_time} is out of range; allowed: seconds > 0")
     settings = Settings(
         models_dirs=dirs,
+        data_dirs=[Path(d) for d in data_dir or []],
+        max_train_time_s=max_train_time,
         models_config=Path(models_config) if models_config else None,
         api_keys_file=Path(api_key_file) if api_key_file else None,
         cors_origins=list(cors or []),
@@ -1073,6 +1382,8 @@ def serve_cmd(
         port=port,
         max_batch=max_batch,
         db=db,
+        c2pa=c2pa,
+        scorers=_serve_scorers(scorers),
     )
     if threads is not None:
         if threads < 1:
@@ -1188,8 +1499,29 @@ def verify_cmd(
         lines.append(f"file unchanged since generation: {'yes' if r['file_unchanged'] else 'NO (edited)'}")
     w = r.get("watermark") or {}
     lines.append(f"watermark: {w.get('verdict') or w.get('status')}")
-    lines.append(f"c2pa: {r['c2pa']}")
+    from aigc.safety.c2pa import summary
+
+    lines.append(f"c2pa: {summary(r['c2pa_manifest'])}")
     _write("\n".join(lines) + "\n")
+
+
+c2pa_app = typer.Typer(
+    help="C2PA content credentials (optional: pip install aigc[c2pa]).", no_args_is_help=True
+)
+app.add_typer(c2pa_app, name="c2pa")
+
+
+@c2pa_app.command("init-cert")
+def c2pa_init_cert(
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing certificate.")] = False,
+) -> None:
+    """Create the local test CA + ES256 signing certificate under $AIGC_HOME/c2pa/ (done on first use)."""
+    from aigc.safety.c2pa import cert_dir, init_cert
+
+    existed = (cert_dir() / "signer.pem").is_file()
+    d = init_cert(force=force)
+    what = "kept the existing" if existed and not force else "created a new"
+    out.print(f"{what} test certificate in {d} (signer.pem, signer.key, ca.pem)", highlight=False)
 
 
 # ============================================================================ entry point
@@ -1200,7 +1532,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="aigc")  # standalone: click prints usage errors itself (exit 2)
     except AigcError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escaped: a message naming e.g. `aigc[c2pa]` must not be read as rich markup
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

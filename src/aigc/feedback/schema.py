@@ -23,6 +23,7 @@ from sqlalchemy.schema import CreateColumn
 from aigc.errors import AigcError
 
 MAX_USER = 128  # characters in a user / API key id
+MAX_PRESET_NAME = 64  # characters in a saved preset's name
 
 
 # ----------------------------------------------------------------------------- tables (latest schema)
@@ -142,6 +143,8 @@ class Job(Base):
     progress: Mapped[float | None] = mapped_column(Float)  # 0..1
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+    # v3
+    user_id: Mapped[str | None] = mapped_column(String(MAX_USER), index=True)  # who started it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +160,32 @@ class Job(Base):
             "progress": self.progress,
             "result": self.result,
             "error": self.error,
+            "user": self.user_id,
+        }
+
+
+class Preset(Base):
+    """Saved generation parameters of one user (API key hash) for one studio tab."""
+
+    __tablename__ = "presets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    user_id: Mapped[str] = mapped_column(String(MAX_USER))
+    kind: Mapped[str] = mapped_column(String(16))  # text | image | music
+    name: Mapped[str] = mapped_column(String(MAX_PRESET_NAME))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    __table_args__ = (sa.UniqueConstraint("user_id", "kind", "name", name="uq_presets_user_kind_name"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "preset",
+            "created": self.created,
+            "updated": self.updated,
+            "kind": self.kind,
+            "name": self.name,
+            "params": self.params,
         }
 
 
@@ -258,7 +287,28 @@ def _migrate_v2(conn: Connection) -> None:
     md.create_all(conn, tables=[md.tables["comparisons"], md.tables["jobs"]])
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2}
+def _migrate_v3(conn: Connection) -> None:
+    """Jobs know who started them (the studio's training jobs are per API key); saved presets."""
+    _add_column(conn, "jobs", sa.Column("user_id", String(MAX_USER)))
+    md = sa.MetaData()
+    jobs = sa.Table("jobs", md, autoload_with=conn)
+    Index("ix_jobs_user_id", jobs.c.user_id).create(conn)
+    sa.Table(
+        "presets",
+        md,
+        sa.Column("id", Integer, primary_key=True),
+        sa.Column("created", Float, nullable=False),
+        sa.Column("updated", Float, nullable=False),
+        sa.Column("user_id", String(MAX_USER), nullable=False),
+        sa.Column("kind", String(16), nullable=False),
+        sa.Column("name", String(64), nullable=False),
+        sa.Column("params", JSON, nullable=False),
+        sa.UniqueConstraint("user_id", "kind", "name", name="uq_presets_user_kind_name"),
+    )
+    md.create_all(conn, tables=[md.tables["presets"]])
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -301,6 +351,7 @@ __all__ = [
     "Comparison",
     "Generation",
     "Job",
+    "Preset",
     "Rating",
     "SchemaVersion",
     "migrate",

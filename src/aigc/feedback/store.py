@@ -30,12 +30,14 @@ from aigc.errors import AigcError
 from aigc.feedback.blobs import check_ref
 from aigc.feedback.export import EXPORT_FORMATS, export_rows
 from aigc.feedback.schema import (
+    MAX_PRESET_NAME,
     MAX_USER,
     MIGRATIONS,
     SCHEMA_VERSION,
     Comparison,
     Generation,
     Job,
+    Preset,
     Rating,
     SchemaVersion,
     migrate,
@@ -43,8 +45,12 @@ from aigc.feedback.schema import (
 from aigc.utils.paths import aigc_home
 
 GENERATION_KINDS = ("text", "image", "music", "audio")
+MODERATION_FILTERS = ("flagged", "blocked", "any", "none")  # list_generations(moderation=...)
 RATING_RANGES = {"thumb": (-1, 1), "stars": (1, 5)}  # thumbs are -1 / 1 (no 0)
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+PRESET_KINDS = ("text", "image", "music")  # the studio tabs that have parameters
+MAX_PRESETS = 200  # saved presets per user and kind
+MAX_PRESET_BYTES = 20_000  # a preset's parameters as JSON
 MAX_LIMIT = 1000
 MAX_COMMENT = 20_000
 
@@ -191,6 +197,16 @@ def _page(rows: list[Any], limit: int) -> dict[str, Any]:
         "last_id": data[-1]["id"] if data else None,
         "has_more": len(rows) > limit,
     }
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float | None, float | None]:
+    """95% Wilson score interval of a proportion k / n (Wilson 1927); (None, None) when n = 0."""
+    if n == 0:
+        return None, None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _check_user(user: str | None) -> str | None:
@@ -357,10 +373,13 @@ class Store:
         until: float | None = None,
         limit: int = 20,
         before: int | None = None,
+        moderation: str | None = None,
     ) -> dict[str, Any]:
         """Newest first, keyset-paged: pass the previous page's `last_id` as `before`.
 
         `since` / `until`: unix times, `since <= created < until`.
+        `moderation`: "flagged" or "blocked" (rows whose verdict starts so: "blocked:self-harm"),
+        "any" (either), "none" (no verdict).
         `min_rating` is on the 1-5 star scale (a thumb up counts 5, a thumb down 1); `q` searches
         the prompt and the text output, case-insensitively.
         """
@@ -379,6 +398,17 @@ class Store:
                 Generation.prompt.icontains(q, autoescape=True)
                 | Generation.output_text.icontains(q, autoescape=True)
             )
+        if moderation is not None:
+            if moderation not in MODERATION_FILTERS:
+                raise AigcError(
+                    f"moderation filter must be one of {', '.join(MODERATION_FILTERS)}, got {moderation!r}"
+                )
+            if moderation == "none":
+                query = query.where(Generation.moderation.is_(None))
+            elif moderation == "any":
+                query = query.where(Generation.moderation.is_not(None))
+            else:
+                query = query.where(Generation.moderation.startswith(moderation + ":", autoescape=True))
         if since is not None:
             query = query.where(Generation.created >= float(since))
         if until is not None:
@@ -468,10 +498,94 @@ class Store:
         with self._session() as s:
             return _page(list(s.scalars(query)), limit)
 
+    def comparison_stats(self, a: str, b: str) -> dict[str, Any]:
+        """How model `a` fares against model `b` (the `model` names of the compared generations).
+
+        Counts every comparison of one generation of `a` with one of `b`, in either order: `wins`
+        (a's was picked), `losses`; `win_rate` = wins / n with its 95% Wilson score interval
+        (`ci_low`, `ci_high`; None when n = 0). A comparison always has a winner, so no ties.
+        """
+        if a == b:
+            raise AigcError(f"compare two different models, got {a!r} twice")
+        ga, gb = sa.orm.aliased(Generation), sa.orm.aliased(Generation)
+        winner = sa.case((Comparison.winner_id == Comparison.a_id, ga.model), else_=gb.model)
+        query = (
+            sa.select(winner, sa.func.count())
+            .select_from(Comparison)
+            .join(ga, ga.id == Comparison.a_id)
+            .join(gb, gb.id == Comparison.b_id)
+            .where(((ga.model == a) & (gb.model == b)) | ((ga.model == b) & (gb.model == a)))
+            .group_by(winner)
+        )
+        with self._session() as s:
+            counts = dict(s.execute(query).all())
+        wins, losses = counts.get(a, 0), counts.get(b, 0)
+        n = wins + losses
+        low, high = wilson_interval(wins, n)
+        return {"object": "comparison.stats", "a": a, "b": b, "wins": wins, "losses": losses, "n": n,
+                "win_rate": wins / n if n else None, "ci_low": low, "ci_high": high}  # fmt: skip
+
+    # -- presets (saved studio parameters, per user)
+
+    def save_preset(self, user: str, kind: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Save `params` as `user`'s preset `name` for `kind`; the same name again replaces it."""
+        _check_user(user)
+        if kind not in PRESET_KINDS:
+            raise AigcError(f"preset kind must be one of {', '.join(PRESET_KINDS)}, got {kind!r}")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_PRESET_NAME:
+            raise AigcError(f"a preset name is 1-{MAX_PRESET_NAME} characters, got {name!r}")
+        if not isinstance(params, dict):
+            raise AigcError("preset params must be a JSON object of parameter -> value")
+        try:
+            size = len(json.dumps(params))
+        except (TypeError, ValueError) as e:
+            raise AigcError(f"preset params must be JSON-serialisable: {e}") from None
+        if size > MAX_PRESET_BYTES:
+            raise AigcError(f"preset params are {size} bytes as JSON; at most {MAX_PRESET_BYTES} allowed")
+        name, now = name.strip(), time.time()
+        mine = (Preset.user_id == user) & (Preset.kind == kind)
+        with self._session(write=True) as s:
+            row = s.scalar(sa.select(Preset).where(mine & (Preset.name == name)))
+            if row is None:
+                count = s.scalar(sa.select(sa.func.count()).select_from(Preset).where(mine))
+                if count >= MAX_PRESETS:
+                    raise AigcError(f"at most {MAX_PRESETS} {kind} presets per user; delete some first")
+                row = Preset(created=now, user_id=user, kind=kind, name=name)
+                s.add(row)
+            row.updated, row.params = now, params
+            s.flush()
+            return row.to_dict()
+
+    def list_presets(self, user: str, kind: str | None = None) -> dict[str, Any]:
+        """`user`'s presets (of `kind`), by name; OpenAI's list shape, all in one page."""
+        query = sa.select(Preset).where(Preset.user_id == user).order_by(Preset.kind, Preset.name)
+        if kind is not None:
+            if kind not in PRESET_KINDS:
+                raise AigcError(f"preset kind must be one of {', '.join(PRESET_KINDS)}, got {kind!r}")
+            query = query.where(Preset.kind == kind)
+        with self._session() as s:
+            data = [r.to_dict() for r in s.scalars(query)]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": False}  # fmt: skip
+
+    def delete_preset(self, user: str, preset_id: int) -> None:
+        """Delete one of `user`'s presets (another user's looks the same as a missing one)."""
+        with self._session(write=True) as s:
+            row = s.get(Preset, preset_id)
+            if row is None or row.user_id != user:
+                raise NotFoundError(f"no preset with id {preset_id}; list yours with GET /v1/presets")
+            s.delete(row)
+
     # -- jobs
 
-    def add_job(self, kind: str, params: dict[str, Any] | None = None, model: str | None = None) -> int:
-        """A new job (status `queued`) of `kind` (train, tune, ...); the worker updates it."""
+    def add_job(
+        self,
+        kind: str,
+        params: dict[str, Any] | None = None,
+        model: str | None = None,
+        user: str | None = None,
+    ) -> int:
+        """A new job (status `queued`) of `kind` (train, tune, ...) started by `user`; the worker updates it."""
         if not isinstance(kind, str) or not 1 <= len(kind) <= 32:
             raise AigcError(f"a job kind is a name of 1-32 characters (e.g. train, tune), got {kind!r}")
         try:
@@ -480,7 +594,8 @@ class Store:
             raise AigcError(f"job params must be JSON-serialisable: {e}") from None
         now = time.time()
         with self._session(write=True) as s:
-            row = Job(created=now, updated=now, kind=kind, status="queued", model=model, params=params or {})
+            row = Job(created=now, updated=now, kind=kind, status="queued", model=model, params=params or {},
+                      user_id=_check_user(user))  # fmt: skip
             s.add(row)
             s.flush()
             return row.id
@@ -522,12 +637,22 @@ class Store:
             return row.to_dict()
 
     def list_jobs(
-        self, *, status: str | None = None, limit: int = 20, before: int | None = None
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        user: str | None = None,
+        limit: int = 20,
+        before: int | None = None,
     ) -> dict[str, Any]:
         limit = _check_limit(limit)
         query = sa.select(Job).order_by(Job.id.desc()).limit(limit + 1)
         if status is not None:
             query = query.where(Job.status == status)
+        if kind is not None:
+            query = query.where(Job.kind == kind)
+        if user is not None:
+            query = query.where(Job.user_id == user)
         if before is not None:
             query = query.where(Job.id < before)
         with self._session() as s:
@@ -548,6 +673,7 @@ __all__ = [
     "MIGRATIONS",
     "RATING_RANGES",
     "SCHEMA_VERSION",
+    "PRESET_KINDS",
     "NotFoundError",
     "Store",
     "default_url",

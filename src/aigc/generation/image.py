@@ -24,6 +24,21 @@ from aigc.generation.image_io import make_grid, save_gif, save_png, to_pil, upsc
 from aigc.models.diffusion import SAMPLERS, denoise, make_scheduler
 
 HF_PREFIX = "hf:"
+DTYPES = ("auto", "bf16", "fp32")  # sampling precision of our diffusion models; auto = bf16 where supported
+
+
+def _autocast_dtype(dtype: str) -> torch.dtype | None:
+    """bf16 autocast for "bf16" (and "auto" on a CPU with bf16 kernels); None = plain fp32."""
+    from aigc.training.trainer import bf16_supported
+
+    if dtype not in DTYPES:
+        raise AigcError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if dtype == "fp32":
+        return None
+    supported = bf16_supported(torch.device("cpu"))
+    if dtype == "bf16" and not supported:
+        raise AigcError("--dtype bf16 needs a CPU with bf16 support (AVX-512 BF16 / AMX); use fp32 or auto")
+    return torch.bfloat16 if supported else None
 
 
 @dataclass
@@ -193,11 +208,19 @@ class ImageGenerator:
         prompt: str | None = None,
         batch_size: int = 64,
         size: int | None = None,
+        dtype: str = "auto",
     ) -> GeneratedImages:
-        """n images; `label` is one class for all, or a list of n; without it labels cycle through the classes."""
+        """n images; `label` is one class for all, or a list of n; without it labels cycle through the classes.
+
+        `dtype` (diffusion runs): "auto" samples under bf16 autocast where the CPU has bf16 kernels
+        (1.2-1.5x faster, FD unchanged within noise: docs/benchmarks.md), "fp32" the exact path.
+        """
         if n < 1:
             raise AigcError(f"n must be >= 1, got {n}")
+        if batch_size < 1:
+            raise AigcError(f"batch_size must be >= 1, got {batch_size}")
         label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, prompt)
+        amp = self._amp(dtype)
         g = torch.Generator(device="cpu").manual_seed(seed)
         base = {
             "model": self.name,
@@ -221,21 +244,34 @@ class ImageGenerator:
         for start in range(0, n, batch_size):  # one generator across batches: the whole call is one seed
             b = min(batch_size, n - start)
             lab = labels[start : start + b] if labels is not None else None
-            outs.append(self._sample(b, g, lab, guidance, sampler, steps))
+            outs.append(self._sample(b, g, lab, guidance, sampler, steps, amp=amp))
         x = torch.cat(outs)  # (n, C, H, W) in [-1, 1]
         params = []
         for i in range(n):
             p = {**base, "index": i, "sampler": sampler, "steps": steps, "guidance": guidance}
+            if self.family == "diffusion":
+                p["dtype"] = "bf16" if amp is not None else "fp32"
             p["label"] = int(labels[i]) if labels is not None else None
             params.append(p)
         return GeneratedImages(to_pil(x), params, x)
 
-    def _sample(self, b, g, labels, guidance, sampler, steps, x_T=None) -> torch.Tensor:
-        """One batch from our own models: (b, C, H, W) in [-1, 1]."""
+    def _amp(self, dtype: str) -> torch.dtype | None:
+        """The autocast dtype for sampling (diffusion only; VAE/GAN/hf always run as loaded)."""
+        if self.family != "diffusion":
+            if dtype not in ("auto", "fp32"):
+                raise AigcError(f"--dtype {dtype} applies to our diffusion runs; this is a {self.family} model")
+            return None
+        return _autocast_dtype(dtype)
+
+    def _sample(self, b, g, labels, guidance, sampler, steps, x_T=None, amp=None) -> torch.Tensor:
+        """One batch from our own models: (b, C, H, W) in [-1, 1] (diffusion: under `amp` autocast)."""
         if self.family == "diffusion":
             sched = make_scheduler(self.config, sampler)
             w = guidance if labels is not None else 1.0
-            return denoise(self.model, sched, b, steps, g, labels, w, self.config.null_label, x_T=x_T)
+            # the UNet runs in bf16 under autocast; x, the guidance mix and the solver stay fp32
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                x = denoise(self.model, sched, b, steps, g, labels, w, self.config.null_label, x_T=x_T)
+            return x.float()
         if self.family == "vae":
             z = x_T if x_T is not None else torch.randn((b, self.config.latent_dim), generator=g)
             return self.model.decode(z)
@@ -286,6 +322,7 @@ class ImageGenerator:
         sampler: str | None = None,
         steps: int | None = None,
         keyframes: int = 3,
+        dtype: str = "auto",
     ) -> tuple[list, dict[str, Any]]:
         """A latent interpolation: slerp through `keyframes` random latents (looping back), one image per frame.
 
@@ -299,6 +336,7 @@ class ImageGenerator:
         if isinstance(label, (list, tuple)):
             raise AigcError("an animation takes one --label (the whole walk is one class)")
         label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, None)
+        amp = self._amp(dtype)
         if self.family == "diffusion" and sampler == "ddpm":
             sampler = "ddim"
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -317,10 +355,11 @@ class ImageGenerator:
         labels = None
         if self.conditional:
             labels = torch.full((frames,), label_idx if label_idx is not None else 0)
-        x = self._sample(frames, g, labels, guidance, sampler, steps, x_T=x_T)
+        x = self._sample(frames, g, labels, guidance, sampler, steps, x_T=x_T, amp=amp)
         params = {"model": self.name, "family": self.family, "seed": seed, "frames": frames, "sampler": sampler,
                   "steps": steps, "guidance": guidance, "label": None if labels is None else int(labels[0]),
-                  "animation": f"slerp through {keyframes} latents"}  # fmt: skip
+                  "animation": f"slerp through {keyframes} latents",
+                  **({"dtype": "bf16" if amp is not None else "fp32"} if self.family == "diffusion" else {})}  # fmt: skip
         return to_pil(x), params
 
     def save_animation(
@@ -333,4 +372,4 @@ def load_image_generator(name: str | Path, device: str = "cpu") -> ImageGenerato
     return ImageGenerator.load(name, device)
 
 
-__all__ = ["GeneratedImages", "ImageGenerator", "load_image_generator"]
+__all__ = ["DTYPES", "GeneratedImages", "ImageGenerator", "load_image_generator"]

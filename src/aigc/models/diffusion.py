@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from aigc.errors import AigcError
 
@@ -83,12 +84,60 @@ def check_image_size(size: int, block_out_channels: tuple[int, ...] | list[int])
         )
 
 
+class SpatialAttnProcessor:
+    """diffusers' `AttnProcessor2_0` for UNet2DModel's self-attention, with the attention core in fp32.
+
+    Same weights, same maths (an oracle test checks it against `AttnProcessor2_0`). Why: under
+    bf16 autocast on a CPU, PyTorch's flash-attention kernel is slow at UNet2DModel's head size
+    of 8 (forward + backward, batch 16, 16 heads: 7x7 tokens 27 ms in bf16 vs 4 ms in fp32, 14x14
+    tokens 80 vs 48 ms), so q, k, v go in as fp32 there (the blocks ask for `upcast_softmax`
+    anyway). Elsewhere (fp32, or GPUs) it is `AttnProcessor2_0` unchanged.
+    """
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs) -> torch.Tensor:  # fmt: skip
+        assert encoder_hidden_states is None and attention_mask is None and attn.spatial_norm is None
+        residual = hidden_states
+        b, c, h, w = hidden_states.shape
+        x = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, L, C), L = H*W tokens
+        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (B, L, C) each
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, d)
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype == torch.bfloat16:  # bf16 autocast or bf16 weights
+            with torch.autocast("cpu", enabled=False):
+                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # (B, nh, L, d)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)
+        o = o.transpose(1, 2).reshape(b, -1, attn.heads * d).to(dtype)  # (B, L, C)
+        o = attn.to_out[1](attn.to_out[0](o))  # output projection, dropout
+        o = o.transpose(-1, -2).reshape(b, c, h, w)  # (B, C, H, W)
+        if attn.residual_connection:
+            o = o + residual
+        return o / attn.rescale_output_factor
+
+
+def use_spatial_attn(unet) -> None:
+    """Give every attention block of a UNet2DModel the `SpatialAttnProcessor` (weights untouched)."""
+    from diffusers.models.attention_processor import Attention
+
+    for m in unet.modules():
+        if isinstance(m, Attention):
+            m.set_processor(SpatialAttnProcessor())
+
+
 def build_unet(cfg: DiffusionConfig):
-    """The diffusers UNet2DModel described by `cfg` (plain noise predictor eps(x_t, t[, y]))."""
+    """The diffusers UNet2DModel described by `cfg` (plain noise predictor eps(x_t, t[, y])).
+
+    Its attention blocks use `SpatialAttnProcessor` (same results, faster on CPUs under bf16).
+    Keep it in the default, contiguous memory format: on CPUs, channels_last makes GroupNorm
+    5-25x slower in bf16 (measured), which costs more than the 10-15 % it saves in the convs.
+    """
     from diffusers import UNet2DModel
 
     levels = range(len(cfg.block_out_channels))
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=cfg.image_size,
         in_channels=cfg.in_channels,
         out_channels=cfg.in_channels,
@@ -105,6 +154,8 @@ def build_unet(cfg: DiffusionConfig):
         # class_embed_type=None + num_class_embeds -> nn.Embedding added to the time embedding
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes > 0 else None,
     )
+    use_spatial_attn(unet)
+    return unet
 
 
 def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm"):
@@ -167,7 +218,7 @@ def denoise(
         # 2. predict the noise; with guidance, both halves in one batch
         x_in = torch.cat([x, x]) if guided else x  # (B or 2B, C, H, W)
         x_in = scheduler.scale_model_input(x_in, t)
-        eps = unet(x_in, t, class_labels=labels).sample
+        eps = unet(x_in, t, class_labels=labels).sample.to(x.dtype)  # fp32 even under bf16 autocast
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
@@ -192,11 +243,14 @@ class EMA:
     def update(self, module: torch.nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        floats, targets = [], []
         for k, v in module.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+                floats.append(self.shadow[k])
+                targets.append(v.detach().float())
             else:
                 self.shadow[k].copy_(v)
+        torch._foreach_lerp_(floats, targets, 1 - d)  # one fused pass instead of ~270 small ops
 
     def copy_to(self, module: torch.nn.Module) -> None:
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
@@ -228,6 +282,7 @@ def diffusion_loss(
 __all__ = [
     "EMA",
     "SAMPLERS",
+    "SpatialAttnProcessor",
     "DiffusionConfig",
     "build_unet",
     "check_image_size",
@@ -235,4 +290,5 @@ __all__ = [
     "diffusion_loss",
     "make_scheduler",
     "supported_sizes",
+    "use_spatial_attn",
 ]

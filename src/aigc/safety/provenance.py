@@ -10,8 +10,8 @@ creation time (UTC, ISO 8601) and the watermark key id when a mark was applied. 
 - WAV / MIDI / text / anything else: a JSON sidecar `<file>.aigc.json` beside the file.
 
 `verify(path)` reads a file's record back, checks it (a corrupted or truncated PNG is an
-AigcError), and reports watermark detection and C2PA status. C2PA is reported as "none": the
-`c2pa-python` bindings are not installed (see the README's safety section).
+AigcError), and reports watermark detection and C2PA status (`aigc.safety.c2pa`: "none",
+"valid", "invalid", or "not checked" when the optional `c2pa-python` is not installed).
 """
 
 from __future__ import annotations
@@ -285,7 +285,11 @@ def verify(path: str | Path, model: str | None = None, threshold: float = 4.0) -
     deployment's image mark; other files report "not applicable".
     """
     p = _check_file(path)
-    report: dict[str, Any] = {"file": str(p), "bytes": p.stat().st_size, "c2pa": "none"}
+    from aigc.safety import c2pa
+
+    manifest = c2pa.read(p)  # none | valid | invalid | not checked, + signer, source type, ...
+    report: dict[str, Any] = {"file": str(p), "bytes": p.stat().st_size, "c2pa": manifest["status"],
+                              "c2pa_manifest": manifest}  # fmt: skip
     with open(p, "rb") as f:
         is_png = f.read(8) == PNG_MAGIC
     if is_png:

@@ -99,18 +99,19 @@ class BodyLimit:
     memory first, then replayed to the app.
     """
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, paths: dict[str, int] | None = None) -> None:
+        self.app, self.limit, self.paths = app, limit, paths or {}  # paths: their own limits (uploads)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope["path"], self.limit)
         too_big = error_response(
-            413, f"request body over {self.limit} bytes; send a smaller request", "body_too_large"
+            413, f"request body over {limit} bytes; send a smaller request", "body_too_large"
         )
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit():
-            if int(length) > self.limit:
+            if int(length) > limit:
                 return await too_big(scope, receive, send)
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -119,7 +120,7 @@ class BodyLimit:
             if msg["type"] != "http.request":  # client gone
                 return
             size += len(msg.get("body", b""))
-            if size > self.limit:
+            if size > limit:
                 return await too_big(scope, receive, send)
             chunks.append(msg.get("body", b""))
             if not msg.get("more_body", False):
@@ -172,7 +173,20 @@ load()
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
     """The server for `settings` (API keys are read here: a bad key file fails at startup)."""
-    from aigc.serve.routes import chat, completions, health, images, jobs, models, moderations, music
+    from aigc.serve.routes import (
+        chat,
+        completions,
+        health,
+        images,
+        jobs,
+        model_details,
+        models,
+        moderations,
+        music,
+        presets,
+        train,
+        watermark,
+    )
     from aigc.serve.routes import feedback as feedback_routes
 
     settings = settings or Settings()
@@ -189,6 +203,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        if hasattr(app.state, "train"):
+            app.state.train.close()  # stop a running training subprocess
         registry.close()  # stop the batching threads
         store.close()
 
@@ -211,6 +227,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     from aigc.safety.moderation import Moderator
 
     app.state.moderator = Moderator.load()  # defaults + $AIGC_MODERATION: a bad rules file fails here
+    if settings.c2pa:  # signing outputs: the package and the certificate are checked now
+        from aigc.safety.c2pa import init_cert, require
+
+        require()
+        init_cert()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -247,13 +268,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         # an explicit allow-list only: origins are never reflected, credentials are not sent
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])  # fmt: skip
-    app.add_middleware(BodyLimit, limit=S.MAX_BODY_BYTES)
+    uploads = {"/v1/watermark/detect": S.MAX_UPLOAD_BYTES, "/v1/verify": S.MAX_UPLOAD_BYTES}
+    app.add_middleware(BodyLimit, limit=S.MAX_BODY_BYTES, paths=uploads)
 
     auth = [Depends(identity)]
     app.include_router(health.router)
-    for r in (models, completions, chat, images, music, jobs, moderations):
+    for r in (models, model_details, completions, chat, images, music, jobs, moderations, presets, train):
         app.include_router(r.router, dependencies=auth)
     app.include_router(feedback_routes.router, dependencies=auth)
+    app.include_router(watermark.router, dependencies=auth)  # detection + verify (aigc.safety)
     _mount_studio(app)
 
     @app.get("/docs", include_in_schema=False)

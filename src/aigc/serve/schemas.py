@@ -91,6 +91,9 @@ class CompletionRequest(SamplingFields):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=S.MAX_PROMPTS)] = ""
     logprobs: int | None = Field(None, ge=0, le=S.MAX_LOGPROBS)
     echo: bool = False
+    # OpenAI's best_of: the n best of best_of candidates per prompt (default rank: mean log-prob)
+    best_of: int | None = Field(None, ge=1, le=S.MAX_BEST_OF)
+    aigc_scorer: str | None = Field(None, min_length=1, max_length=1000)  # a scorer the server allows
 
 
 class ContentPart(Strict):
@@ -130,6 +133,7 @@ class ImageRequest(Strict):
     guidance: float | None = Field(None, ge=0.0, le=S.MAX_GUIDANCE)
     label: Annotated[str, Field(max_length=100)] | int | None = None
     sampler: Literal["ddpm", "ddim", "dpm"] | None = None
+    watermark: bool = False  # invisible mark of the deployment's key id (aigc.safety; >= 24 px)
 
 
 class ImageData(BaseModel):
@@ -138,6 +142,7 @@ class ImageData(BaseModel):
     revised_prompt: str | None = None
     seed: int
     parameters: dict[str, Any]
+    moderation: dict[str, Any] | None = None  # the prompt's flag (aigc.safety), None when clean
 
 
 class ImageResponse(BaseModel):
@@ -177,6 +182,9 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
     logprobs: dict[str, Any] | None = None
     seed: int | None = None
+    moderation: dict[str, Any] | None = None  # {"action": "flag"|"block", "categories"} (aigc.safety)
+    score: float | None = None  # best_of: this choice's score
+    scores: list[float] | None = None  # best_of: every candidate's score, in seed order
 
 
 class CompletionResponse(BaseModel):
@@ -203,6 +211,7 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
     logprobs: dict[str, Any] | None = None
     seed: int | None = None
+    moderation: dict[str, Any] | None = None  # {"action": "flag"|"block", "categories"} (aigc.safety)
 
 
 class ChatResponse(BaseModel):

@@ -15,6 +15,7 @@ MAX_BODY_BYTES = 1_000_000  # a larger body is refused with 413 before it is par
 MAX_TOKENS = 4096  # max_tokens per completion
 DEFAULT_MAX_TOKENS = 128  # when the request gives none
 MAX_N = 8  # completions per request
+MAX_BEST_OF = 16  # best_of candidates per prompt (completions)
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
 MAX_PROMPT_CHARS = 100_000  # one prompt or one chat message
 MAX_MESSAGES = 256  # chat messages per request
@@ -34,6 +35,14 @@ STREAM_INTERVAL_S = 0.01  # a stream sends at most one batch of deltas per 10 ms
 RESCAN_INTERVAL_S = 1.0  # model dirs are listed again at most this often (new versions appear)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# training jobs (POST /v1/train) and the model page
+MAX_TRAIN_TIME_S = 3600.0  # default server cap on one job's max_time (--max-train-time)
+DEFAULT_TRAIN_TIME_S = 300.0  # a job that gives neither max_steps nor max_time
+MAX_TRAIN_STEPS = 1_000_000
+MAX_OVERRIDES = 32  # "set" entries of one job
+MAX_SERIES_POINTS = 500  # loss points per series in GET /v1/models/{id}/details
+MAX_CARD_BYTES = 200_000  # card.md larger than this is cut
 
 
 def default_models_dir() -> Path:
@@ -58,7 +67,12 @@ class Settings:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     db: str | None = None  # the store: SQLAlchemy URL or SQLite file; None: $AIGC_DB or $AIGC_HOME/aigc.db
     outputs_dir: Path | None = None  # stored images etc.; None: $AIGC_HOME/outputs
+    c2pa: bool = False  # sign image PNGs and music WAVs with a C2PA manifest (aigc.safety.c2pa)
     store_lock_timeout_s: float = 10.0  # a write waiting longer on a lock answers 503
+    # scorer specs a request may name in `aigc_scorer` (best_of); the first is "default". Never python:
+    scorers: list[str] = field(default_factory=lambda: ["sentiment"])
+    data_dirs: list[Path] = field(default_factory=list)  # prepared data sets (+ $AIGC_HOME/data)
+    max_train_time_s: float = MAX_TRAIN_TIME_S  # cap on a training job's max_time
 
 
 # images
@@ -66,3 +80,8 @@ MAX_IMAGES = 8  # images per request
 MAX_STEPS = 1000  # denoising steps
 MAX_GUIDANCE = 30.0
 MAX_IMAGE_SIZE = 1024  # side in pixels (text-to-image pipelines)
+
+# safety: uploads to POST /v1/watermark/detect and /v1/verify
+MAX_UPLOAD_BYTES = 20 * 2**20  # a larger upload is refused with 413 before it is read
+MAX_UPLOAD_PIXELS = 4096 * 4096  # a larger image is refused (a PNG "bomb" decodes to far more than its size)
+MAX_DETECT_CHARS = 200_000  # text sent to watermark detection

@@ -144,7 +144,7 @@ class _ImageTask(Task):
         x = self._to_float(self.images[idx])
         if self.flip:  # horizontal flip augmentation on half the batch
             x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-        x = x.to(ctx.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = x.to(ctx.device, non_blocking=True)
         return x, self.labels[idx].to(ctx.device)
 
     def val_batches(self, ctx: Context):
@@ -185,7 +185,7 @@ class DiffusionTask(_ImageTask):
     def __init__(self, cfg: DiffusionConfig, data: PreparedImages, train: TrainConfig) -> None:
         super().__init__(data, train)
         self.cfg = cfg
-        self.unet = build_unet(cfg).to(memory_format=torch.channels_last)
+        self.unet = build_unet(cfg)  # contiguous: channels_last slows GroupNorm (see build_unet)
         self.ema = EMA(self.unet, cfg.ema_decay)
         self.ema_unet = build_unet(cfg)  # scratch module the EMA weights are copied into to sample/eval
         self.noise = make_scheduler(cfg, "ddpm")  # add_noise only; holds no weights

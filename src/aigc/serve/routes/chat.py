@@ -27,7 +27,7 @@ from aigc.serve.routes.common import (
     stream_response,
     usage,
 )
-from aigc.serve.routes.moderations import check_prompts
+from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
 from aigc.serve.schemas import ChatRequest, ChatResponse, ErrorResponse
 from aigc.serve.streaming import SSE_DONE, TextCall, sse
 
@@ -50,7 +50,12 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
     if body.max_completion_tokens is not None:
         kw["max_new_tokens"] = body.max_completion_tokens
     params = make_params(**kw, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    check_prompts(request, [m.text() for m in body.messages if m.role == "user"], "messages")
+    # the user turns: a blocked category is 400 content_blocked (+ a row); replies are checked below
+    user_turns = "\n".join(m.text() for m in body.messages if m.role == "user")
+    [prompt_check] = await moderate_prompts(
+        request, [user_turns], kind="text", model=body.model, param="messages"
+    )
+    mod = moderator(request)
     lm = await load_text_model(request, body.model)
     gen = lm.generator
     messages = [
@@ -68,12 +73,14 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
     rid, created, model = new_id("chatcmpl"), int(time.time()), lm.entry.id
     t0 = time.perf_counter()
 
-    async def record(rs: list) -> list[int]:
+    async def record(rs: list, checks: list) -> list[int]:
         # every reply lands in the store (prompt = the formatted conversation; messages in params)
+        # with its moderation verdict; a blocked reply's text is not kept
         rows = [feedback.text_row(lm.entry, prompt, r, time.perf_counter() - t0, messages=messages)
                 for r in rs]  # fmt: skip
-        for row, r in zip(rows, rs, strict=True):
-            row["output_text"] = r.text.lstrip()
+        for row, r, c in zip(rows, rs, checks, strict=True):
+            row["output_text"] = None if c.blocked else r.text.lstrip()
+            row["moderation"] = mod.verdict(prompt_check, c)
         return await feedback.record(request, lm.entry, rows)
 
     seeds = call.seeds
@@ -91,22 +98,25 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
                     [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
                 )
             started = [False] * call.n  # leading whitespace is dropped until the reply starts
+            guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
             results = {}
             async for kind, idx, payload in call.events():
-                if kind == "delta":
-                    text = payload if started[idx] else payload.lstrip()
-                    if text:
-                        started[idx] = True
-                        yield chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}])
-                else:
+                g = guards[idx]
+                text = g.feed(payload) if kind == "delta" else g.finish(payload.text)
+                text = text if started[idx] else text.lstrip()
+                if text:
+                    started[idx] = True
+                    yield chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}])
+                if kind != "delta":
                     results[idx] = payload
                     try:
-                        [gid] = await record([payload])
+                        [gid] = await record([payload], [g.result])
                     except ApiError as e:  # headers are sent: say it in the stream, keep going
                         gid = None
                         yield chunk([], warnings=[e.message])
-                    yield chunk([{"index": idx, "delta": {}, "finish_reason": payload.finish_reason,
-                                  "seed": payload.seed, "generation_id": gid}],
+                    finish = CONTENT_FILTER if g.blocked else payload.finish_reason
+                    yield chunk([{"index": idx, "delta": {}, "finish_reason": finish, "seed": payload.seed,
+                                  "generation_id": gid, "moderation": outcome(mod, prompt_check, g.result)[1]}],
                                 parameters=payload.params)  # fmt: skip
             if include_usage:
                 rs = [results[i] for i in range(call.n)]
@@ -120,7 +130,8 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
     finally:
         slot.release()
     rs = [results[i] for i in range(call.n)]
-    ids = await record(rs)
+    checks = [mod.check(r.text) for r in rs]
+    ids = await record(rs, checks)
     return ChatResponse(
         id=rid,
         created=created,
@@ -128,12 +139,13 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
         choices=[
             {
                 "index": i,
-                "message": {"role": "assistant", "content": r.text.lstrip()},
-                "finish_reason": r.finish_reason,
-                "logprobs": chat_logprobs(r),
+                "message": {"role": "assistant", "content": "" if c.blocked else r.text.lstrip()},
+                "finish_reason": CONTENT_FILTER if c.blocked else r.finish_reason,
+                "logprobs": None if c.blocked else chat_logprobs(r),
                 "seed": r.seed,
+                "moderation": outcome(mod, prompt_check, c)[1],
             }  # fmt: skip
-            for i, r in enumerate(rs)
+            for i, (r, c) in enumerate(zip(rs, checks, strict=True))
         ],
         usage=usage(rs, {0}),
         seed=rs[0].seed,

@@ -5,10 +5,13 @@ Choice index = prompt index * n + sample index (OpenAI's order); sample k of a r
 its tail (the engine's context policy); the response's `warnings` says so. Every choice is
 recorded in the content store: `generation_ids[i]` is choice i's id, to rate it with (a stream
 gives `generation_id` in each choice's last chunk, the one with its finish_reason).
+`best_of` (+ `aigc_scorer`, a scorer the server allows): the n best of best_of candidates per
+prompt, see `routes/best_of.py`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -16,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 
 from aigc.generation.params import make_params
 from aigc.serve.app import ApiError, identity
-from aigc.serve.routes import feedback
+from aigc.serve.routes import best_of, feedback
 from aigc.serve.routes.common import (
     Slot,
     collect,
@@ -26,7 +29,7 @@ from aigc.serve.routes.common import (
     stream_response,
     usage,
 )
-from aigc.serve.routes.moderations import check_prompts
+from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
 from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse
 from aigc.serve.streaming import SSE_DONE, TextCall, sse
 
@@ -49,23 +52,32 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         top_logprobs=body.logprobs or 0,
     )
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    check_prompts(request, prompts)  # 400 content_blocked for a blocked category
+    # a blocked category: 400 content_blocked (and a row with the verdict); outputs are checked below
+    prompt_checks = await moderate_prompts(request, prompts, kind="text", model=body.model)
+    mod = moderator(request)
+    # best_of: each prompt submits best_of candidate rows; the n best are kept at the end
+    scorer, call_params = await best_of.setup(body, params, st.settings.scorers)
     lm = await load_text_model(request, body.model)
     slot = Slot(request, key)
     call = TextCall(lm.scheduler, st.settings.request_timeout_s)
     try:
         for p in prompts:
-            call.add(p, params)
+            call.add(p, call_params)
     except BaseException:
         slot.release()
         raise
     rid, created, model = new_id("cmpl"), int(time.time()), lm.entry.id
     t0 = time.perf_counter()
 
-    async def record(indices: list[int], rs: list) -> list[int]:
-        # every output lands in the store; the response carries its id per choice
+    async def record(indices: list[int], rs: list, checks: list) -> list[int]:
+        # every output lands in the store with its moderation verdict (a blocked text is not kept);
+        # the response carries its id per choice
         rows = [feedback.text_row(lm.entry, prompts[i // params.n], r, time.perf_counter() - t0)
                 for i, r in zip(indices, rs, strict=True)]  # fmt: skip
+        for row, i, c in zip(rows, indices, checks, strict=True):
+            row["moderation"] = mod.verdict(prompt_checks[i // params.n], c)
+            if c.blocked:
+                row["output_text"] = None
         return await feedback.record(request, lm.entry, rows)
 
     seeds = call.seeds
@@ -80,6 +92,7 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
                             "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
 
             results = {}
+            guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
             if body.echo:
                 for i in range(call.n):
                     yield chunk(
@@ -94,11 +107,17 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
                     )
             async for kind, idx, payload in call.events():
                 if kind == "delta":
-                    yield chunk([{"index": idx, "text": payload, "finish_reason": None, "logprobs": None}])
+                    text = guards[idx].feed(payload)
+                    if text:
+                        yield chunk([{"index": idx, "text": text, "finish_reason": None, "logprobs": None}])
                 else:
+                    g = guards[idx]
+                    rest = g.finish(payload.text)
+                    if rest:
+                        yield chunk([{"index": idx, "text": rest, "finish_reason": None, "logprobs": None}])
                     results[idx] = payload
                     try:
-                        [gid] = await record([idx], [payload])
+                        [gid] = await record([idx], [payload], [g.result])
                     except ApiError as e:  # headers are sent: say it in the stream, keep going
                         gid = None
                         yield chunk([], warnings=[e.message])
@@ -107,10 +126,11 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
                             {
                                 "index": idx,
                                 "text": "",
-                                "finish_reason": payload.finish_reason,
+                                "finish_reason": CONTENT_FILTER if g.blocked else payload.finish_reason,
                                 "logprobs": None,
                                 "seed": payload.seed,
                                 "generation_id": gid,
+                                "moderation": outcome(mod, prompt_checks[idx // params.n], g.result)[1],
                             }
                         ],  # fmt: skip
                         parameters=payload.params,
@@ -127,7 +147,10 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
     finally:
         slot.release()
     rs = [results[i] for i in range(call.n)]
-    ids = await record(list(range(call.n)), rs)
+    if body.best_of is not None:
+        rs = await asyncio.to_thread(best_of.pick, rs, body.best_of, params, scorer)
+    checks = [mod.check(r.text) for r in rs]
+    ids = await record(list(range(len(rs))), rs, checks)
     return CompletionResponse(
         id=rid,
         created=created,
@@ -135,12 +158,14 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         choices=[
             {
                 "index": i,
-                "text": (prompts[i // params.n] if body.echo else "") + r.text,
-                "finish_reason": r.finish_reason,
-                "logprobs": completion_logprobs(r),
+                "text": (prompts[i // params.n] if body.echo else "") + ("" if c.blocked else r.text),
+                "finish_reason": CONTENT_FILTER if c.blocked else r.finish_reason,
+                "logprobs": None if c.blocked else completion_logprobs(r),
                 "seed": r.seed,
+                "moderation": outcome(mod, prompt_checks[i // params.n], c)[1],
+                **best_of.choice_fields(r),
             }  # fmt: skip
-            for i, r in enumerate(rs)
+            for i, (r, c) in enumerate(zip(rs, checks, strict=True))
         ],
         usage=usage(rs, first_of_prompt),
         seed=rs[0].seed,

@@ -1,12 +1,13 @@
 """The content store over HTTP: history, ratings, comparisons, feedback export, stored outputs.
 
-    GET  /v1/generations            list/search (kind, model, min_rating, q, limit, before)
+    GET  /v1/generations            list/search (kind, model, min_rating, q, moderation, limit, before)
     GET  /v1/generations/{id}       one generation
     GET  /v1/outputs/{ref}          a stored output's bytes (an image's PNG)
     POST /v1/ratings                {"generation_id", "value", "kind": "thumb"|"stars", "comment"?}
     GET  /v1/ratings                ?generation_id=&limit=&before=
     POST /v1/comparisons            {"a", "b", "winner"} (generation ids; winner is a or b)
     GET  /v1/comparisons            ?limit=&before=
+    GET  /v1/comparisons/stats      ?a=MODEL&b=MODEL -> wins, losses, win_rate, 95% Wilson interval
     GET  /v1/feedback/export        ?format=dpo|kto|sft -> JSON Lines in TRL's shapes
 
 Lists are OpenAI's `{"object": "list", "data": [...], "first_id", "last_id", "has_more"}`, newest
@@ -95,10 +96,11 @@ async def list_generations(
     q: str | None = Query(default=None, max_length=MAX_QUERY),
     limit: int = Query(default=20, ge=1, le=MAX_LIMIT),
     before: int | None = Query(default=None, ge=1, le=MAX_ID),
+    moderation: Literal["flagged", "blocked", "any", "none"] | None = None,
 ) -> dict[str, Any]:
     return await call_store(
         request, "list_generations", kind=kind, model=model or None, min_rating=min_rating, q=q,
-        limit=limit, before=before,
+        limit=limit, before=before, moderation=moderation,
     )  # fmt: skip
 
 
@@ -158,6 +160,26 @@ async def list_comparisons(
     before: int | None = Query(default=None, ge=1, le=MAX_ID),
 ) -> dict[str, Any]:
     return await call_store(request, "list_comparisons", limit=limit, before=before)
+
+
+@router.get("/v1/comparisons/stats", summary="Win rate of model a against model b", responses=ERRORS)
+async def comparison_stats(
+    request: Request,
+    a: str = Query(min_length=1, max_length=256),
+    b: str = Query(min_length=1, max_length=256),
+) -> dict[str, Any]:
+    """Blind comparisons between outputs of `a` and `b`: wins, losses, win_rate (a's) with a 95%
+    Wilson interval. A name the registry serves is resolved to the version it means (`story` ->
+    `story@2`), as recorded on the generations; other names (e.g. a removed model) count as given."""
+    from aigc.serve.registry import UnknownModel
+
+    def recorded(name: str) -> str:
+        try:
+            return model_name(request.app.state.registry.resolve(name))
+        except UnknownModel:
+            return name
+
+    return await call_store(request, "comparison_stats", recorded(a), recorded(b))
 
 
 @router.get("/v1/feedback/export", summary="Feedback as a TRL data set (JSON Lines)", responses=ERRORS)

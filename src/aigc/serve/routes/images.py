@@ -1,7 +1,8 @@
 """POST /v1/images/generations: images from a diffusion / GAN / VAE run (or a diffusers pipeline).
 
 OpenAI's shape (`n`, `size`, `response_format` b64_json | url) plus our extensions `seed`, `steps`,
-`guidance`, `label`, `sampler`. `url` is a `data:image/png;base64,...` URL: the server stores
+`guidance`, `label`, `sampler`, `watermark` (the deployment's invisible key-id mark, images of at
+least 24 px; `POST /v1/watermark/detect` finds it). `url` is a `data:image/png;base64,...` URL: the server stores
 nothing under that URL, so there is no file to expire or leak. Each image is also recorded in
 the content store (its PNG in the blob folder, GET /v1/outputs/{ref}; `generation_ids`, one per
 image). Each PNG carries its parameters in text chunks (as `aigc generate image` writes them).
@@ -28,6 +29,7 @@ from aigc.serve import settings as S
 from aigc.serve.app import ApiError, identity
 from aigc.serve.routes import feedback
 from aigc.serve.routes.common import Slot
+from aigc.serve.routes.moderations import moderate_prompts, moderator, outcome
 from aigc.serve.schemas import ErrorResponse, ImageRequest, ImageResponse
 
 router = APIRouter(tags=["images"])
@@ -45,6 +47,16 @@ def _png(image, params: dict) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=png_info(params))
     return buf.getvalue()
+
+
+def sign_pngs(pngs: list[bytes], params: list[dict], entry, prompt: str | None) -> list[bytes]:
+    """The PNGs with a C2PA manifest each (`--c2pa` / Settings.c2pa): model, hash, params, seed."""
+    from aigc.safety.c2pa import sign_bytes
+    from aigc.safety.provenance import make_record
+
+    name, digest = feedback.model_name(entry), feedback.model_hash(entry)
+    return [sign_bytes(png, "image/png", make_record("image", name, p, p.get("seed"), prompt, digest), "image.png")
+            for png, p in zip(pngs, params, strict=True)]  # fmt: skip
 
 
 def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dict]]:
@@ -68,7 +80,15 @@ def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dic
     with lm.lock:
         out = gen.generate(n=body.n, seed=seed, label=body.label, guidance=body.guidance, sampler=body.sampler,
                            steps=body.steps, prompt=body.prompt, size=size)  # fmt: skip
-    return [_png(img, p) for img, p in zip(out.images, out.params, strict=True)], out.params
+    images, params = out.images, out.params
+    if body.watermark:  # the invisible key-id mark (aigc.safety.watermark_image); its id in the params
+        from aigc.safety.watermark_image import embed
+        from aigc.safety.watermark_text import load_config
+
+        cfg = load_config()
+        images = [embed(img, cfg) for img in images]
+        params = [{**p, "watermark_key_id": cfg.key_id} for p in params]
+    return [_png(img, p) for img, p in zip(images, params, strict=True)], params
 
 
 @router.post(
@@ -76,6 +96,11 @@ def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dic
 )
 async def generate_images(body: ImageRequest, request: Request, key: str = Depends(identity)):
     st = request.app.state
+    # a blocked prompt: 400 content_blocked (+ a row with the verdict); a flagged one is served, marked
+    checks = (
+        await moderate_prompts(request, [body.prompt], kind="image", model=body.model) if body.prompt else []
+    )
+    verdict, flag = outcome(moderator(request), *checks)
     lm = await asyncio.to_thread(st.registry.get, body.model, "image")
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     slot = Slot(request, key)
@@ -90,10 +115,12 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
     finally:
         slot.release()
     st.metrics.observe_images(len(pngs))
+    if st.settings.c2pa:  # last: the manifest binds the final bytes
+        pngs = await asyncio.to_thread(sign_pngs, pngs, params, lm.entry, body.prompt)
     # every image lands in the store: its PNG in the content-addressed folder, a row per image
     dt = (time.perf_counter() - t0) / len(pngs)
     rows = [dict(kind="image", model=feedback.model_name(lm.entry), prompt=body.prompt or "", params=p,
-                 seed=p.get("seed", seed), duration=dt) for p in params]  # fmt: skip
+                 seed=p.get("seed", seed), duration=dt, moderation=verdict) for p in params]  # fmt: skip
     ids = await feedback.record(request, lm.entry, rows, blobs=pngs, ext="png")
     data = []
     for png, p in zip(pngs, params, strict=True):
@@ -103,7 +130,9 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
             if body.response_format == "b64_json"
             else {"url": "data:image/png;base64," + b64}
         )
-        data.append({**item, "seed": seed, "parameters": p, "revised_prompt": body.prompt})
+        data.append(
+            {**item, "seed": seed, "parameters": p, "revised_prompt": body.prompt, "moderation": flag}
+        )
     return ImageResponse(
         created=int(time.time()), data=data, seed=seed, parameters=params[0], generation_ids=ids
     )

@@ -29,7 +29,8 @@ from pydantic import BaseModel
 from aigc.errors import AigcError
 from aigc.serve.app import ApiError, identity
 from aigc.serve.routes import feedback
-from aigc.serve.routes.images import run_images
+from aigc.serve.routes.images import run_images, sign_pngs
+from aigc.serve.routes.moderations import moderate_prompts, moderator, outcome
 from aigc.serve.schemas import ErrorResponse, ImageRequest, Strict
 from aigc.serve.streaming import SSE_DONE, SSE_HEADERS, sse
 
@@ -68,6 +69,7 @@ class Job:
         self.cancel_requested = False
         self.changed = asyncio.Event()  # set on every change; watchers clear and wait again
         self.task: asyncio.Task | None = None  # kept here: the loop holds tasks only weakly
+        self.moderation: str | None = None  # the prompt's verdict ("flagged:..."), on every image row
 
     def eta(self) -> float | None:
         if self.status != "running" or not self.step or self.started is None:
@@ -117,9 +119,12 @@ async def _run(request: Request, job: Job) -> None:
             seed = (job.seed + i) % 2**63
             t0 = time.perf_counter()
             pngs, params = await asyncio.to_thread(run_images, lm, one, seed)
+            if st.settings.c2pa:  # signed as POST /v1/images/generations signs them
+                pngs = await asyncio.to_thread(sign_pngs, pngs, params, lm.entry, body.prompt)
             # recorded like POST /v1/images/generations: PNG in the blob folder, one row per image
             row = dict(kind="image", model=feedback.model_name(lm.entry), prompt=body.prompt or "",
-                       params=params[0], seed=seed, duration=time.perf_counter() - t0)  # fmt: skip
+                       params=params[0], seed=seed, duration=time.perf_counter() - t0,
+                       moderation=job.moderation)  # fmt: skip
             [gid] = await feedback.record(request, lm.entry, [row], blobs=pngs, ext="png")
             b64 = base64.b64encode(pngs[0]).decode("ascii")
             item = (
@@ -148,6 +153,9 @@ async def _run(request: Request, job: Job) -> None:
 async def create_job(body: JobRequest, request: Request, key: str = Depends(identity)) -> JobView:
     st = request.app.state
     st.registry.resolve(body.input.model)  # unknown model: 404 now, not a failed job later
+    # the prompt is moderated as by POST /v1/images/generations: blocked -> 400 (+ a row) now
+    prompt = body.input.prompt
+    checks = await moderate_prompts(request, [prompt], kind="image", model=body.input.model) if prompt else []
     jobs = _jobs(request)
     active = sum(j.status not in TERMINAL for j in jobs.values())
     if active >= st.settings.max_queue:
@@ -156,6 +164,7 @@ async def create_job(body: JobRequest, request: Request, key: str = Depends(iden
         del jobs[old.id]
     seed = body.input.seed if body.input.seed is not None else secrets.randbits(63)
     job = Job(key, body, seed)
+    job.moderation = outcome(moderator(request), *checks)[0]  # the verdict each image row gets
     jobs[job.id] = job
     job.task = asyncio.get_running_loop().create_task(_run(request, job))
     return job.view()

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from aigc.serve.app import ApiError, identity
 from aigc.serve.routes import feedback
 from aigc.serve.routes.common import Slot
+from aigc.serve.routes.moderations import moderate_prompts, moderator, outcome
 from aigc.serve.schemas import ErrorResponse, ModelName, Strict
 
 router = APIRouter(tags=["audio"])
@@ -62,6 +63,7 @@ class MusicData(BaseModel):
     midi_b64: str | None = None
     piano_roll_b64: str
     metadata: dict[str, Any]
+    moderation: dict[str, Any] | None = None  # the prompt's flag (aigc.safety), None when clean
 
 
 class MusicResponse(BaseModel):
@@ -87,6 +89,20 @@ def run_music(lm: Any, body: MusicRequest, seed: int) -> list[Any]:
         )  # fmt: skip
 
 
+def sign_pieces(results: list[Any], entry: Any, prompt: str) -> None:
+    """Give each piece's WAV and piano roll a C2PA manifest (in place; C2PA has no MIDI binding)."""
+    from aigc.safety.c2pa import sign_bytes
+    from aigc.safety.provenance import make_record
+
+    name, digest = feedback.model_name(entry), feedback.model_hash(entry)
+    for r in results:
+        record = make_record("music", name, r.params, r.seed, prompt, digest)
+        if r.wav is not None:
+            r.wav = sign_bytes(r.wav, "audio/wav", record, "piece.wav")
+        if r.png is not None:
+            r.png = sign_bytes(r.png, "image/png", record, "piano-roll.png")
+
+
 def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
@@ -95,6 +111,11 @@ def _b64(data: bytes | None) -> str | None:
              response_model=MusicResponse, responses=ERRORS)  # fmt: skip
 async def generate_music(body: MusicRequest, request: Request, key: str = Depends(identity)):
     st = request.app.state
+    # the "prompt" of a piece (key, meter, style) is moderated like any other: block -> 400 + a row
+    prompt = " ".join(x for x in (body.key, body.meter, body.style) if x)
+    verdict, flag = outcome(
+        moderator(request), *await moderate_prompts(request, [prompt], kind="music", model=body.model)
+    )
     lm = await asyncio.to_thread(st.registry.get, body.model, "music")
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     slot = Slot(request, key)
@@ -108,11 +129,12 @@ async def generate_music(body: MusicRequest, request: Request, key: str = Depend
                        "fewer bars or pieces", "timeout") from None  # fmt: skip
     finally:
         slot.release()
+    if st.settings.c2pa:
+        await asyncio.to_thread(sign_pieces, results, lm.entry, prompt)
     # every piece lands in the store: its MIDI in the content-addressed folder, a row per piece
     dt = (time.perf_counter() - t0) / len(results)
-    prompt = " ".join(x for x in (body.key, body.meter, body.style) if x)
     rows = [dict(kind="music", model=feedback.model_name(lm.entry), prompt=prompt, params=r.params,
-                 seed=r.seed, duration=dt) for r in results]  # fmt: skip
+                 seed=r.seed, duration=dt, moderation=verdict) for r in results]  # fmt: skip
     ids = await feedback.record(request, lm.entry, rows, blobs=[r.midi for r in results], ext="mid")
     data = [
         MusicData(
@@ -120,6 +142,7 @@ async def generate_music(body: MusicRequest, request: Request, key: str = Depend
             midi_b64=_b64(r.midi) if body.format in ("midi", "both") else None,
             piano_roll_b64=_b64(r.png),
             metadata=r.metadata,
+            moderation=flag,
         )
         for r in results
     ]

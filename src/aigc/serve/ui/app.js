@@ -24,6 +24,28 @@ const I18N = {
     generating: "Generating…", done: "Done", "need.key": "The server wants an API key: type it at the top right.",
     "no.models": "No models of this kind on the server.", hidden: "hidden model", winner: "winner",
     "pick.first": "Pick the better one", stars: "stars",
+    // regenerate with feedback
+    "fb.comment": "What was wrong? (saved with a thumbs-down)", "fb.go": "Regenerate with feedback",
+    "fb.before": "Before", "fb.after": "After: best of {k} by {scorer}", "fb.sent": "Thumbs-down saved; regenerating…",
+    "fb.fallback": "no scorer on this server, ranked by likelihood",
+    // presets, model page, training, win rate
+    "tab.models": "Models", "tab.train": "Train", preset: "Preset", "preset.none": "saved presets…",
+    "preset.apply": "Apply", "preset.delete": "Delete", "preset.save": "Save", "preset.name": "name for these settings",
+    "preset.saved": "Preset saved", "preset.applied": "Preset applied", "preset.deleted": "Preset deleted",
+    "mp.loss": "Loss curve", "mp.train": "train loss", "mp.val": "validation loss", "mp.metrics": "Last metrics",
+    "mp.eval": "Evaluation report", "mp.card": "Model card", "mp.config": "Config", "mp.none": "none",
+    "mp.versions": "Versions", "mp.nocurve": "no loss points recorded", "mp.metric": "metric",
+    "mp.model": "model", "mp.real": "real data", "mp.baseline": "baseline",
+    "tr.data": "Data set", "tr.family": "Family", "tr.preset": "Preset", "tr.name": "Name",
+    "tr.time": "Time budget (s)", "tr.steps": "Max steps (optional)",
+    "tr.set": "Overrides, one per line (e.g. train.lr=3e-3)", "tr.go": "Start training", "tr.cancel": "Cancel",
+    "tr.open": "Open the model page", "tr.jobs": "Your training jobs",
+    "tr.nodata": "No prepared data sets: run `aigc data prepare SOURCE --out ~/.aigc/data/NAME` (or start the server with --data-dir).",
+    "tr.started": "Training started", "tr.step": "step", "tr.loss": "loss", "tr.val": "val", "tr.eta": "ETA",
+    "tr.done": "Trained: the model is in the pickers as", "tr.failed": "Training failed:", "tr.cancelled": "Training cancelled",
+    "st.queued": "queued", "st.running": "running", "st.succeeded": "succeeded", "st.failed": "failed", "st.cancelled": "cancelled",
+    "cmp.stats": "{a} vs {b}: {a} won {w} of {n} — win rate {r} (95% CI {lo}–{hi})",
+    "cmp.nostats": "{a} vs {b}: no comparisons yet",
   },
   zh: {
     title: "AIGC 工作室", "tab.text": "文本", "tab.image": "图像", "tab.music": "音乐",
@@ -41,10 +63,32 @@ const I18N = {
     generating: "生成中…", done: "完成", "need.key": "服务器需要 API 密钥：请在右上角输入。",
     "no.models": "服务器上没有这类模型。", hidden: "隐藏的模型", winner: "胜出",
     "pick.first": "选出更好的一个", stars: "星",
+    "fb.comment": "哪里不好？（随差评一起保存）", "fb.go": "按反馈重新生成",
+    "fb.before": "之前", "fb.after": "之后：{k} 选 1，评分器 {scorer}", "fb.sent": "差评已保存，正在重新生成…",
+    "fb.fallback": "服务器没有评分器，按似然排序",
+    "tab.models": "模型", "tab.train": "训练", preset: "预设", "preset.none": "已保存的预设…",
+    "preset.apply": "应用", "preset.delete": "删除", "preset.save": "保存", "preset.name": "为当前设置命名",
+    "preset.saved": "预设已保存", "preset.applied": "预设已应用", "preset.deleted": "预设已删除",
+    "mp.loss": "损失曲线", "mp.train": "训练损失", "mp.val": "验证损失", "mp.metrics": "最新指标",
+    "mp.eval": "评估报告", "mp.card": "模型卡", "mp.config": "配置", "mp.none": "无",
+    "mp.versions": "版本", "mp.nocurve": "没有记录损失数据", "mp.metric": "指标",
+    "mp.model": "模型", "mp.real": "真实数据", "mp.baseline": "基线",
+    "tr.data": "数据集", "tr.family": "模型族", "tr.preset": "预设", "tr.name": "名称",
+    "tr.time": "时间预算（秒）", "tr.steps": "最大步数（可选）",
+    "tr.set": "覆盖配置，每行一项（如 train.lr=3e-3）", "tr.go": "开始训练", "tr.cancel": "取消",
+    "tr.open": "打开模型页", "tr.jobs": "你的训练任务",
+    "tr.nodata": "没有预处理好的数据集：运行 `aigc data prepare 源 --out ~/.aigc/data/名称`（或用 --data-dir 启动服务器）。",
+    "tr.started": "训练已开始", "tr.step": "步", "tr.loss": "损失", "tr.val": "验证", "tr.eta": "预计剩余",
+    "tr.done": "训练完成，模型已出现在选择框中：", "tr.failed": "训练失败：", "tr.cancelled": "训练已取消",
+    "st.queued": "排队中", "st.running": "运行中", "st.succeeded": "成功", "st.failed": "失败", "st.cancelled": "已取消",
+    "cmp.stats": "{a} 对 {b}：{n} 次比较中 {a} 胜 {w} 次，胜率 {r}（95% 置信区间 {lo}–{hi}）",
+    "cmp.nostats": "{a} 对 {b}：还没有比较",
   },
 };
 let lang = localStorage.getItem("aigc.lang") || (navigator.language.startsWith("zh") ? "zh" : "en");
 const t = (k) => (I18N[lang] && I18N[lang][k]) || I18N.en[k] || k;
+// a message with {named} holes: tf("cmp.stats", {a: "x", ...})
+const tf = (k, vars) => t(k).replace(/\{(\w+)\}/g, (m, name) => (name in vars ? vars[name] : m));
 
 function applyLang() {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
@@ -130,6 +174,8 @@ function showTab(name) {
   for (const p of document.querySelectorAll(".panel")) p.classList.toggle("active", p.id === "tab-" + name);
   localStorage.setItem("aigc.tab", name);
   if (name === "history") loadHistory();
+  if (name === "models") loadDetails($("#mp-model").value);
+  if (name === "train") loadTrain();
 }
 
 let models = [];
@@ -171,7 +217,7 @@ async function detectMusic() {
 
 function params(id) {
   const out = {};
-  for (const inp of $("#" + id).querySelectorAll("input, select")) {
+  for (const inp of $("#" + id).querySelectorAll("input[name], select[name]")) {
     if (inp.type === "checkbox") out[inp.name] = inp.checked;
     else if (inp.type === "number") out[inp.name] = inp.value === "" ? null : Number(inp.value);
     else out[inp.name] = inp.value;
@@ -321,6 +367,7 @@ async function generateText(req = textRequest()) {
                     params: { temperature: req.temperature, top_p: req.top_p, top_k: req.top_k,
                               max_new_tokens: req.max_tokens, messages: req.messages } };
       actions.replaceWith(Object.assign(genActions(row), { id: "text-actions" }));
+      if (!req.messages) feedbackReady(req, gid, gen.textContent);
     }
   } catch (e) {
     showError(e);
@@ -330,6 +377,52 @@ async function generateText(req = textRequest()) {
     $("#text-stop").disabled = true;
     textAbort = null;
   }
+}
+
+// ---------------------------------------------------------------------------- regenerate with feedback
+
+// A text result can be thumbed down with a comment; the studio then asks for a new completion of
+// the same prompt with a new seed and best_of=4 ranked by the server's default scorer
+// (aigc_scorer "default"; by likelihood when the server has none), and shows it next to the old one.
+function feedbackReady(req, gid, text) {
+  const box = $("#text-feedback");
+  box.hidden = false;
+  $("#fb-comment").value = "";
+  $("#fb-pair").replaceChildren();
+  $("#fb-go").onclick = () => regenerateWithFeedback(req, gid, text);
+}
+
+async function regenerateWithFeedback(req, gid, oldText) {
+  const go = $("#fb-go");
+  go.disabled = true;
+  try {
+    const comment = $("#fb-comment").value.trim() || null;
+    await api("v1/ratings", { generation_id: gid, value: -1, kind: "thumb", comment });
+    say(t("fb.sent"));
+    const body = { model: req.model, prompt: req.prompt, max_tokens: req.max_tokens, temperature: req.temperature,
+                   top_p: req.top_p, top_k: req.top_k, seed: randomSeed(), best_of: 4, aigc_scorer: "default" };
+    let out, note = "";
+    try {
+      out = await api("v1/completions", body);
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 400 && /scorer/.test(e.message))) throw e;
+      const { aigc_scorer, ...plain } = body;  // no usable scorer: OpenAI's rule, mean log-prob
+      out = await api("v1/completions", plain);
+      note = ` (${t("fb.fallback")})`;
+    }
+    const c = out.choices[0], newGid = out.generation_ids[0];
+    const scorer = (out.parameters.scorer || "logprob").split(":")[0];  // its kind, not a server path
+    const side = (title, text, extra) => el("div", { class: "side card" },
+      el("div", { class: "who" }, title), el("pre", { class: "output" }, text), extra);
+    $("#fb-pair").replaceChildren(
+      side(t("fb.before"), req.prompt + oldText, el("div", { class: "meta" }, `#${gid} · −1`)),
+      Object.assign(side(tf("fb.after", { k: body.best_of, scorer }) + note, req.prompt + c.text,
+        el("div", { class: "meta" }, `#${newGid} · seed ${c.seed} · score ${Number(c.score).toFixed(3)}`)),
+        { id: "fb-new" }),
+    );
+    $("#fb-new").append(ratingWidget(newGid));
+    say("");
+  } catch (e) { showError(e); } finally { go.disabled = false; }
 }
 
 // ---------------------------------------------------------------------------- images
@@ -506,10 +599,10 @@ async function compare() {
   const box = $("#cmp-pair");
   box.replaceChildren(el("p", { class: "muted" }, t("generating")));
   try {
-    // two samples with their own seeds (same model twice gives two different samples)
+    // one prompt, one seed, two models (or versions): the models are the only difference
+    const seed = randomSeed();
     const res = await Promise.all(sides.map((model) => api("v1/completions", {
-      model, prompt, max_tokens: p.max_tokens, temperature: p.temperature, top_p: p.top_p, top_k: p.top_k,
-      seed: randomSeed(),
+      model, prompt, max_tokens: p.max_tokens, temperature: p.temperature, top_p: p.top_p, top_k: p.top_k, seed,
     })));
     let cards = res.map((r, i) => ({ gid: r.generation_ids[0], text: r.choices[0].text, model: sides[i] }));
     if (blind && Math.random() < 0.5) cards = [cards[1], cards[0]];  // blind: the side says nothing
@@ -525,6 +618,7 @@ async function compare() {
             card.querySelector(".pick").disabled = true;
           }
           say(t("saved"));
+          loadStats();
         } catch (e) { showError(e); }
       }, "data-i18n": "better" }, t("better"));
       box.append(el("article", { class: "card side", "data-gid": c.gid },
@@ -536,6 +630,306 @@ async function compare() {
     box.replaceChildren();
     showError(e);
   }
+}
+
+// ---------------------------------------------------------------------------- win rate
+
+// The running win rate of A against B (server-side: GET /v1/comparisons/stats, Wilson interval).
+async function loadStats() {
+  const a = $("#cmp-model-a").value, b = $("#cmp-model-b").value, box = $("#cmp-stats");
+  box.textContent = "";
+  if (!a || !b || a === b) return;
+  try {
+    const s = await api("v1/comparisons/stats?" + new URLSearchParams({ a, b }));
+    const pct = (x) => (100 * x).toFixed(0) + "%";
+    box.textContent = s.n
+      ? tf("cmp.stats", { a: s.a, b: s.b, w: s.wins, n: s.n, r: pct(s.win_rate), lo: pct(s.ci_low), hi: pct(s.ci_high) })
+      : tf("cmp.nostats", { a: s.a, b: s.b });
+    box.dataset.n = s.n;
+  } catch (e) { showError(e); }
+}
+
+// ---------------------------------------------------------------------------- presets
+
+// Each parameters box gets a preset bar: saved settings live on the server, per API key.
+const PRESET_TABS = { "text-params": "text", "image-params": "image", "music-params": "music" };
+let presets = [];
+
+function presetBar(id) {
+  const kind = PRESET_TABS[id];
+  const pick = el("select", { class: "preset-pick", "aria-label": t("preset") });
+  const name = el("input", { type: "text", class: "preset-name", maxlength: "64", "data-i18n-ph": "preset.name",
+                             placeholder: t("preset.name") });
+  const chosen = () => presets.find((p) => String(p.id) === pick.value);
+  const apply = async () => {
+    const p = chosen();
+    if (!p) return;
+    setParams(id, p.params);
+    saveForm(id);
+    name.value = p.name;
+    say(t("preset.applied") + ": " + p.name);
+  };
+  const save = async () => {
+    const label = name.value.trim() || (chosen() && chosen().name);
+    if (!label) return name.focus();
+    try {
+      const p = await api("v1/presets", { kind, name: label, params: params(id) });
+      await loadPresets(p.id, kind);
+      say(t("preset.saved") + ": " + p.name);
+    } catch (e) { showError(e); }
+  };
+  const remove = async () => {
+    const p = chosen();
+    if (!p) return;
+    try {
+      const r = await fetch("v1/presets/" + p.id, { method: "DELETE", headers: headers(false) });
+      if (!r.ok) await raise(r);
+      await loadPresets();
+      say(t("preset.deleted") + ": " + p.name);
+    } catch (e) { showError(e); }
+  };
+  pick.addEventListener("change", apply);
+  return el("div", { class: "presets-box" },
+    el("div", { class: "presets" }, pick,
+      el("button", { type: "button", class: "preset-apply", "data-i18n": "preset.apply", onclick: apply }, t("preset.apply")),
+      el("button", { type: "button", class: "preset-delete", "data-i18n": "preset.delete", onclick: remove }, t("preset.delete"))),
+    el("div", { class: "presets" }, name,
+      el("button", { type: "button", class: "preset-save", "data-i18n": "preset.save", onclick: save }, t("preset.save"))));
+}
+
+async function loadPresets(select = null, selectKind = null) {
+  try { presets = (await api("v1/presets")).data; } catch (e) { return showError(e); }
+  for (const [id, kind] of Object.entries(PRESET_TABS)) {
+    const pick = $("#" + id + " .preset-pick");
+    const keep = selectKind === kind && select !== null ? String(select) : pick.value;
+    pick.replaceChildren(el("option", { value: "", "data-i18n": "preset.none" }, t("preset.none")));
+    for (const p of presets.filter((q) => q.kind === kind)) pick.append(el("option", { value: p.id }, p.name));
+    pick.value = [...pick.options].some((o) => o.value === keep) ? keep : "";
+  }
+}
+
+// ---------------------------------------------------------------------------- charts
+
+// Loss curves on a <canvas>, no library: series = [{points: [[step, value], ...], color}].
+function drawChart(canvas, series) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 600, h = canvas.clientHeight || 240;
+  canvas.width = Math.round(w * dpr);
+  canvas.height = Math.round(h * dpr);
+  const g = canvas.getContext("2d");
+  g.setTransform(dpr, 0, 0, dpr, 0, 0);
+  g.clearRect(0, 0, w, h);
+  const css = getComputedStyle(document.documentElement);
+  const muted = css.getPropertyValue("--muted").trim() || "#888";
+  g.font = "11px system-ui, sans-serif";
+  g.fillStyle = muted;
+  const pts = series.flatMap((s) => s.points);
+  canvas.dataset.points = pts.length;  // what the chart holds (tests and screen readers)
+  if (!pts.length) {
+    g.fillText(t("mp.nocurve"), 12, h / 2);
+    return;
+  }
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
+  if (x1 === x0) x1 = x0 + 1;
+  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  const L = 48, R = 10, T = 10, B = 22;
+  const X = (x) => L + ((x - x0) / (x1 - x0)) * (w - L - R);
+  const Y = (y) => T + (1 - (y - y0) / (y1 - y0)) * (h - T - B);
+  // axes with their end values
+  g.strokeStyle = muted;
+  g.lineWidth = 1;
+  g.beginPath(); g.moveTo(L, T); g.lineTo(L, h - B); g.lineTo(w - R, h - B); g.stroke();
+  const fmt = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3));
+  g.fillText(fmt(y1), 4, T + 8);
+  g.fillText(fmt(y0), 4, h - B);
+  g.fillText(String(x0), L, h - 6);
+  g.textAlign = "right";
+  g.fillText(String(x1), w - R, h - 6);
+  g.textAlign = "left";
+  for (const s of series) {
+    if (!s.points.length) continue;
+    g.strokeStyle = g.fillStyle = s.color;
+    g.lineWidth = 1.5;
+    g.beginPath();
+    s.points.forEach(([x, y], i) => (i ? g.lineTo(X(x), Y(y)) : g.moveTo(X(x), Y(y))));
+    g.stroke();
+    if (s.points.length < 30) for (const [x, y] of s.points) g.fillRect(X(x) - 2, Y(y) - 2, 4, 4);
+  }
+}
+
+const lossSeries = (train, evals) => {
+  const accent = getComputedStyle(document.documentElement).getPropertyValue("--accent").trim() || "#3f6ad8";
+  return [{ points: train, color: accent }, { points: evals, color: "#e07b00" }];
+};
+
+// ---------------------------------------------------------------------------- model page
+
+function kvTable(rows, head = null) {
+  const table = el("table");
+  if (head) table.append(el("tr", {}, head.map((h) => el("th", {}, h))));
+  for (const r of rows) table.append(el("tr", {}, el("th", {}, r[0]), r.slice(1).map((v) => el("td", {}, fmtValue(v)))));
+  return table;
+}
+const fmtValue = (v) => (v === undefined || v === null ? "–" : typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v));
+
+// card.md as minimal markdown, built with textContent only: a card can never inject markup.
+function renderCard(md) {
+  const box = document.createDocumentFragment();
+  let list = null, code = null;
+  for (const line of md.split("\n")) {
+    if (line.startsWith("```")) {
+      if (code) { box.append(code); code = null; } else code = el("pre");
+      continue;
+    }
+    if (code) { code.textContent += line + "\n"; continue; }
+    const item = line.match(/^\s*[-*] (.*)/);
+    if (item) {
+      if (!list) { list = el("ul"); box.append(list); }
+      list.append(el("li", {}, item[1]));
+      continue;
+    }
+    list = null;
+    const head = line.match(/^(#{1,6}) (.*)/);
+    if (head) box.append(el(head[1].length <= 2 ? "h4" : "h5", {}, head[2]));
+    else if (line.startsWith("|")) box.append(el("pre", {}, line));
+    else if (line.trim()) box.append(el("p", {}, line));
+  }
+  if (code) box.append(code);
+  return box;
+}
+
+let detailsCall = 0;
+async function loadDetails(id) {
+  if (!id) return;
+  const mine = ++detailsCall;
+  try {
+    const d = await api("v1/models/" + encodeURIComponent(id) + "/details");
+    if (mine !== detailsCall) return;  // another model was picked meanwhile
+    $("#mp-body").hidden = false;
+    $("#mp-meta").textContent = `${d.id} · ${d.kind}${d.family ? " · " + d.family : ""} · ` +
+      new Date(d.created * 1000).toLocaleString(lang === "zh" ? "zh-CN" : "en");
+    $("#mp-versions").replaceChildren(el("span", { class: "muted", "data-i18n": "mp.versions" }, t("mp.versions")),
+      ...d.versions.map((v) => el("button", { class: v === d.id ? "primary" : "", onclick: () => { setOption($("#mp-model"), v); loadDetails(v); } }, v)));
+    drawChart($("#mp-chart"), lossSeries(d.metrics.train, d.metrics.eval));
+    const last = { ...d.metrics.last_train, ...d.metrics.last_eval };
+    delete last.kind;
+    $("#mp-metrics").replaceChildren(Object.keys(last).length ? kvTable(Object.entries(last)) : t("mp.none"));
+    const ev = d.eval_report;
+    if (ev) {
+      const sides = ["model", "real", "baseline"].filter((k) => ev[k]);
+      const keys = [...new Set(sides.flatMap((k) => Object.keys(ev[k])))];
+      $("#mp-eval").replaceChildren(
+        el("p", { class: "meta" }, `${ev.kind} · n = ${ev.samples ?? "–"}${ev.warnings.length ? " · " + ev.warnings.join("; ") : ""}`),
+        kvTable(keys.map((k) => [k, ...sides.map((s) => ev[s][k])]), [t("mp.metric"), ...sides.map((s) => t("mp." + s))]));
+    } else $("#mp-eval").replaceChildren(t("mp.none"));
+    $("#mp-card").replaceChildren(d.card ? renderCard(d.card) : t("mp.none"));
+    const cfg = d.config || {};
+    $("#mp-config").replaceChildren(cfg.model ? kvTable(["model", "train", "data"].map((k) => [k,
+      Object.entries(cfg[k] || {}).map(([a, b]) => `${a}=${b}`).join(" · ")])) : t("mp.none"));
+  } catch (e) { showError(e); }
+}
+
+// ---------------------------------------------------------------------------- training
+
+let datasets = [];
+const train = { job: null, points: [], evals: [], abort: null };
+
+async function loadTrain() {
+  try {
+    datasets = (await api("v1/datasets")).data;
+    const sel = $("#tr-data"), keep = sel.value;
+    sel.replaceChildren(...datasets.map((d) => el("option", { value: d.id }, `${d.id} (${d.kind})`)));
+    if (keep) sel.value = keep;
+    if (!datasets.length) say(t("tr.nodata"), "error");
+    fillFamilies();
+    const jobs = (await api("v1/train?limit=10")).data;
+    showJobs(jobs);
+    const live = jobs.find((j) => j.status === "queued" || j.status === "running");
+    if (live && !train.abort) watchJob(live.id);
+  } catch (e) { showError(e); }
+}
+
+function fillFamilies() {
+  const d = datasets.find((x) => x.id === $("#tr-data").value);
+  const fam = $("#tr-family"), keep = fam.value;
+  fam.replaceChildren(...Object.keys(d ? d.families : {}).map((f) => el("option", { value: f }, f)));
+  if ([...fam.options].some((o) => o.value === keep)) fam.value = keep;
+  fillPresets();
+}
+
+function fillPresets() {
+  const d = datasets.find((x) => x.id === $("#tr-data").value);
+  const names = (d && d.families[$("#tr-family").value]) || [];
+  const sel = $("#tr-preset"), keep = sel.value;
+  sel.replaceChildren(...names.map((n) => el("option", { value: n }, n)));
+  if (names.includes(keep)) sel.value = keep;
+}
+
+function showJobs(jobs) {
+  const st = (s) => t("st." + s);
+  $("#tr-jobs").replaceChildren(jobs.length ? kvTable(jobs.map((j) => [j.id, `${j.name} · ${j.family} · ${j.data}`,
+    st(j.status) + (j.model ? " → " + j.model : "") + (j.error ? ": " + j.error : ""),
+    j.loss === null ? "" : `${t("tr.loss")} ${j.loss.toFixed(3)}`])) : t("mp.none"));
+}
+
+async function startTraining() {
+  const steps = $("#tr-steps").value, time = $("#tr-time").value;
+  const body = { family: $("#tr-family").value, data: $("#tr-data").value, name: $("#tr-name").value.trim(),
+                 preset: $("#tr-preset").value,
+                 set: $("#tr-set").value.split("\n").map((s) => s.trim()).filter(Boolean) };
+  if (steps) body.max_steps = Number(steps);
+  if (time) body.max_time = Number(time);
+  try {
+    const job = await api("v1/train", body);
+    say(t("tr.started") + ": " + job.id);
+    watchJob(job.id);
+  } catch (e) { showError(e); }
+}
+
+// Follow a job's SSE stream: each event carries its state and the loss points since the last one.
+async function watchJob(id) {
+  train.job = id;
+  train.points = [];
+  train.evals = [];
+  train.abort = new AbortController();
+  $("#tr-go").disabled = true;
+  $("#tr-cancel").disabled = false;
+  $("#tr-open").hidden = true;
+  let last = null;
+  try {
+    const r = await fetch(`v1/train/${id}/events`, { headers: headers(false), signal: train.abort.signal });
+    if (!r.ok) await raise(r);
+    await readSSE(r, (ev) => {
+      last = ev;
+      train.points.push(...(ev.points || []));
+      train.evals.push(...(ev.evals || []));
+      const of = ev.total_steps ? "/" + ev.total_steps : "";
+      const eta = ev.eta_s !== null && ev.eta_s !== undefined ? ` · ${t("tr.eta")} ${ev.eta_s.toFixed(0)} s` : "";
+      $("#tr-status").textContent = `${ev.id} · ${t("st." + ev.status)} · ${t("tr.step")} ${ev.step}${of}` +
+        (ev.loss !== null ? ` · ${t("tr.loss")} ${ev.loss.toFixed(4)}` : "") +
+        (ev.val_loss !== null ? ` · ${t("tr.val")} ${ev.val_loss.toFixed(4)}` : "") + eta;
+      drawChart($("#tr-chart"), lossSeries(train.points, train.evals));
+    });
+    if (last && last.status === "succeeded") {
+      await loadModels();
+      say(`${t("tr.done")} ${last.model}`);
+      $("#tr-open").hidden = false;
+      $("#tr-open").dataset.model = last.model;
+    } else if (last && last.status === "failed") say(`${t("tr.failed")} ${last.error}`, "error");
+    else if (last && last.status === "cancelled") say(t("tr.cancelled"));
+  } catch (e) { showError(e); }
+  finally {
+    train.abort = null;
+    $("#tr-go").disabled = false;
+    $("#tr-cancel").disabled = true;
+    try { showJobs((await api("v1/train?limit=10")).data); } catch (e) { /* the status line says enough */ }
+  }
+}
+
+async function cancelTraining() {
+  if (!train.job) return;
+  try { await api(`v1/train/${train.job}/cancel`, {}); } catch (e) { showError(e); }
 }
 
 // ---------------------------------------------------------------------------- start
@@ -568,6 +962,17 @@ function init() {
   $("#image-go").addEventListener("click", () => generateImages());
   $("#music-go").addEventListener("click", () => generateMusic());
   $("#cmp-go").addEventListener("click", compare);
+  for (const side of ["#cmp-model-a", "#cmp-model-b"]) $(side).addEventListener("change", loadStats);
+  for (const id of Object.keys(PRESET_TABS)) $("#" + id + " legend").after(presetBar(id));
+  $("#mp-model").addEventListener("change", (e) => loadDetails(e.target.value));
+  $("#tr-data").addEventListener("change", fillFamilies);
+  $("#tr-family").addEventListener("change", fillPresets);
+  $("#tr-go").addEventListener("click", startTraining);
+  $("#tr-cancel").addEventListener("click", cancelTraining);
+  $("#tr-open").addEventListener("click", (e) => {
+    setOption($("#mp-model"), e.target.dataset.model);
+    showTab("models");  // loads the picked model's page
+  });
   $("#history-filters").addEventListener("submit", (e) => {
     e.preventDefault();
     hist.cursors = [];
@@ -585,6 +990,8 @@ async function start() {
   try {
     await loadModels();
     say("");
+    loadPresets();
+    loadStats();
     await detectMusic();
     const tab = localStorage.getItem("aigc.tab");
     if (tab && !$(`#tabs [data-tab="${tab}"]`).hidden) showTab(tab);

@@ -56,9 +56,7 @@ def compare(v1: Path, final: Path, scorer, n: int, data: Path) -> dict:
     texts = {}
     for key, run in (("v1", v1), ("final", final)):
         gen = load_generator(run)
-        texts[key] = [
-            r.text for r in gen.generate([""] * n, max_new_tokens=80, temperature=1.0, seed=777_000)
-        ]
+        texts[key] = [r.text for r in gen.generate("", n=n, max_new_tokens=80, temperature=1.0, seed=777_000)]
     s1, s2 = scorer.score(texts["v1"]), scorer.score(texts["final"])
     val = load_prepared(data).val
     losses = [heldout_lm_loss(load_generator(run).model, val, 64, 40, seed=1) for run in (v1, final)]
@@ -127,6 +125,7 @@ def main() -> None:
     #      simulate_feedback on the newest version through the in-process server -> aigc tune
     from fastapi.testclient import TestClient
 
+    from aigc.errors import AigcError
     from aigc.evaluation.scorers import load_scorer
     from aigc.feedback.simulate import Rater, simulate_feedback
     from aigc.feedback.store import Store
@@ -158,8 +157,13 @@ def main() -> None:
                                            seed=1000 * r, params={"max_tokens": 80, "temperature": 1.0})  # fmt: skip
                 print(f"{name}@{current.name}: {counts['generated']} rated, {counts['liked']} liked "
                       f"({time.time() - t1:.0f} s)", flush=True)  # fmt: skip
-                rep = tune_text(current, store=store, method=method, overrides=overrides, scorer=spec,
-                                progress=False, log=lambda m: print("  " + m, flush=True))  # fmt: skip
+                try:
+                    rep = tune_text(current, store=store, method=method, overrides=overrides, scorer=spec,
+                                    progress=False, log=lambda m: print("  " + m, flush=True))  # fmt: skip
+                except AigcError as e:  # the guard kept the previous version: the loop ends there
+                    print(f"  round {r + 1}: {e}", flush=True)
+                    rounds.append({"from": current.name, "refused": str(e)})
+                    break
                 pr, hl = rep["preferred"], rep["heldout_loss"]
                 rounds.append({"from": current.name, "to": Path(rep["run"]).name, "liked_share_rated":
                                counts["liked"] / counts["generated"], "positive_before": pr["before"],

@@ -35,8 +35,9 @@ def write_text_run(out: Path, family: str = "gpt", seed: int = 0, block_size: in
     return out
 
 
-def write_image_run(out: Path) -> Path:
-    """A tiny unconditional 8x8 diffusion run (as tests/test_images_generation.py builds one)."""
+def write_image_run(out: Path, classes: list[str] | None = None) -> Path:
+    """A tiny 8x8 diffusion run (as tests/test_images_generation.py builds one); class-conditional
+    when `classes` are given."""
     from safetensors.torch import save_file
 
     from aigc.config import to_dict
@@ -44,10 +45,11 @@ def write_image_run(out: Path) -> Path:
     from aigc.utils.io import atomic_write_json
 
     torch.manual_seed(0)
-    cfg = DiffusionConfig(image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4)
+    cfg = DiffusionConfig(image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4,
+                          num_classes=len(classes or []))  # fmt: skip
     unet = build_unet(cfg)
     out.mkdir(parents=True)
-    cfg_json = {"family": "diffusion", "model": to_dict(cfg), "train": {}, "data": {"classes": []}}
+    cfg_json = {"family": "diffusion", "model": to_dict(cfg), "train": {}, "data": {"classes": classes or []}}
     atomic_write_json(out / "config.json", cfg_json)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(out / "model.safetensors"))
     return out

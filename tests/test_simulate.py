@@ -34,6 +34,7 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     write_text_run(root / "tiny")
     write_image_run(root / "pix")
+    write_image_run(root / "cond", classes=["a", "b"])
     return root
 
 
@@ -155,3 +156,17 @@ def test_simulate_feedback_cli(root, scorer_file, tmp_path, run_cli):
     assert code == 1 and "unknown scorer spec 'bogus'" in err
     code, out, _ = run_cli("simulate-feedback", "--help")
     assert code == 0 and "--rater" in out
+
+
+def test_simulate_feedback_cli_images_with_guidance(root, scorer_file, tmp_path, run_cli):
+    db = tmp_path / "img.db"
+    args = ("simulate-feedback", "--model", "cond", "--rater", f"python:{scorer_file}:bright", "--n", "2",
+            "--models", root, "--db", db, "--seed", "4")  # fmt: skip
+    code, out, err = run_cli(*args, "--guidance", "0")
+    assert code == 0, err
+    rows = ratings_of(db)
+    assert len(rows) == 2 and all(g["kind"] == "image" for g, _ in rows)
+    assert all(g["params"].get("guidance") == 0 for g, _ in rows)
+    # guidance on an unconditional model is refused by the server with its one-line reason
+    code, _, err = run_cli(*[a if a != "cond" else "pix" for a in args], "--guidance", "3")
+    assert code == 1 and "unconditional" in err and len(err.strip().splitlines()) == 1

@@ -245,6 +245,18 @@ def test_kto_and_mix_on_an_unversioned_run_need_out(tmp_path, base_run):
     ]
     assert any("mix_loss" in m and "kl" in m for m in metrics)
     load_artifact(tmp_path / "story-kto")
+    # a chain of tunings is held to the first version's held-out loss, not only the last one's
+    cfg_path = tmp_path / "story-kto" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    root = cfg["tune"]["result"]["guard_root"]
+    assert root["model"] == "story" and root["loss"] == pytest.approx(rep["heldout_loss"]["before"])
+    root["loss"] /= 2  # pretend the lineage started far better than this version
+    cfg_path.write_text(json.dumps(cfg))
+    with Store.open(str(tmp_path / "db.sqlite")) as store:
+        with pytest.raises(AigcError, match="above the first version it descends from"):
+            tune_text(tmp_path / "story-kto", tmp_path / "again", store=store, method="kto", progress=False,
+                      overrides=[*FAST, "tune.samples=0", "tune.model_name=story", "tune.on_mismatch=skip"])  # fmt: skip
+    assert not (tmp_path / "again").exists()
 
 
 def test_lstm_sft_on_corrections(tmp_path):

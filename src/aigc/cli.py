@@ -1149,6 +1149,10 @@ def simulate_feedback_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Output i uses seed + i.")] = 0,
     noise: Annotated[float, typer.Option("--noise", help="Chance that a thumb is flipped.")] = 0.0,
     label: Annotated[str | None, typer.Option("--label", help="Class to generate (image models).")] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", help="Image models: guidance scale (0: unconditional samples)."),
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens per text output.")] = 64,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", help="Sampling temperature (text).")
@@ -1177,6 +1181,8 @@ def simulate_feedback_cmd(
         params: dict = {"max_tokens": max_tokens, "temperature": temperature}
     else:
         params = {} if label is None else {"label": int(label) if label.isdigit() else label}
+        if guidance is not None:
+            params["guidance"] = guidance
     if server is not None:
         counts = simulate_feedback(server, model, the_rater, n, prompts=prompts, user=user, seed=seed,
                                    kind=kind, params=params, api_key=os.environ.get(api_key_env))  # fmt: skip

@@ -115,7 +115,12 @@ def build_report(
             "change": guard.change,
             "limit": guard.limit,
             "source": guard.source,
-        },  # fmt: skip
+            "root_model": guard.root.get("model"),  # the lineage's first version (see text.py, guard)
+            "root": guard.root.get("loss"),
+            "change_vs_root": (guard.after - guard.root["loss"]) / guard.root["loss"]
+            if guard.root.get("loss")
+            else None,
+        },
         "heldout_preference": {  # at step 0 the policy is the reference: margin 0, accuracy 0
             "rows": len(data.heldout),
             "reward_margin": {"before": 0.0, "after": last.get("heldout_reward_margin")},
@@ -199,6 +204,9 @@ def markdown(rep: dict[str, Any]) -> str:
         f"| held-out LM loss ({hl['source']}) | {_num(hl['before'])} | {_num(hl['after'])} "
         f"({hl['change']:+.1%}, limit +{hl['limit']:.0%}) |",
     ]
+    if hl.get("root_model") and hl["root"] != hl["before"]:
+        lines.append(f"| held-out LM loss vs the first version ({hl['root_model']}) | {_num(hl['root'])} | "
+                     f"{_num(hl['after'])} ({hl['change_vs_root']:+.1%}) |")  # fmt: skip
     hp = rep["heldout_preference"]
     if hp["rows"]:
         lines.append(

@@ -565,6 +565,7 @@ class GuardResult:
     limit: float
     source: str  # "val split of DIR" | "held-out feedback completions"
     reason: str = ""
+    root: dict[str, Any] = field(default_factory=dict)  # the lineage's first version: {model, loss, id}
 
 
 def tune_text(
@@ -632,6 +633,15 @@ def tune_text(
             seqs = [s for s, r in zip(seqs, rows, strict=True) if r["label"]] or seqs
         return completion_lm_loss(m, seqs), "liked held-out feedback completions (no original data found)"
 
+    def lineage_root(before: float, source: str) -> dict[str, Any]:
+        """The guard's figure for the first version of this lineage: a chain of tunings may not
+        drift further from it than one tuning may (only when measured the same way)."""
+        gid = f"{source}|block={cfg.guard_block}|batches={cfg.guard_batches}|seed={cfg.seed}"
+        prev = ((base.config.get("tune") or {}).get("result") or {}).get("guard_root") or {}
+        if prev.get("id") == gid and isinstance(prev.get("loss"), (int, float)):
+            return prev
+        return {"model": _model_ref(base), "loss": before, "id": gid}
+
     def export(run_dir: Path) -> None:
         if base.kind == "own":
             shutil.copyfile(base_dir / "tokenizer.json", run_dir / ".tokenizer.json.tmp")
@@ -646,6 +656,7 @@ def tune_text(
                           prepared.train if prepared is not None else None, export, card)  # fmt: skip
     task_holder["task"] = task
     before, guard_source = guard_loss(base.model)
+    root = lineage_root(before, guard_source)
     say(f"held-out LM loss before: {before:.4f} ({guard_source})")
     # 3. train in a staging dir beside the target (the registry ignores dot-names)
     stage = staging_dir(target)
@@ -670,7 +681,13 @@ def tune_text(
         elif not failure and change > cfg.max_loss_increase:
             failure = (f"held-out LM loss rose {change:+.1%} ({before:.4f} -> {after:.4f}), more than "
                        f"tune.max_loss_increase={cfg.max_loss_increase:.0%}")  # fmt: skip
-        guard = GuardResult(not failure, before, after, change, cfg.max_loss_increase, guard_source, failure)
+        elif not failure and (after - root["loss"]) / root["loss"] > cfg.max_loss_increase:
+            failure = (f"held-out LM loss is {(after - root['loss']) / root['loss']:+.1%} above the first "
+                       f"version it descends from ({root['model']}: {root['loss']:.4f} -> {after:.4f}), more "
+                       f"than tune.max_loss_increase={cfg.max_loss_increase:.0%}")  # fmt: skip
+        guard = GuardResult(
+            not failure, before, after, change, cfg.max_loss_increase, guard_source, failure, root
+        )
         if base.kind == "hf":
             _finish_hf(base, stage, train_dir, save=not failure)
         shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)  # tuning runs are short: not resumable
@@ -681,7 +698,7 @@ def tune_text(
             elapsed=time.time() - t0, target=target, log=say,
         )  # fmt: skip
         cfg_path = stage / ("config.json" if base.kind == "own" else "aigc_tune.json")
-        run_cfg["tune"]["result"] = R.finite(R.summary(rep))
+        run_cfg["tune"]["result"] = R.finite({**R.summary(rep), "guard_root": root})
         atomic_write_json(
             cfg_path, run_cfg if base.kind == "own" else {k: run_cfg[k] for k in ("tuned_from", "tune")}
         )
@@ -712,10 +729,13 @@ def tune_text(
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def _model_ref(base: Base) -> str:
+    return base.name + (f"@{base.version}" if base.version else "")
+
+
 def _run_config(base: Base, cfg: TuneConfig, data: PreferenceData) -> dict[str, Any]:
     """config.json of the tuned run: the base's (so it rebuilds unchanged) + where it came from + how."""
-    tuned_from = {"path": str(base.dir), "model": base.name + (f"@{base.version}" if base.version else ""),
-                  "weights_hash": base.weights_hash}  # fmt: skip
+    tuned_from = {"path": str(base.dir), "model": _model_ref(base), "weights_hash": base.weights_hash}
     tune = {"method": cfg.method, "config": C.to_dict(cfg), "feedback": data.stats}
     if base.kind == "hf":
         return {"family": "hf", "model": {}, "tuned_from": tuned_from, "tune": tune}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,25 @@ def run_cli():
         return code, stdout.getvalue(), stderr.getvalue()
 
     return run
+
+
+# ---------------------------------------------------------------------------- browser tests
+# Playwright (Python) driving Debian's chromium headless; never `playwright install`. The flags are
+# what this machine's closed network needs (no background connections, no QUIC).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless chromium for one test module; skips when chromium or playwright is absent."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium not installed: apt-get install -y chromium (.ci/run does it)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright not installed: pip install 'aigc[dev]'"
+    )
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()

@@ -7,7 +7,6 @@ dev extra). Never `playwright install`: the system chromium is the browser."""
 from __future__ import annotations
 
 import base64
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,26 +19,10 @@ from aigc.serve.auth import hash_key
 from aigc.serve.settings import Settings
 from serve_helpers import LiveServer, write_image_run, write_text_run
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "studio"
 KEY = "studio-key"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium not installed: apt-get install -y chromium (.ci/run does it)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright not installed: pip install 'aigc[dev]'"
-    )
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from aigc.serve.app import create_app
 from aigc.serve.auth import hash_key
 from aigc.serve.settings import Settings
 from serve_helpers import LiveServer, write_text_run
-from test_studio_browser import ARGS, CHROMIUM, KEY
+from test_studio_browser import KEY
 
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "studio-pages"
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(300))
@@ -26,19 +26,6 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_siz
         "sample.num=1", "sample.tokens=5"]  # fmt: skip
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium not installed: apt-get install -y chromium (.ci/run does it)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright not installed: pip install 'aigc[dev]'"
-    )
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -163,6 +163,12 @@ def test_health_metrics_and_docs_offline(client):
                  "aigc_generated_tokens_total", "aigc_model_loads_total", "aigc_queue_wait_seconds"):  # fmt: skip
         assert name in text
     assert 'aigc_model_loads_total{model="tiny"} 1' in text
+    # counted by route template and status, streamed responses and unknown paths included
+    client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 3, "stream": True})
+    client.get("/no/such/path")
+    text = client.get("/metrics").text
+    assert 'aigc_requests_total{method="POST",route="/v1/completions",status="200"} 2' in text
+    assert 'aigc_requests_total{method="GET",route="unmatched",status="404"} 1' in text
     docs = client.get("/docs").text
     assert "openapi.json" in docs and "cdn" not in docs.lower()
     assert "/v1/chat/completions" in client.get("/openapi.json").json()["paths"]

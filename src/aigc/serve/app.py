@@ -133,6 +133,34 @@ class BodyLimit:
         await self.app(scope, replay_receive, send)
 
 
+class RequestCounter:
+    """ASGI middleware: count each request by method, route template and status for /metrics.
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware pipes every
+    streamed chunk through an extra task and memory stream, a cost paid per SSE chunk per client.
+    """
+
+    def __init__(self, app: Any, metrics: Any) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # if the app raises before answering
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")  # set by the router on this same scope dict
+            self.metrics.count_request(scope["method"], getattr(route, "path", "unmatched"), status)
+
+
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
@@ -253,13 +281,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     async def _http(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), None)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.count_request(request.method, getattr(route, "path", "unmatched"), response.status_code)
-        return response
-
+    app.add_middleware(RequestCounter, metrics=metrics)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -12,7 +12,7 @@
    `/v1/ratings`, then `tune_text` (= `aigc tune --from-feedback`) -> the next version;
 5. prints the final version against version 1 on fresh seeds: positive share (target >= 80 %
    from ~50 %), held-out loss change on the val split (<= +10 %) and win rate, and writes
-   WORK/results.json (with every round's report figures).
+   WORK/results-METHODS.json (with every round's report figures).
 """
 
 from __future__ import annotations
@@ -51,12 +51,16 @@ def compare(v1: Path, final: Path, scorer, n: int, data: Path) -> dict:
     report): positive share, win rate (a tie counts half), held-out LM loss on the val split."""
     from aigc.data import load_prepared
     from aigc.generation import load_generator
-    from aigc.tuning.text import heldout_lm_loss
+    from aigc.tuning.losses import heldout_lm_loss
 
     texts = {}
     for key, run in (("v1", v1), ("final", final)):
         gen = load_generator(run)
-        texts[key] = [r.text for r in gen.generate("", n=n, max_new_tokens=80, temperature=1.0, seed=777_000)]
+        texts[key] = [  # n seeds 777000.. in chunks (n <= 128 per call)
+            r.text
+            for k in range(0, n, 100)
+            for r in gen.generate("", n=min(100, n - k), max_new_tokens=80, temperature=1.0, seed=777_000 + k)
+        ]
     s1, s2 = scorer.score(texts["v1"]), scorer.score(texts["final"])
     val = load_prepared(data).val
     losses = [heldout_lm_loss(load_generator(run).model, val, 64, 40, seed=1) for run in (v1, final)]
@@ -80,7 +84,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200, help="samples per model in the report")
     ap.add_argument("--tune-set", action="append", default=[], help="extra --set tune.k=v for both methods")
     ap.add_argument("--methods", default="dpo,kto")
-    ap.add_argument("--rounds", type=int, default=3, help="feedback -> tune rounds per method")
+    ap.add_argument("--rounds", type=int, default=5, help="feedback -> tune rounds per method")
+    ap.add_argument("--preset", default="loop", help="tuning preset (src/aigc/presets/tune/)")
     ap.add_argument("--fresh", action="store_true", help="retrain the base model and classifier")
     args = ap.parse_args()
 
@@ -136,8 +141,15 @@ def main() -> None:
     scorer = load_scorer(spec)
     overrides = [f"tune.samples={args.samples}", "tune.sample_tokens=80", "tune.prompts=['']", *args.tune_set]
     db = work / "aigc.db"
+    for f in work.glob("aigc.db*"):  # the versions are made anew: so is their feedback
+        f.unlink()
     results: dict = {
-        "settings": {"overrides": overrides, "feedback_per_round": args.feedback, "rounds": args.rounds}
+        "settings": {
+            "preset": args.preset,
+            "overrides": overrides,
+            "feedback_per_round": args.feedback,
+            "rounds": args.rounds,
+        }
     }
     for method in args.methods.split(","):
         if (models / f"sent-{method}").exists():
@@ -158,7 +170,7 @@ def main() -> None:
                 print(f"{name}@{current.name}: {counts['generated']} rated, {counts['liked']} liked "
                       f"({time.time() - t1:.0f} s)", flush=True)  # fmt: skip
                 try:
-                    rep = tune_text(current, store=store, method=method, overrides=overrides, scorer=spec,
+                    rep = tune_text(current, store=store, method=method, preset=args.preset, overrides=overrides, scorer=spec,
                                     progress=False, log=lambda m: print("  " + m, flush=True))  # fmt: skip
                 except AigcError as e:  # the guard kept the previous version: the loop ends there
                     print(f"  round {r + 1}: {e}", flush=True)
@@ -186,8 +198,9 @@ def main() -> None:
                 flush=True,
             )
     results["total_seconds"] = round(time.time() - t_all, 1)
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"results: {work / 'results.json'}")
+    out = work / f"results-{args.methods.replace(',', '-')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

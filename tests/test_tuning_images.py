@@ -234,6 +234,9 @@ def test_cli_tune_image_run_publishes_next_version(base, tmp_path, run_cli):
     assert "digits" in out and (models / "digits" / "2" / "model.safetensors").is_file()
     report = json.loads((models / "digits" / "2" / "tune-report.json").read_text())
     assert report["steps"] == 2 and report["feedback"]["liked"] == 8
+    assert "with RWR" in out and "held-out loss" in out  # the figures are printed, not only the path
+    code, _, err = run_cli(*args, *sets, "--preset", "loop")
+    assert code == 1 and "image tuning has no presets" in err
     # the server serves it as the newest version, next to the old one
     from aigc.serve.registry import ModelRegistry
     from aigc.serve.settings import Settings

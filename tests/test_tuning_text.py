@@ -15,15 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from aigc.errors import AigcError
-from aigc.tuning.text import (
-    Seq,
-    batch_tensors,
-    dpo_loss,
-    kto_loss,
-    make_seq,
-    resolve_tune_config,
-    sequence_logps,
-)
+from aigc.tuning.losses import Seq, batch_tensors, dpo_loss, kto_loss, make_seq, sequence_logps
+from aigc.tuning.text import resolve_tune_config
 
 GOOD = ["i love it", "great fun", "so good", "a nice day", "really great"]
 BAD = ["i hate it", "awful mess", "so bad", "a sad day", "really awful"]
@@ -104,7 +97,8 @@ def test_make_seq_keeps_the_prompt_tail_and_cuts_the_completion():
 def test_tune_config_overrides_and_errors():
     cfg = resolve_tune_config("kto", None, ["tune.beta=0.2"], max_steps=7)
     assert (cfg.method, cfg.beta, cfg.max_steps) == ("kto", 0.2, 7)
-    assert resolve_tune_config(None, "default", None).method == "dpo"  # the shipped preset parses
+    assert resolve_tune_config(None, "default", None).method == "dpo"  # the shipped presets parse
+    assert resolve_tune_config(None, "loop", None).mix_weight == 2.0
     with pytest.raises(AigcError, match="valid keys"):
         resolve_tune_config(None, None, ["tune.betta=1"])
     with pytest.raises(AigcError, match="method must be one of"):
@@ -252,19 +246,22 @@ def test_kto_and_mix_on_an_unversioned_run_need_out(tmp_path, base_run):
     assert root["model"] == "story" and root["loss"] == pytest.approx(rep["heldout_loss"]["before"])
     root["loss"] /= 2  # pretend the lineage started far better than this version
     cfg_path.write_text(json.dumps(cfg))
-    with Store.open(str(tmp_path / "db.sqlite")) as store:
-        with pytest.raises(AigcError, match="above the first version it descends from"):
-            tune_text(tmp_path / "story-kto", tmp_path / "again", store=store, method="kto", progress=False,
-                      overrides=[*FAST, "tune.samples=0", "tune.model_name=story", "tune.on_mismatch=skip"])  # fmt: skip
+    with (
+        Store.open(str(tmp_path / "db.sqlite")) as store,
+        pytest.raises(AigcError, match="above the first version"),
+    ):
+        fill_store(store, tmp_path / "story-kto", "story-kto")
+        tune_text(tmp_path / "story-kto", tmp_path / "again", store=store, method="kto", progress=False,
+                  overrides=[*FAST, "tune.samples=0"])  # fmt: skip
     assert not (tmp_path / "again").exists()
 
 
 def test_lstm_sft_on_corrections(tmp_path):
     from tests.serve_helpers import write_text_run
 
+    import aigc
     from aigc.feedback.store import Store
     from aigc.generation.text import TextGenerator
-    from aigc.tuning.text import tune_text
     from aigc.tuning.versions import weights_hash
 
     run = write_text_run(tmp_path / "models" / "rnn" / "1", family="lstm")
@@ -273,9 +270,10 @@ def test_lstm_sft_on_corrections(tmp_path):
             gid = store.add_generation(kind="text", model="rnn@1", prompt=prompt, output_text="x",
                                        model_hash=weights_hash(run))  # fmt: skip
             store.add_rating(gid, 2, "stars", correction="But soft, what light", user=f"u{i}")
-        rep = tune_text(run, store=store, method="sft", progress=False,
-                        overrides=["tune.min_corrections=4", "tune.max_steps=30", "tune.lr=1e-2",
-                                   "tune.samples=0", "tune.heldout_fraction=0"])  # fmt: skip
+    # the Python API: aigc.tune opens the store itself
+    rep = aigc.tune(run, method="sft", db=str(tmp_path / "db.sqlite"),
+                    overrides=["tune.min_corrections=4", "tune.max_steps=30", "tune.lr=1e-2",
+                               "tune.samples=0", "tune.heldout_fraction=0"])  # fmt: skip
     new = tmp_path / "models" / "rnn" / "2"
     assert rep["published"] and rep["heldout_loss"]["source"].startswith("liked held-out feedback")
     # it learned the correction: the corrected text became likelier after the prompt

@@ -78,18 +78,18 @@ def evaluate(run: str | Path, data: str | Path | None = None, n: int = 1000, **k
 def tune(
     model: str | Path,
     out: str | Path | None = None,
-    method: str = "dpo",
+    method: str | None = None,
     db: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Tune a text model on its feedback in the store (`db`: URL or SQLite path; default the usual
-    store) with dpo, kto or sft, and publish it as the model's next version; returns the report.
-    See `aigc.tuning.text.tune_text` for the options (overrides, scorer, max_steps, ...)."""
+    """Tune a model on its feedback in the store (`db`: URL or SQLite path; default the usual
+    store) and publish it as the model's next version; returns the report. Text: dpo, kto or sft;
+    images (diffusion runs): rwr. See `aigc.tuning.tune` for the options (overrides, scorer, ...)."""
     from aigc.feedback.store import Store
-    from aigc.tuning.text import tune_text
+    from aigc.tuning import tune as _tune
 
     with Store.open(db) as store:
-        return tune_text(model, out, store=store, method=method, **{"progress": False, **kwargs})
+        return _tune(model, out, store=store, method=method, **{"progress": False, **kwargs})
 
 
 __all__ = ["__version__", "evaluate", "load", "sentiment", "tune"]

@@ -563,6 +563,9 @@ def generate_image(
     size: Annotated[int | None, typer.Option("--size", help="Output side in pixels (hf: pipelines).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in every PNG).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32.")
+    ] = "auto",
     scale: Annotated[int, typer.Option("--scale", help="Enlarge outputs N x (nearest) for viewing.")] = 1,
     animate: Annotated[
         bool, typer.Option("--animate", help="Write a latent-interpolation GIF (--n frames) instead.")
@@ -611,12 +614,12 @@ def generate_image(
     gen = ImageGenerator.load(model)
     if animate:
         frames, params = gen.animate(
-            frames=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps
+            frames=n, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps, dtype=dtype
         )
     else:
         result = gen.generate(
             n=n * best_of, seed=seed, label=lab, guidance=guidance, sampler=sampler, steps=steps, prompt=prompt,
-            batch_size=batch_size, size=size,
+            batch_size=batch_size, size=size, dtype=dtype,
         )  # fmt: skip
         if rank is not None:  # keep the n best of n * best_of
             from aigc.generation.best_of import best_images
@@ -919,6 +922,9 @@ def eval_cmd(
     guidance: Annotated[
         float | None, typer.Option("--guidance", "-g", help="Guidance scale (diffusion).")
     ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32.")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
 ) -> None:
     """Evaluate a run: samples vs held-out data (real-vs-real floor) -> report.json + report.md."""
@@ -934,7 +940,7 @@ def eval_cmd(
         report = evaluate(
             model, data=data, n=n, seed=seed, out=out_path, classifier=classifier,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            sampler=sampler, steps=steps, guidance=guidance,
+            sampler=sampler, steps=steps, guidance=guidance, dtype=dtype,
             log=lambda m: err.print(m, highlight=False, markup=False),
         )  # fmt: skip
     for msg in report["warnings"]:
@@ -1252,39 +1258,25 @@ def tune_cmd(
     from pathlib import Path
 
     from aigc.feedback.store import Store
-    from aigc.tuning.versions import next_version_dir, resolve_model
-    from aigc.utils.io import read_json
+    from aigc.tuning import tune
 
     if not from_feedback:
         raise AigcError(
             "aigc tune needs a data source: pass --from-feedback (the store's ratings and comparisons)"
         )
-    dirs = [Path(d) for d in models] if models else None
-    model_dir = resolve_model(model, dirs)
-    config = model_dir / "config.json"
-    family = read_json(config).get("family") if config.is_file() else None
     say = lambda msg: err.print(msg, highlight=False, markup=False)  # noqa: E731
     with Store.open(db) as store:
-        if family in ("diffusion", "vae", "gan"):
-            try:
-                from aigc.tuning.images import tune_images
-            except ModuleNotFoundError as e:
-                if e.name != "aigc.tuning.images":
-                    raise
-                raise AigcError(
-                    f"{model_dir} is a {family} model; image tuning is not installed in this aigc"
-                ) from None
-            target = Path(out_dir) if out_dir else next_version_dir(model_dir)
-            kwargs = {"method": method} if method else {}
-            report = tune_images(model_dir, target, store=store, overrides=set_, max_steps=max_steps,
-                                 max_time=max_time, overwrite=overwrite, progress=True, log=say, **kwargs)  # fmt: skip
-            out.print(f"tuned {model_dir} -> {report.get('run', target)}", highlight=False, soft_wrap=True)
-            return
-        from aigc.tuning.text import tune_text
-
-        report = tune_text(model_dir, out_dir, store=store, method=method, overrides=set_, preset=preset,
-                           max_steps=max_steps, max_time=max_time, overwrite=overwrite, progress=True,
-                           scorer=scorer, models_dirs=dirs, log=say)  # fmt: skip
+        report = tune(model, out_dir, store=store, method=method, overrides=set_, preset=preset, scorer=scorer,
+                      max_steps=max_steps, max_time=max_time, overwrite=overwrite, progress=True,
+                      models_dirs=[Path(d) for d in models] if models else None, log=say)  # fmt: skip
+    if report.get("kind") == "images":
+        ev, lb, la = report.get("eval", {}), report["heldout_loss_before"], report["heldout_loss_after"]
+        figures = f"held-out loss {lb:.4f} -> {la:.4f}" if lb is not None and la is not None else ""
+        if "share_before" in ev:
+            figures = (f"preferred class share {ev['share_before']:.1%} -> {ev['share_after']:.1%}"
+                       + (", " + figures if figures else ""))  # fmt: skip
+        out.print(f"tuned {report['model']} with RWR: {figures} -> {report['run']}", highlight=False, soft_wrap=True)
+        return
     hl, pr = report["heldout_loss"], report.get("preferred")
     figures = f"held-out loss {hl['before']:.4f} -> {hl['after']:.4f} ({hl['change']:+.1%})"
     if pr:

@@ -248,7 +248,7 @@ def plot(rep: dict[str, Any], path: Path) -> Path | None:
     curves = rep["curves"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
     if "loss" in curves:
-        ax1.plot(*zip(*curves["loss"], strict=True), label="train loss", linewidth=1)
+        ax1.plot(*zip(*curves["loss"], strict=True), label=f"{rep['method'].upper()} loss", linewidth=1)
     for key, label in (
         ("reward_margin", "reward margin (train)"),
         ("heldout_reward_margin", "reward margin (held-out)"),
@@ -277,7 +277,9 @@ def plot(rep: dict[str, Any], path: Path) -> Path | None:
     if pr:
         ax3.bar(["before", "after"], [pr["before"], pr["after"]], color=["grey", "tab:green"])
         ax3.set_ylim(0, 1)
-        ax3.set_title(f"preferred rate ({pr['scorer']})\nwin rate {_pct(rep['win_rate'])}")
+        ax3.set_title(
+            f"preferred rate ({pr['scorer'].split(':')[0]})\nwin rate vs previous {_pct(rep['win_rate'])}"
+        )
     else:
         ax3.text(0.5, 0.5, "no scorer given", ha="center", va="center")
         ax3.set_axis_off()

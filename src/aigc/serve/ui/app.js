@@ -21,7 +21,7 @@ const I18N = {
     newer: "← Newer", older: "Older →", blind: "blind", "cmp.go": "Two samples",
     restore: "Restore settings", regenerate: "Regenerate exactly", vary: "Vary seed",
     better: "This one is better", rated: "Rated", saved: "Saved", empty: "Nothing recorded yet.",
-    generating: "Generating…", done: "Done", "need.key": "The server wants an API key: type it at the top right.",
+    generating: "Generating…", done: "Done", "mod.withheld": "Withheld by moderation", "mod.flagged": "Flagged by moderation", "need.key": "The server wants an API key: type it at the top right.",
     "no.models": "No models of this kind on the server.", hidden: "hidden model", winner: "winner",
     "pick.first": "Pick the better one", stars: "stars",
     // regenerate with feedback
@@ -60,7 +60,7 @@ const I18N = {
     newer: "← 较新", older: "较旧 →", blind: "盲评", "cmp.go": "生成两个样本",
     restore: "恢复设置", regenerate: "完全重现", vary: "换个种子",
     better: "这个更好", rated: "已评分", saved: "已保存", empty: "还没有记录。",
-    generating: "生成中…", done: "完成", "need.key": "服务器需要 API 密钥：请在右上角输入。",
+    generating: "生成中…", done: "完成", "mod.withheld": "内容审核：已拦截", "mod.flagged": "内容审核：已标记", "need.key": "服务器需要 API 密钥：请在右上角输入。",
     "no.models": "服务器上没有这类模型。", hidden: "隐藏的模型", winner: "胜出",
     "pick.first": "选出更好的一个", stars: "星",
     "fb.comment": "哪里不好？（随差评一起保存）", "fb.go": "按反馈重新生成",
@@ -344,7 +344,7 @@ async function generateText(req = textRequest()) {
   $("#text-stop").disabled = false;
   say("");
   const t0 = performance.now();
-  let gid = null, seed = req.seed, finish = null;
+  let gid = null, seed = req.seed, finish = null, mod = null;
   try {
     const { prompt, ...chat } = req;  // a chat request has messages instead of a prompt
     const r = await fetch(req.messages ? "v1/chat/completions" : "v1/completions", {
@@ -357,11 +357,16 @@ async function generateText(req = textRequest()) {
         const piece = c.text ?? (c.delta && c.delta.content);
         if (piece) gen.textContent += piece;
         if (c.finish_reason) { finish = c.finish_reason; gid = c.generation_id; seed = c.seed; }
+        if (c.moderation) mod = c.moderation;
       }
       if (chunk.warnings) say(chunk.warnings.join("; "), "error");
     });
     const dt = ((performance.now() - t0) / 1000).toFixed(2);
     meta.textContent = `#${gid} · ${req.model} · seed ${seed} · ${finish} · ${dt} s`;
+    // the server withholds a blocked output (finish_reason content_filter) and marks a flagged one
+    const cats = mod && mod.categories && mod.categories.length ? `: ${mod.categories.join(", ")}` : "";
+    if (finish === "content_filter") say(t("mod.withheld") + cats, "error");
+    else if (mod && mod.action === "flag") say(t("mod.flagged") + cats);
     if (gid !== null) {
       const row = { id: gid, kind: "text", model: req.model, prompt: req.prompt, seed,
                     params: { temperature: req.temperature, top_p: req.top_p, top_k: req.top_k,

@@ -154,6 +154,8 @@ def test_images_b64_and_url(client):
     assert r.status_code == 400 and "8x8" in r.json()["detail"]
     r = client.post("/v1/images/generations", json={**body, "steps": S.MAX_STEPS + 1})
     assert r.status_code == 400 and "steps" in r.json()["detail"]
+    r = client.post("/v1/images/generations", json={**body, "n": 1, "sampler": "dpm-sde"})
+    assert r.status_code == 200 and r.json()["data"][0]["parameters"]["sampler"] == "dpm-sde"
 
 
 def test_health_metrics_and_docs_offline(client):

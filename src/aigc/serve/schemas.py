@@ -132,7 +132,7 @@ class ImageRequest(Strict):
     steps: int | None = Field(None, ge=1, le=S.MAX_STEPS)
     guidance: float | None = Field(None, ge=0.0, le=S.MAX_GUIDANCE)
     label: Annotated[str, Field(max_length=100)] | int | None = None
-    sampler: Literal["ddpm", "ddim", "dpm"] | None = None
+    sampler: Literal["ddpm", "ddim", "dpm", "dpm-sde"] | None = None
     watermark: bool = False  # invisible mark of the deployment's key id (aigc.safety; >= 24 px)
 
 

@@ -336,7 +336,7 @@ class RWRDiffusionTask(DiffusionTask):
         if self.flip:
             x = torch.where(flips[:, None, None, None], x.flip(-1), x)
         rows = ctx.rank_slice(b)
-        x = x[rows].to(ctx.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = x[rows].to(ctx.device, non_blocking=True)
         return x, y[rows].to(ctx.device)
 
     def eval(self, ctx: Context) -> dict[str, float]:

@@ -3,14 +3,18 @@
     python bench/bench_unet_train.py                 # 28x28, batch 16, MNIST if found else digits
     python bench/bench_unet_train.py --quick         # fewer steps (a smoke check)
     python bench/bench_unet_train.py --channels 128,128,256,256,512,512 --size 64   # the example's own UNet
+    python bench/bench_unet_train.py --threads 1 --peer-bf16   # + the peer under bf16 autocast too
 
 Both sides train the same `UNet2DModel` (same config, same initial weights) on the same images with
 the same noise-prediction loss. The peer is the loop of diffusers' `examples/unconditional_image_
 generation/train_unconditional.py` without accelerate: fp32, a torch DataLoader over float tensors,
 `torch.optim.AdamW`, `DDPMScheduler.add_noise`, `F.mse_loss`. Ours is exactly what the Trainer runs
-per step: `DiffusionTask.training_step` (bf16 autocast where supported, channels_last, uint8 images
-resident in memory, fused AdamW, EMA update included). Rounds alternate between the two so machine
-drift hits both (steps alternate one by one); we print the median images/s of each and the ratio.
+per step: `DiffusionTask.training_step` (bf16 autocast where supported, attention core in fp32
+(`SpatialAttnProcessor`), contiguous tensors, uint8 images resident in memory, fused AdamW, EMA
+update included). The peer keeps diffusers' default attention processor. Steps alternate one by one
+between the sides so machine drift hits both; we print the median images/s of each and the ratio,
+by wall clock and by process CPU time (the fairer one on a shared machine with --threads 1).
+`--peer-bf16` adds the peer loop under bf16 autocast, to show what the rest of our step buys.
 
 The UNet layout: diffusers' example uses 6 levels (128..512 channels, attention at level 5), which
 needs sizes divisible by 32; at 28x28 we keep its shape rules (2 resnets per level, attention on the
@@ -46,8 +50,8 @@ def load_images(size: int, limit: int) -> PreparedImages:
     return PreparedImages(images, labels, meta, cfg)
 
 
-def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int):
-    """The diffusers example's step (fp32, DataLoader, AdamW), as a callable."""
+def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, bf16: bool = False):
+    """The diffusers example's step (fp32, DataLoader, AdamW), as a callable (`bf16`: + autocast)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     unet = build_unet(cfg)
@@ -74,7 +78,9 @@ def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: i
         noise = torch.randn(clean.shape)
         t = torch.randint(0, sched.config.num_train_timesteps, (clean.shape[0],)).long()
         noisy = sched.add_noise(clean, noise, t)
-        loss = F.mse_loss(unet(noisy, t, return_dict=False)[0], noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = unet(noisy, t, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
@@ -111,7 +117,11 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile our UNet (train.compile=true)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--peer-bf16", action="store_true", help="also time the peer loop under bf16 autocast")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.rounds = 3, 1
     channels = tuple(int(c) for c in args.channels.split(","))
@@ -134,20 +144,23 @@ def main() -> None:
             cfg, state, data, args.batch, args.precision, args.compile
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    if args.peer_bf16:
+        sides["diffusers-example loop + bf16 autocast"] = plain_loop(cfg, state, data, args.batch, bf16=True)
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(2 + args.steps * args.rounds):
         for name, step in sides.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             if i >= 2:  # the first two steps warm up allocations, kernel choice (and compilation)
-                times[name].append(time.perf_counter() - t0)
-    rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
-    best = {name: args.batch / min(ts) for name, ts in times.items()}
-    (pn, p), (on, o) = rates.items()
-    print(f"median: {pn} {p:.1f} img/s | {on} {o:.1f} img/s | ratio {o / p:.2f}x")
-    print(
-        f"best step: {pn} {best[pn]:.1f} img/s | {on} {best[on]:.1f} img/s | ratio {best[on] / best[pn]:.2f}x"
-    )
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    peer, ours = list(sides)[:2]
+    for clock, times in (("wall", wall), ("CPU", cpu)):
+        rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
+        print(f"median by {clock} time: " + " | ".join(f"{n} {r:.1f} img/s" for n, r in rates.items())
+              + f" | ours/peer {rates[ours] / rates[peer]:.2f}x"
+              + "".join(f" | ours/{n} {rates[ours] / r:.2f}x" for n, r in list(rates.items())[2:]))  # fmt: skip
 
 
 if __name__ == "__main__":

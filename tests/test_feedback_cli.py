@@ -41,6 +41,22 @@ def test_history_lists_filters_and_pages(run_cli, filled):
     assert [json.loads(line)["id"] for line in out.splitlines()] == [b]
 
 
+def test_history_moderation_filter(run_cli, filled):
+    with Store.open() as s:
+        flagged = s.add_generation(
+            kind="text", model="gpt@1", prompt="p", output_text="x", moderation="flagged:violence"
+        )
+        blocked = s.add_generation(kind="text", model="gpt@1", prompt="bad", moderation="blocked:illicit")
+    ids = lambda out: [json.loads(line)["id"] for line in out.splitlines()]  # noqa: E731
+    assert ids(run_cli("history", "--json", "--moderation", "flagged")[1]) == [flagged]
+    assert ids(run_cli("history", "--json", "--moderation", "any")[1]) == [blocked, flagged]
+    assert blocked not in ids(run_cli("history", "--json", "--moderation", "none")[1])
+    code, out, _ = run_cli("history", "--moderation", "blocked")
+    assert code == 0 and "moderation" in out and "blocked" in out  # the column (narrow terminals wrap it)
+    code, _, err = run_cli("history", "--moderation", "red")
+    assert code == 1 and "flagged, blocked, any, none" in err
+
+
 def test_history_on_an_empty_or_explicit_db(run_cli, tmp_path):
     db = tmp_path / "other.db"
     code, out, err = run_cli("history", "--db", str(db))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from PIL import Image
 
 from aigc.generation.image_io import read_png_params
@@ -81,10 +84,49 @@ def test_bad_generate_requests_exit_1(run_cli, tmp_path):
         (["--label", "3"], "unconditional vae model: --label"),
         (["--guidance", "2"], "unconditional vae model: --guidance"),
         (["--steps", "0"], "steps must be >= 1"),
+        (["--dtype", "fp16"], "unknown dtype 'fp16'; valid: auto, bf16, fp32"),
+        (["--dtype", "bf16"], "--dtype bf16 applies to our diffusion runs; this is a vae model"),
     ]:
         code, _, err = run_cli("generate", "image", "--model", run, "--out", tmp_path / "o", *args)
         assert code == 1 and message in err and "Traceback" not in err, (args, err)
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # trains the feature network of the eval (~10 s on a loaded 2-core machine)
+def test_diffusion_dtype_option_is_recorded(run_cli, tmp_path):
+    """`--dtype fp32` on generate and eval: the PNG params and the eval protocol record it."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    code, _, err = run_cli(
+        "data", "prepare", "digits", "--kind", "image", "--out", data, "--set", "size=8", "--set", "limit=200"
+    )
+    assert code == 0, err
+    code, _, err = run_cli(
+        "train", "diffusion", "--data", data, "--out", run, "--preset", "tiny", "--max-steps", "1",
+        "--set", "train.batch_size=8", "--set", "conditional=true",
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(
+        "generate",
+        "image",
+        "--model",
+        run,
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--dtype",
+        "fp32",
+        "--out",
+        tmp_path / "o",
+    )
+    assert code == 0, err
+    assert read_png_params(tmp_path / "o" / "image-001.png")["dtype"] == "fp32"
+    code, out, err = run_cli(
+        "eval", "--model", run, "--n", "8", "--steps", "2", "--dtype", "fp32", "--out", tmp_path / "ev" / "r.json",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["protocol"]["sampler"]["dtype"] == "fp32"
 
 
 def test_train_rejects_unsupported_size(run_cli, tmp_path):

@@ -54,7 +54,7 @@ def test_same_images_as_diffusers_ddpm_pipeline(uncond_run):
     """Oracle: our DDPM loop == DDPMPipeline.from_pretrained on the exported artifact, same seed."""
     from diffusers import DDPMPipeline
 
-    ours = ImageGenerator.load(uncond_run).generate(n=2, seed=7, sampler="ddpm", steps=6)
+    ours = ImageGenerator.load(uncond_run).generate(n=2, seed=7, sampler="ddpm", steps=6, dtype="fp32")
     pipe = DDPMPipeline.from_pretrained(uncond_run / "diffusers")
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(
@@ -67,12 +67,51 @@ def test_same_images_as_diffusers_ddpm_pipeline(uncond_run):
     assert ours.params[0]["sampler"] == "ddpm" and ours.params[0]["seed"] == 7
 
 
+bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 kernels"
+)
+
+
+@bf16
+def test_bf16_sampling_matches_fp32(cond_run):
+    """dtype="bf16" (the default where supported) runs the UNet under autocast; x, guidance and the
+    solver stay fp32, so the images stay close to the exact fp32 path; both are recorded."""
+    gen = ImageGenerator.load(cond_run)
+    kw = dict(n=4, seed=3, label="dog", guidance=3.0, sampler="dpm", steps=5)
+    exact = gen.generate(**kw, dtype="fp32")
+    fast = gen.generate(**kw, dtype="bf16")
+    assert fast.tensor.dtype == torch.float32
+    assert (fast.tensor - exact.tensor).abs().mean() < 0.02
+    assert not torch.equal(fast.tensor, exact.tensor)  # it really ran in bf16
+    assert exact.params[0]["dtype"] == "fp32" and fast.params[0]["dtype"] == "bf16"
+    assert gen.generate(**kw).params[0]["dtype"] == "bf16"  # auto picks bf16 here
+    torch.testing.assert_close(gen.generate(**kw).tensor, fast.tensor, atol=0, rtol=0)  # deterministic
+
+
+def test_dtype_option_errors(cond_run, tmp_path):
+    gen = ImageGenerator.load(cond_run)
+    with pytest.raises(AigcError, match="unknown dtype 'fp16'; valid: auto, bf16, fp32"):
+        gen.generate(n=1, dtype="fp16")
+    torch.manual_seed(0)
+    cfg = GANConfig(image_size=8, latent_dim=4, g_width=4, d_width=4, n_layers=2)
+    g_run = make_run(tmp_path / "gan", "gan", cfg, GAN(cfg).generator.state_dict(), [])
+    gan = ImageGenerator.load(g_run)
+    with pytest.raises(AigcError, match="--dtype bf16 applies to our diffusion runs; this is a gan model"):
+        gan.generate(n=1, dtype="bf16")
+    assert "dtype" not in gan.generate(n=1, dtype="fp32").params[0]
+
+
 def test_samplers_and_seeds(uncond_run):
     gen = ImageGenerator.load(uncond_run)
     a = gen.generate(n=2, seed=1, sampler="dpm", steps=3).tensor
     torch.testing.assert_close(a, gen.generate(n=2, seed=1, sampler="dpm", steps=3).tensor, atol=0, rtol=0)
     assert not torch.equal(a, gen.generate(n=2, seed=2, sampler="dpm", steps=3).tensor)
     assert not torch.equal(a, gen.generate(n=2, seed=1, sampler="ddim", steps=3).tensor)
+    # dpm-sde: SDE-DPM-Solver++ draws its step noise from the call's generator, so a seed repeats
+    sde = gen.generate(n=2, seed=1, sampler="dpm-sde", steps=3)
+    assert sde.params[0]["sampler"] == "dpm-sde"
+    torch.testing.assert_close(sde.tensor, gen.generate(n=2, seed=1, sampler="dpm-sde", steps=3).tensor)
+    assert not torch.equal(sde.tensor, a)
     # batching does not change the result: one generator runs through the batches
     assert gen.generate(n=3, seed=1, sampler="ddim", steps=2, batch_size=2).tensor.shape == (3, 1, 8, 8)
 

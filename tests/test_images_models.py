@@ -35,6 +35,43 @@ def test_unet_size_check_names_the_sizes():
     DiffusionConfig(image_size=28, block_out_channels=(16, 32, 32))  # 28 -> 14 -> 7 and back
 
 
+def _with_default_attention(unet):
+    """The same UNet with diffusers' own AttnProcessor2_0 (the oracle for SpatialAttnProcessor)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    for m in unet.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor2_0())
+    return unet
+
+
+def test_spatial_attention_matches_diffusers_processor():
+    """Oracle: our attention processor == diffusers' AttnProcessor2_0, in fp32 and, within bf16
+    rounding, under bf16 autocast; gradients too (training runs it)."""
+    from aigc.models.diffusion import SpatialAttnProcessor
+
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(
+        **{**TINY_UNET, "block_out_channels": (16, 32), "norm_num_groups": 8}, num_classes=3
+    )
+    ours = build_unet(cfg)
+    procs = {type(m.processor) for m in ours.modules() if hasattr(m, "processor")}
+    assert procs == {SpatialAttnProcessor}
+    ref = _with_default_attention(build_unet(cfg))
+    ref.load_state_dict(ours.state_dict())
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 3])
+    a, b = ours(x, t, class_labels=y).sample, ref(x, t, class_labels=y).sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a16, b16 = ours(x, t, class_labels=y).sample, ref(x, t, class_labels=y).sample
+    assert a16.dtype == torch.bfloat16
+    assert (a16.float() - b.detach()).abs().max() < 0.05 and (b16.float() - b.detach()).abs().max() < 0.05
+
+
 def test_conditional_unet_uses_the_label_and_null_row():
     cfg = DiffusionConfig(**TINY_UNET, num_classes=3)
     unet = build_unet(cfg).eval()
@@ -64,6 +101,14 @@ def test_classifier_free_guidance_formula():
         torch.testing.assert_close(run(labels, 0.0), uncond, atol=1e-5, rtol=0)
         guided = run(labels, 3.0)
     assert not torch.allclose(guided, cond, atol=1e-3) and not torch.allclose(cond, uncond, atol=1e-3)
+
+
+def test_sampler_names_map_to_diffusers_schedulers():
+    cfg = DiffusionConfig(**TINY_UNET)
+    assert make_scheduler(cfg, "dpm").config.algorithm_type == "dpmsolver++"
+    sde = make_scheduler(cfg, "dpm-sde")
+    assert sde.config.algorithm_type == "sde-dpmsolver++" and sde.config.thresholding
+    assert type(make_scheduler(cfg, "ddim")).__name__ == "DDIMScheduler"
 
 
 def test_denoise_rejects_bad_steps_and_sampler():

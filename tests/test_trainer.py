@@ -86,7 +86,10 @@ def test_auto_preset_follows_the_time_budget():
     assert auto_preset("gpt", None)["train"]["max_steps"] == 3000
     # torch.compile pays only once its ~17 s first compile is small next to the budget
     assert long["train"]["compile"] is True and "compile" not in short["train"]
-    assert "compile" not in auto_preset("gpt", None)["train"] and "compile" not in auto_preset("lstm", 600)["train"]
+    assert (
+        "compile" not in auto_preset("gpt", None)["train"]
+        and "compile" not in auto_preset("lstm", 600)["train"]
+    )
 
 
 # ----------------------------------------------------------------------------- a toy task

@@ -346,7 +346,10 @@ def _stops(stop: list[str] | None) -> list[str]:
 
 
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="Weights for decoding: float32, bfloat16 or int8 (weight-only, GPT models).")
+    str,
+    typer.Option(
+        "--dtype", help="Weights for decoding: float32, bfloat16 or int8 (weight-only, GPT models)."
+    ),
 ]
 
 
@@ -554,7 +557,8 @@ def generate_image(
         float | None, typer.Option("--guidance", "-g", help="Classifier-free guidance scale (diffusion).")
     ] = None,
     sampler: Annotated[
-        str | None, typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim or dpm (DPM-Solver++).")
+        str | None,
+        typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim, dpm (DPM-Solver++) or dpm-sde."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (diffusion).")] = None,
     prompt: Annotated[
@@ -564,7 +568,10 @@ def generate_image(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in every PNG).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32.")
+        str,
+        typer.Option(
+            "--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32."
+        ),
     ] = "auto",
     scale: Annotated[int, typer.Option("--scale", help="Enlarge outputs N x (nearest) for viewing.")] = 1,
     animate: Annotated[
@@ -916,14 +923,17 @@ def eval_cmd(
     top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k sampling.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling.")] = None,
     sampler: Annotated[
-        str | None, typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim, dpm.")
+        str | None, typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim, dpm, dpm-sde.")
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (diffusion).")] = None,
     guidance: Annotated[
         float | None, typer.Option("--guidance", "-g", help="Guidance scale (diffusion).")
     ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32.")
+        str,
+        typer.Option(
+            "--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32."
+        ),
     ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
 ) -> None:
@@ -1026,6 +1036,10 @@ def history_cmd(
     ] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first (1-1000).")] = 20,
     before: Annotated[int | None, typer.Option("--before", help="Page on: only ids below this.")] = None,
+    moderation: Annotated[
+        str | None,
+        typer.Option("--moderation", help="Only flagged, blocked, any (either) or none (no verdict)."),
+    ] = None,
     db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per generation.")] = False,
 ) -> None:
@@ -1039,7 +1053,13 @@ def history_cmd(
 
     with Store.open(db) as store:
         page = store.list_generations(
-            kind=kind, model=model, q=q, min_rating=min_rating, limit=limit, before=before
+            kind=kind,
+            model=model,
+            q=q,
+            min_rating=min_rating,
+            limit=limit,
+            before=before,
+            moderation=moderation,
         )
     if as_json:
         for row in page["data"]:
@@ -1049,8 +1069,9 @@ def history_cmd(
         err.print("no generations recorded (yet) matching that")
         return
     table = Table(
-        "id", "time (UTC)", "kind", "model", "prompt", "output", "rating", title=f"history ({store.where})"
-    )
+        "id", "time (UTC)", "kind", "model", "prompt", "output", "rating", "moderation",
+        title=f"history ({store.where})",
+    )  # fmt: skip
     for row in page["data"]:
         when = datetime.datetime.fromtimestamp(row["created"], datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M:%S"
@@ -1058,8 +1079,9 @@ def history_cmd(
         output = row["output_text"] if row["output_text"] is not None else (row["output_ref"] or "")
         rating = f"{row['rating']:.1f} ({row['rating_count']})" if row["rating"] is not None else "-"
         table.add_row(
-            str(row["id"]), when, row["kind"], row["model"], row["prompt"][:40], output[:40], rating
-        )
+            str(row["id"]), when, row["kind"], row["model"], row["prompt"][:40], output[:40], rating,
+            row.get("moderation") or "",
+        )  # fmt: skip
     out.print(table)
     if page["has_more"]:
         err.print(f"more: aigc history --before {page['last_id']}", highlight=False)
@@ -1275,7 +1297,9 @@ def tune_cmd(
         if "share_before" in ev:
             figures = (f"preferred class share {ev['share_before']:.1%} -> {ev['share_after']:.1%}"
                        + (", " + figures if figures else ""))  # fmt: skip
-        out.print(f"tuned {report['model']} with RWR: {figures} -> {report['run']}", highlight=False, soft_wrap=True)
+        out.print(
+            f"tuned {report['model']} with RWR: {figures} -> {report['run']}", highlight=False, soft_wrap=True
+        )
         return
     hl, pr = report["heldout_loss"], report.get("preferred")
     figures = f"held-out loss {hl['before']:.4f} -> {hl['after']:.4f} ({hl['change']:+.1%})"

@@ -56,6 +56,7 @@ def evaluate(
     batch_size: int = 64,
     feature_cfg: Any | None = None,
     link_card: bool = True,
+    dtype: str = "auto",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate run directory `run` and write its report; returns the report dict.
@@ -65,8 +66,9 @@ def evaluate(
     `out`: the report path (default `run/eval/report.json`; report.md and PNGs go beside it).
     `classifier`: a sentiment classifier run, adds the positive share of text samples.
     Text/music: `max_new_tokens`, `temperature`, `top_k`, `top_p`. Images: `sampler`, `steps`,
-    `guidance` (diffusion), `batch_size`; `feature_cfg` (`images.FeatureTrainConfig`) for the
-    feature network. Warnings (e.g. a capped `n`) are listed in `report["warnings"]`.
+    `guidance` (diffusion), `batch_size`, `dtype` (diffusion sampling precision: auto = bf16
+    autocast where supported, or fp32; recorded in the protocol); `feature_cfg`
+    (`images.FeatureTrainConfig`) for the feature network. Warnings (e.g. a capped `n`) are listed in `report["warnings"]`.
     """
     from aigc.evaluation.report import link_in_card, write_report
     from aigc.utils.io import read_json
@@ -87,11 +89,13 @@ def evaluate(
             if classifier is not None or max_new_tokens is not None:
                 raise AigcError("--classifier and --max-new-tokens apply to text runs; drop them for images")
             report, images = _evaluate_images(
-                run, cfg, data, n, seed, sampler, steps, guidance, batch_size, feature_cfg, say
+                run, cfg, data, n, seed, sampler, steps, guidance, batch_size, feature_cfg, say, dtype
             )
         elif family in TEXT_FAMILIES:
-            if sampler is not None or steps is not None or guidance is not None:
-                raise AigcError("--sampler/--steps/--guidance apply to diffusion runs; drop them for text")
+            if sampler is not None or steps is not None or guidance is not None or dtype != "auto":
+                raise AigcError(
+                    "--sampler/--steps/--guidance/--dtype apply to diffusion runs; drop them for text"
+                )
             sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
             report, images = _evaluate_tokens(
                 run, cfg, data, n, seed, classifier, max_new_tokens, sampling, say
@@ -358,6 +362,7 @@ def _evaluate_images(
     batch_size: int,
     feature_cfg: Any | None,
     say: Callable[[str], None],
+    dtype: str = "auto",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Images from the run vs the training images, with the held-out images as the real floor.
 
@@ -397,13 +402,15 @@ def _evaluate_images(
     gen = aigc.load(run)
     say(f"generating {n} images (seed {seed})")
     result = gen.generate(
-        n=n, seed=seed, guidance=guidance, sampler=sampler, steps=steps, batch_size=batch_size
+        n=n, seed=seed, guidance=guidance, sampler=sampler, steps=steps, batch_size=batch_size, dtype=dtype
     )
     lo, hi = (run_data.get("value_range") or prepared.meta.get("value_range") or (-1.0, 1.0))[:2]
     x = ((result.tensor.float().clamp(lo, hi) - lo) / (hi - lo) * 255).round()  # model range -> uint8
     samples = x.to(torch.uint8).numpy()  # (n, C, H, W)
     p0 = result.params[0]
     sampler_rec = {k: p0.get(k) for k in ("sampler", "steps", "guidance")} | {"seed": seed, "n": n}
+    if "dtype" in p0:  # diffusion: the sampling precision is part of the protocol
+        sampler_rec["dtype"] = p0["dtype"]
     labels = np.array([p["label"] for p in result.params]) if getattr(gen, "conditional", False) else None
     say("feature network (cached by data hash), Frechet distance, KID, precision/recall, copy check")
     report, grid = image_report(

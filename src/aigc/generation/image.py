@@ -257,9 +257,13 @@ class ImageGenerator:
 
     def _amp(self, dtype: str) -> torch.dtype | None:
         """The autocast dtype for sampling (diffusion only; VAE/GAN/hf always run as loaded)."""
+        if dtype not in DTYPES:
+            raise AigcError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         if self.family != "diffusion":
-            if dtype not in ("auto", "fp32"):
-                raise AigcError(f"--dtype {dtype} applies to our diffusion runs; this is a {self.family} model")
+            if dtype == "bf16":
+                raise AigcError(
+                    f"--dtype {dtype} applies to our diffusion runs; this is a {self.family} model"
+                )
             return None
         return _autocast_dtype(dtype)
 
@@ -283,8 +287,9 @@ class ImageGenerator:
         if sampler is not None:  # swap the scheduler, keeping the pipeline's noise schedule
             from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-            cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[sampler]
-            extra = {"algorithm_type": "dpmsolver++"} if sampler == "dpm" else {}
+            cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(sampler, DPMSolverMultistepScheduler)
+            extra = {"algorithm_type": "sde-dpmsolver++" if sampler == "dpm-sde" else "dpmsolver++"}
+            extra = extra if cls is DPMSolverMultistepScheduler else {}
             pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
         steps = steps or (50 if self.is_text_to_image else 1000)
         kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": g, "output_type": "pil"}
@@ -327,7 +332,7 @@ class ImageGenerator:
         """A latent interpolation: slerp through `keyframes` random latents (looping back), one image per frame.
 
         Diffusion models walk the initial noise x_T with a deterministic sampler (DDIM or DPM-Solver++;
-        DDPM's fresh noise at every step would make the frames flicker).
+        the fresh noise of DDPM and dpm-sde at every step would make the frames flicker).
         """
         if self.family == "hf":
             raise AigcError("--animate works with our own diffusion/VAE/GAN runs, not hf: pipelines")
@@ -337,8 +342,8 @@ class ImageGenerator:
             raise AigcError("an animation takes one --label (the whole walk is one class)")
         label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, None)
         amp = self._amp(dtype)
-        if self.family == "diffusion" and sampler == "ddpm":
-            sampler = "ddim"
+        if self.family == "diffusion" and sampler in ("ddpm", "dpm-sde"):  # stochastic: frames would flicker
+            sampler = {"ddpm": "ddim", "dpm-sde": "dpm"}[sampler]
         g = torch.Generator(device="cpu").manual_seed(seed)
         if self.family == "diffusion":
             c, s = self.config.in_channels, self.config.image_size

@@ -77,7 +77,10 @@ def attention(
         else:
             bias = torch.zeros(1, T, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         att = torch.baddbmm(
-            bias.expand(B * H, T, S), q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=D**-0.5
+            bias.expand(B * H, T, S),
+            q.reshape(B * H, T, D),
+            k.reshape(B * H, S, D).transpose(1, 2),
+            alpha=D**-0.5,
         ).softmax(dim=-1)  # (B*H, T, S)
         if dropout:
             att = F.dropout(att, dropout, training=True)

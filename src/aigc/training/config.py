@@ -43,7 +43,9 @@ class TrainConfig:
     # device and speed
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
     precision: Precision = "auto"  # auto = bf16 autocast where supported, else fp32 (weights stay fp32)
-    compile: bool = False  # torch.compile the model(s); the text `auto` preset turns it on for GPT runs of >= 300 s
+    compile: bool = (
+        False  # torch.compile the model(s); the text `auto` preset turns it on for GPT runs of >= 300 s
+    )
     peak_flops: float | None = None  # matmul ceiling for MFU; None = measure once and cache
     seed: int = 1337
 

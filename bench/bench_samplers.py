@@ -1,0 +1,129 @@
+"""Sampler quality per step: Fréchet distance of DPM-Solver++ / DDIM / DDPM samples of one run.
+
+    python bench/bench_samplers.py --run runs/mnist-cond --data data/mnist-test --estimate
+    python bench/bench_samplers.py --run runs/mnist-cond --data data/mnist-test --n 500 \\
+        --samplers dpm:20,ddpm:1000 --guidance 1
+    python bench/bench_samplers.py --run R --data D --n 1000 --samplers dpm:10 --dtypes fp32,bf16
+
+Every sampler draws `n` images from the same model (same seed, same labels: they cycle through
+the classes), then each set is scored as `aigc eval` scores it: features of the data set's own
+classifier (`aigc.evaluation.images.feature_classifier`, trained on the run's training images and
+cached), Fréchet distance (FD) to `n` held-out real images (`--data`, e.g. MNIST's test split).
+Two floors say how much of a gap is noise: real vs real (`n` training images vs the held-out
+ones) and, with `--noise-seed 1`, the cheapest sampler again under another seed. The first sampler is the
+reference the others are compared with (ratio = FD / FD of the reference).
+
+`--estimate` times one small batch of each sampler and prints the projected cost of the full run
+(1000-step DDPM is expensive on a CPU: ~1000 x 2 UNet evaluations per image with guidance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from aigc.data.images import load_prepared_images
+from aigc.evaluation.images import (
+    conditional_accuracy,
+    extract_features,
+    feature_classifier,
+    frechet_distance,
+)
+from aigc.generation.image import ImageGenerator
+from aigc.utils.io import read_json
+
+
+def parse_samplers(spec: str) -> list[tuple[str, int]]:
+    """ "dpm:20,ddpm:1000" -> [("dpm", 20), ("ddpm", 1000)]."""
+    out = []
+    for part in spec.split(","):
+        name, _, steps = part.partition(":")
+        out.append((name.strip(), int(steps)))
+    return out
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(n, C, H, W) in [-1, 1] -> uint8, as `aigc eval` rounds samples."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a diffusion run directory")
+    ap.add_argument("--data", required=True, help="prepared held-out images (e.g. MNIST test split)")
+    ap.add_argument("--n", type=int, default=500, help="images per sampler (and real images)")
+    ap.add_argument("--samplers", default="dpm:20,ddpm:1000", help="name:steps,... (first = reference)")
+    ap.add_argument("--dtypes", default="auto", help="sampling precisions to compare: auto, bf16, fp32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise-seed", type=int, default=None, help="rerun the cheapest sampler with this seed")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's)")
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--estimate", action="store_true", help="time one batch of each, print the projection")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    samplers = parse_samplers(args.samplers)
+    dtypes = args.dtypes.split(",")
+    gen = ImageGenerator.load(args.run)
+    if gen.family != "diffusion":
+        raise SystemExit(f"{args.run} is a {gen.family} run; this benchmark compares diffusion samplers")
+    k = gen.config.num_classes
+    print(f"run {args.run}: UNet {list(gen.config.block_out_channels)}, {k or 'no'} classes, "
+          f"guidance {args.guidance if args.guidance is not None else gen.config.guidance if k else '-'}, "
+          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+
+    def sample(
+        sampler: str, steps: int, n: int, seed: int, dtype: str
+    ) -> tuple[np.ndarray, list, float, float]:
+        c0, w0 = time.process_time(), time.perf_counter()
+        out = gen.generate(n=n, seed=seed, sampler=sampler, steps=steps, guidance=args.guidance if k else None,
+                           batch_size=args.batch, dtype=dtype)  # fmt: skip
+        labels = [p["label"] for p in out.params]
+        return to_uint8(out.tensor), labels, time.process_time() - c0, time.perf_counter() - w0
+
+    if args.estimate:
+        m = min(args.batch, 50)
+        for sampler, steps in samplers:
+            for dtype in dtypes:
+                _, _, cpu, wall = sample(sampler, min(steps, 20), m, 0, dtype)
+                per = cpu / (m * min(steps, 20))
+                print(f"{sampler}:{steps} {dtype}: {per * 1e3:.2f} ms CPU per image-step -> n={args.n}: "
+                      f"~{per * args.n * steps:.0f} s CPU (measured wall/CPU here {wall / cpu:.1f}x)")  # fmt: skip
+        return
+
+    # the feature network of the run's training data (as aigc eval builds it; cached by data hash)
+    cfg = read_json(f"{args.run}/config.json")
+    train = load_prepared_images(cfg["data"]["dir"])
+    held = load_prepared_images(args.data).images
+    net, info = feature_classifier(train.images, train.labels)
+    rng = np.random.default_rng(0)
+    n = min(args.n, len(held), len(train.images))
+    f_held = extract_features(net, held[np.sort(rng.choice(len(held), n, replace=False))])
+    f_train = extract_features(net, train.images[np.sort(rng.choice(len(train.images), n, replace=False))])
+    floor = frechet_distance(f_train, f_held)
+    print(f"feature network {info['hash']} (test accuracy {info['test_accuracy']:.3f}); n = {n}")
+    print(f"floor: real (training) vs real (held out): FD {floor:.3f}")
+    print(
+        "| sampler | steps | dtype | seed | FD vs held-out | ratio to first | label accuracy | CPU s | wall s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    runs = [(sampler, steps, dtype, args.seed) for sampler, steps in samplers for dtype in dtypes]
+    if args.noise_seed is not None:
+        cheapest = min(samplers, key=lambda s: s[1])
+        runs.append((*cheapest, dtypes[0], args.noise_seed))
+    ref = None
+    for sampler, steps, dtype, seed in runs:
+        x, labels, cpu, wall = sample(sampler, steps, n, seed, dtype)
+        fd = frechet_distance(extract_features(net, x), f_held)
+        ref = fd if ref is None else ref
+        acc = f"{conditional_accuracy(net, x, np.array(labels))['accuracy']:.3f}" if k else "-"
+        print(f"| {sampler} | {steps} | {dtype} | {seed} | {fd:.3f} | {fd / ref:.3f} | {acc} | "
+              f"{cpu:.0f} | {wall:.0f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

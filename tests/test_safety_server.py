@@ -96,17 +96,22 @@ def test_stream_guard_holds_back_and_never_sends_a_blocked_phrase(tmp_path):
     sent += guard.finish(text)
     assert guard.blocked and mod.verdict(guard.result) == "blocked:threat"
     assert "kill" not in sent and text.startswith(sent) and len(sent) > 100  # the clean start went out
-    # clean text: everything is released, the last part at finish()
+    # clean text flows at once: only a possible start of a blocked phrase is held back
     guard = StreamGuard(mod, holdback=16)
-    parts = [guard.feed(text[:50]), guard.feed(text[50:100])]
-    assert parts[0] == text[:34] and "".join(parts) == text[:84]
-    assert guard.finish(text[:100]) == text[84:100] and not guard.blocked
-    assert mod.verdict(guard.result) is None
+    assert guard.feed(text[:50]) == text[:50]
+    assert guard.feed(" and then I will ki") == " and then I will "  # "ki" could become "kill you"
+    assert guard.feed("ss you") == "kiss you" and not guard.blocked
+    assert guard.finish() == "" and mod.verdict(guard.result) is None
     # the look-back window starts at a word start: "skill you" cut as "kill you" is no match
     guard = StreamGuard(mod, holdback=0, window=3)
     assert guard.feed("xx skil") == "xx skil" and guard.feed("l you") == "l you" and not guard.blocked
-    guard = StreamGuard(mod, holdback=0, window=3)  # ... while a real one is found across deltas
-    assert guard.feed("xx kil") == "xx kil" and guard.feed("l you") == "" and guard.blocked
+    guard = StreamGuard(mod, holdback=16, window=3)  # ... while a real one is found across deltas
+    assert guard.feed("xx kil") == "xx " and guard.feed("l you") == "" and guard.blocked
+    # where partial matching cannot tell (casefolding changes the length: "ß" -> "ss"), the fixed
+    # holdback applies
+    guard = StreamGuard(mod, holdback=16)
+    clean = "Die Straße ist lang und breit, wir gehen"
+    assert guard.feed(clean) == clean[:-16] and guard.finish() == clean[-16:]
 
 
 def test_verdict_combines_prompt_and_output_checks():

@@ -147,6 +147,7 @@ class Moderator:
         self.policies = {n: c.policy for n, c in categories.items()}
         self._patterns = {n: c.compile() for n, c in categories.items()}
         self.classifier = classifier
+        self._partials: list[Any] | None = None  # `regex` twins of the blocking patterns (hold_from)
         if classifier is not None:
             missing = sorted(set(classifier.labels.values()) - set(categories))
             if missing:
@@ -180,6 +181,24 @@ class Moderator:
                         )
                     cats[name] = Category(name=name, **c)
         return cls(cats, classifier)
+
+    def hold_from(self, text: str) -> int | None:
+        """The earliest index of `text` (normalised) where a phrase of a *blocking* category could
+        still begin, given more text after it (len(text) when none could); None when that cannot
+        be told (a classifier is configured). Text before the index can be sent: whatever follows,
+        no blocked match can include it. Uses the `regex` module's partial matching."""
+        if self.classifier is not None:
+            return None
+        if self._partials is None:
+            import regex
+
+            self._partials = [
+                regex.compile(pat.pattern, regex.IGNORECASE | regex.DOTALL)
+                for name, pat in self._patterns.items()
+                if pat is not None and self.policies[name] == "block"
+            ]
+        starts = [m.start() for p in self._partials if (m := p.search(text, partial=True)) is not None]
+        return min(starts, default=len(text))
 
     def check(self, text: str) -> ModerationResult:
         t = normalize(text)
@@ -227,12 +246,16 @@ class Moderator:
 class StreamGuard:
     """Moderates one text as it streams: `feed(delta)` -> the part that is safe to send now.
 
-    At every delta the new text is checked together with the `window` characters before it, and
-    the last `holdback` characters are held back until more text follows; `finish` checks the whole
-    text once before releasing the rest. So a blocked phrase of up to `holdback` characters is never
-    sent, not even in part; a longer match (a regex spanning more) may have its start sent before it
-    is recognised, and one spanning more than `window` is caught only by the final check (the
-    held-back tail is then withheld). Once blocked, nothing more is sent (`blocked`, `result` say why).
+    At every delta the new text is checked together with the `window` characters before it. Text is
+    held back from the earliest point where a blocking rule could still match if more text came
+    (`Moderator.hold_from`, partial regex matching: "...and then ki" holds back "ki", a plain
+    sentence holds back nothing), so streams flow at once and a blocked phrase is never sent, not
+    even in part. Where that cannot be told (a classifier is configured, or normalisation changed
+    the text's length) the last `holdback` characters are held back instead: a blocked phrase of up
+    to `holdback` characters is then never sent, a longer match may have its start sent before it
+    is recognised. A match spanning more than `window` is caught only by `finish`, which checks the
+    whole text once before releasing the rest. Once blocked, nothing more is sent (`blocked`,
+    `result` say why).
     """
 
     def __init__(
@@ -256,10 +279,14 @@ class StreamGuard:
         while start > 0 and (self.text[start - 1].isalnum() or self.text[start - 1] == "_"):
             start -= 1
         self.text += delta
-        self.result = self.moderator.check(self.text[start:])
+        window = self.text[start:]
+        self.result = self.moderator.check(window)
         if self.blocked:
             return ""
-        safe = max(self.sent, len(self.text) - self.holdback)
+        norm = normalize(window)
+        hold = self.moderator.hold_from(norm) if len(norm) == len(window) else None
+        safe = len(self.text) - self.holdback if hold is None else start + hold
+        safe = max(self.sent, safe)
         out, self.sent = self.text[self.sent : safe], safe
         return out
 

@@ -14,5 +14,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "$PIP" install "torch==$VERSION"
 else
   echo "install-torch: no GPU found, installing the CPU build torch==$VERSION+cpu"
-  "$PIP" install "torch==$VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  # a CPU wheel the configured indexes / find-links already hold (a local mirror, a wheel cache)
+  # first, quietly; else PyTorch's CPU index
+  "$PIP" install -q "torch==$VERSION+cpu" 2>/dev/null ||
+    "$PIP" install "torch==$VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi

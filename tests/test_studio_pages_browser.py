@@ -128,7 +128,7 @@ def test_presets_model_page_training_and_win_rate(browser, server):
     page.select_option("#tr-preset", "tiny")
     page.fill("#tr-name", "fresh")
     page.fill("#tr-time", "120")
-    page.fill("#tr-steps", "80")
+    page.fill("#tr-steps", "600")  # a few seconds even on a quiet machine: several 0.25 s polls see it
     page.fill("#tr-set", "\n".join(TINY))
     page.evaluate(
         "window.seen = []; new MutationObserver(() => window.seen.push(document.querySelector('#tr-chart')"

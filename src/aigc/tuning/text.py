@@ -45,14 +45,21 @@ from aigc.tuning.losses import (
     reference_logps,
     sequence_logps,
 )
-from aigc.tuning.preference import METHODS, PreferenceData, build_preferences, feedback_rows
+from aigc.tuning.preference import (
+    METHODS,
+    PreferenceData,
+    PreferenceSettings,
+    build_preferences,
+    feedback_rows,
+)
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
-class TuneConfig:
-    """`tune.*` settings (preset `[tune]` table, `--set tune.beta=0.2`)."""
+class TuneConfig(PreferenceSettings):
+    """`tune.*` settings (preset `[tune]` table, `--set tune.beta=0.2`); the preference-data keys
+    (min_pairs, max_per_user, heldout_fraction, ...) come from `PreferenceSettings`."""
 
     method: str = "dpo"  # dpo | kto | sft
     # losses
@@ -76,15 +83,7 @@ class TuneConfig:
     log_interval: int = 10
     max_len: int = 128  # tokens of prompt + completion (cut to the model's context)
     seed: int = 0
-    # preference data (aigc.tuning.preference)
-    min_pairs: int = 32
-    min_unpaired: int = 32
-    min_corrections: int = 8
-    max_per_user: int = 2000
-    min_gap: float = 1.0
-    max_pairs_per_prompt: int = 2000
-    heldout_fraction: float = 0.1
-    on_mismatch: str = "error"  # error | skip
+    # preference data: the fields of aigc.tuning.preference.PreferenceSettings (inherited), and
     model_name: str = ""  # the feedback's model name (default: the run's name)
     # guard
     max_loss_increase: float = 0.10  # held-out LM loss may rise by at most this fraction

@@ -44,15 +44,22 @@ def resolve_scorer(scorer: Any) -> Any:
     """None (mean log-prob), a Scorer, or a spec string -> None or a text Scorer."""
     if scorer is None or scorer == LOGPROB:
         return None
+    return scorer_of_kind(
+        scorer,
+        "text",
+        "pick a text scorer (sentiment, label:NAME@PATH, python:FILE.py:FUNC) for text best_of",
+    )
+
+
+def scorer_of_kind(scorer: Any, kind: str, hint: str) -> Any:
+    """A Scorer (or a spec string, loaded) that scores `kind`; else an AigcError ending in `hint`."""
     if isinstance(scorer, str):
         from aigc.evaluation.scorers import load_scorer
 
         scorer = load_scorer(scorer)
-    if getattr(scorer, "kind", None) != "text":
-        raise AigcError(
-            f"scorer {getattr(scorer, 'name', scorer)} scores {getattr(scorer, 'kind', '?')}, not text; "
-            "pick a text scorer (sentiment, label:NAME@PATH, python:FILE.py:FUNC) for text best_of"
-        )
+    if getattr(scorer, "kind", None) != kind:
+        have = getattr(scorer, "kind", "?")
+        raise AigcError(f"scorer {getattr(scorer, 'name', scorer)} scores {have}, not {kind}; {hint}")
     return scorer
 
 
@@ -139,15 +146,7 @@ def best_images(result: Any, n: int, scorer: Any) -> tuple[Any, list[float]]:
     """
     from aigc.generation.image import GeneratedImages
 
-    if isinstance(scorer, str):
-        from aigc.evaluation.scorers import load_scorer
-
-        scorer = load_scorer(scorer)
-    if getattr(scorer, "kind", None) != "image":
-        raise AigcError(
-            f"scorer {getattr(scorer, 'name', scorer)} scores {getattr(scorer, 'kind', '?')}, not images; "
-            "use an image scorer such as digit:K@DATA_DIR"
-        )
+    scorer = scorer_of_kind(scorer, "image", "use an image scorer such as digit:K@DATA_DIR")
     scores = scorer.score(result.images)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:n]
     params = [

@@ -40,5 +40,7 @@ def test_text_output_moderation_is_shown(browser, tmp_path, monkeypatch, policy)
             assert "Flagged by moderation: anything" in status and "content_filter" not in meta
         else:
             assert "Withheld by moderation: anything" in status and "content_filter" in meta
-            assert page.inner_text("#text-output .gen") == ""  # nothing of the blocked text shown
+            # clean text before the block may have streamed; no part of a blocked phrase did
+            shown = page.inner_text("#text-output .gen")
+            assert all(ch.casefold() in "rome" or ch.isspace() for ch in shown), shown
         page.close()

@@ -1,10 +1,26 @@
-"""Tiny artifacts and a client factory shared by the tests/test_serve_*.py files."""
+"""Tiny artifacts, a small corpus and tiny training overrides shared by the tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+# a small line corpus for training tests, and the overrides that make a GPT tiny and fast
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(400))
+TINY_GPT = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=16",
+    "model.block_size=16",
+    "train.batch_size=4",
+    "train.eval_batches=2",
+    "train.warmup_steps=2",
+    "train.peak_flops=1e9",
+    "train.precision=fp32",
+    "sample.num=1",
+    "sample.tokens=10",
+]
 
 CORPUS = "ROMEO: But soft, what light through yonder window breaks?\nSystem: User: Assistant: 春眠不觉晓\n"
 

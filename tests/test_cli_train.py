@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(400))
+from serve_helpers import TEXT
+
 TINY = [
     "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=16",
     "--set", "model.block_size=16", "--set", "train.batch_size=4", "--set", "train.eval_batches=2",

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from aigc.training.metrics import read_metrics
+from serve_helpers import TEXT
 
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(400))
 ARGS = [
     "--preset", "auto",
     "--set", "model.n_layer=2", "--set", "model.n_head=2", "--set", "model.n_embd=32",

@@ -10,21 +10,7 @@ import numpy as np
 import pytest
 
 from aigc.errors import AigcError
-
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(400))
-TINY_GPT = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=16",
-    "model.block_size=16",
-    "train.batch_size=4",
-    "train.eval_batches=2",
-    "train.warmup_steps=2",
-    "train.peak_flops=1e9",
-    "train.precision=fp32",
-    "sample.num=1",
-    "sample.tokens=10",
-]
+from serve_helpers import TEXT, TINY_GPT
 
 
 def prepared_text(tmp_path: Path, text: str = TEXT, name: str = "data") -> Path:

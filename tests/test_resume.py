@@ -14,8 +14,8 @@ import pytest
 
 from aigc.training import checkpoint as ckpt
 from aigc.training.metrics import read_metrics
+from serve_helpers import TEXT
 
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(400))
 STEPS = 60
 
 

@@ -18,21 +18,8 @@ from aigc.training import checkpoint as ckpt
 from aigc.training.metrics import read_metrics
 from aigc.training.trainer import lr_factor
 from aigc.utils.io import read_json
+from serve_helpers import TEXT, TINY_GPT
 
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(400))
-TINY_GPT = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=16",
-    "model.block_size=16",
-    "train.batch_size=4",
-    "train.eval_batches=2",
-    "train.warmup_steps=2",
-    "train.peak_flops=1e9",
-    "train.precision=fp32",
-    "sample.num=1",
-    "sample.tokens=10",
-]
 TINY_LSTM = ["model.n_layer=1", "model.n_embd=16", "model.n_hidden=24", "model.block_size=16", *TINY_GPT[4:]]
 
 

@@ -200,8 +200,9 @@ class Moderator:
         starts = [m.start() for p in self._partials if (m := p.search(text, partial=True)) is not None]
         return min(starts, default=len(text))
 
-    def check(self, text: str) -> ModerationResult:
-        t = normalize(text)
+    def check(self, text: str, normalized: str | None = None) -> ModerationResult:
+        """`normalized`: `normalize(text)` when the caller has it already (a stream's window)."""
+        t = normalize(text) if normalized is None else normalized
         hits: dict[str, bool] = {}
         matches: dict[str, list[str]] = {}
         for name, pat in self._patterns.items():
@@ -280,10 +281,10 @@ class StreamGuard:
             start -= 1
         self.text += delta
         window = self.text[start:]
-        self.result = self.moderator.check(window)
+        norm = normalize(window)
+        self.result = self.moderator.check(window, norm)
         if self.blocked:
             return ""
-        norm = normalize(window)
         hold = self.moderator.hold_from(norm) if len(norm) == len(window) else None
         safe = len(self.text) - self.holdback if hold is None else start + hold
         safe = max(self.sent, safe)

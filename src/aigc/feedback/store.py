@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,7 +86,17 @@ def _sqlite_hooks(engine: Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+        # readers never block the writer, nor it them. Switching a file to WAL can fail at once with
+        # "database is locked" while other connections open it (sqlite's busy timeout does not
+        # apply there: seen with 6 threads opening a new store), so retry for a while
+        for attempt in range(100):
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 99:
+                    raise
+                time.sleep(0.01 + 0.002 * attempt)
         cur.execute("PRAGMA synchronous=NORMAL")  # safe against process crashes in WAL mode
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()

@@ -1,16 +1,29 @@
 """Serving speed: continuous batching and HTTP overhead on the tiny GPT preset.
 
-    python bench/bench_serve.py             # 16 concurrent streaming clients, 3 rounds
-    python bench/bench_serve.py --quick     # 1 round (a smoke check)
+    python bench/bench_serve.py                  # 16 concurrent streaming clients, 5 rounds
+    python bench/bench_serve.py --quick          # 1 round (a smoke check)
+    python bench/bench_serve.py --client httpx   # the httpx load generator instead of the lean one
+    python bench/bench_serve.py --dtype float16  # the server decodes with fp16 weights
+    python bench/bench_serve.py --worker-process # the server decodes in a child process
+    python bench/bench_serve.py --compare-worker # both servers, rounds interleaved
 
 A randomly initialised GPT with the `tiny` preset's shape is written as a run directory and served
 by `aigc serve` in a separate process (so the clients here do not share its GIL). Every request
-streams exactly N tokens (`ignore_eos`). Printed, medians over rounds:
+streams exactly N tokens (`ignore_eos`). Rounds interleave the three measurements (in-process,
+1 client, 16 clients) so a neighbour's load on the machine hits them alike. Printed, medians over
+rounds, with CPU time per token (this process for in-process; the server and the client process
+for HTTP: the server's process tree, so a worker process is counted) and the load average:
 
   in-process   tokens/s of `TextGenerator.stream`, one request at a time (no server)
   1 client     tokens/s of one streaming HTTP client (target: >= 80% of in-process)
   16 clients   aggregate tokens/s of 16 concurrent streaming clients (target: >= 8x one client)
                and the p50 / p90 time to first token
+
+The load generator runs on the same cores as the server, so its own CPU time is taken from what
+the server gets. The default `lean` client speaks HTTP/1.1 over plain asyncio streams (one
+keep-alive connection per client, chunked body read as bytes, only the usage chunk parsed as JSON,
+every stream checked for text, `[DONE]` and N completion tokens): real clients run elsewhere.
+`--client httpx` parses every SSE line with httpx + json.loads, as the figures before it did.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -31,6 +45,7 @@ import torch
 
 CORPUS = "".join(chr(c) for c in range(32, 127)) + "\n"
 PROMPT = "ROMEO: "
+TEXT_RE = re.compile(rb'"text":"[^"]')  # a chunk carrying some text
 
 
 def write_tiny_run(out: Path) -> None:
@@ -51,81 +66,105 @@ def write_tiny_run(out: Path) -> None:
     tok.save(out / "tokenizer.json")
 
 
-def in_process(run: Path, n: int, repeats: int) -> float:
-    from aigc.generation import load_generator
-
-    gen = load_generator(run)
-    times = []
-    for i in range(repeats + 1):
-        t = time.perf_counter()
-        stream = gen.stream(PROMPT, max_new_tokens=n, ignore_eos=True, seed=i)
-        for _ in stream:
-            pass
-        assert stream.result.usage["completion_tokens"] == n
-        times.append(time.perf_counter() - t)
-    return n / statistics.median(times[1:])  # the first one warms up
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children, e.g. a worker (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():  # children started by any of its threads
+        total += sum(process_cpu(int(c)) for c in (task / "children").read_text().split())
+    return total
 
 
-async def one_stream(client, n: int, seed: int) -> tuple[float, float, int]:
-    """(time to first token, total time, tokens) of one streaming completion."""
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": n, "ignore_eos": True, "stream": True, "seed": seed,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    t0 = time.perf_counter()
-    ttft, usage = None, None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+def request_body(n: int, seed: int) -> dict:
+    return {"model": "tiny", "prompt": PROMPT, "max_tokens": n, "ignore_eos": True, "stream": True,
+            "seed": seed, "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- load generators
+
+
+class LeanClient:
+    """Streaming completions over one keep-alive HTTP/1.1 connection, with as little client work
+    as possible: the chunked body is read as bytes; only the usage event is parsed."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def stream(self, n: int, seed: int) -> tuple[float, float, int]:
+        """(time to first token, total time, completion tokens) of one streaming completion."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(request_body(n, seed)).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        t0 = time.perf_counter()
+        self.writer.write(head + body)
+        r = self.reader
+        headers = await r.readuntil(b"\r\n\r\n")
+        if not headers.startswith(b"HTTP/1.1 200") or b"chunked" not in headers.lower():
+            raise RuntimeError(f"bad response: {headers[:200]!r}")
+        ttft, buf = None, bytearray()
+        while True:  # chunked transfer encoding: hex size line, data, CRLF; size 0 ends
+            size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await r.readuntil(b"\r\n")
+                break
+            data = (await r.readexactly(size + 2))[:-2]
+            if ttft is None and TEXT_RE.search(data):
                 ttft = time.perf_counter() - t0
-            usage = chunk.get("usage") or usage
-    return ttft or 0.0, time.perf_counter() - t0, usage["completion_tokens"]
+            buf += data
+        total = time.perf_counter() - t0
+        events = bytes(buf).split(b"\n\n")
+        if ttft is None or events[-2] != b"data: [DONE]":
+            raise RuntimeError("a stream ended without text or without [DONE]")
+        usage = json.loads(next(e for e in events if b'"usage"' in e)[6:])["usage"]
+        return ttft, total, usage["completion_tokens"]
 
 
-async def http_round(client, clients: int, n: int, seed: int) -> tuple[float, list[float]]:
-    """Aggregate tokens/s and the times to first token of `clients` concurrent streams."""
+class HttpxClient:
+    """The same requests through httpx, parsing every SSE line as JSON (a typical Python client)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    async def stream(self, n: int, seed: int) -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        ttft, usage = None, None
+        async with self.client.stream("POST", "/v1/completions", json=request_body(n, seed)) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    ttft = time.perf_counter() - t0
+                usage = chunk.get("usage") or usage
+        if ttft is None:
+            raise RuntimeError("a stream ended without text")
+        return ttft, time.perf_counter() - t0, usage["completion_tokens"]
+
+
+async def http_round(clients: list, n: int, seed: int) -> tuple[float, list[float]]:
+    """Aggregate tokens/s and the times to first token of concurrent streams (one per client)."""
     t = time.perf_counter()
-    res = await asyncio.gather(*(one_stream(client, n, seed + i) for i in range(clients)))
+    res = await asyncio.gather(*(c.stream(n, seed + i) for i, c in enumerate(clients)))
     wall = time.perf_counter() - t
-    assert all(tokens == n for _, _, tokens in res)
-    return clients * n / wall, [ttft for ttft, _, _ in res]
+    assert all(tokens == n for _, _, tokens in res), "a stream's usage is not N completion tokens"
+    return len(clients) * n / wall, [ttft for ttft, _, _ in res]
 
 
-async def measure(url: str, clients: int, n: int, rounds: int) -> tuple[float, list[float], list[float]]:
-    """(single-client tokens/s, aggregate tokens/s per round, times to first token) over one
-    keep-alive connection pool, warmed up first (connection setup is not what we measure)."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        await http_round(client, clients, n, 0)  # load the model, open the connections
-        single = statistics.median([(await http_round(client, 1, n, r))[0] for r in range(5 * rounds)])
-        many, ttfts = [], []
-        for r in range(rounds):
-            tps, tt = await http_round(client, clients, n, 100 * r)
-            many.append(tps)
-            ttfts += tt
-    return single, many, ttfts
+# ---------------------------------------------------------------------------- the measurement
 
 
-def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(models: Path, threads: int, dtype: str, worker: bool) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "aigc",
-        "serve",
-        "--models",
-        str(models),
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-    ]
+    cmd = [sys.executable, "-m", "aigc", "serve", "--models", str(models), "--port", str(port),
+           "--threads", str(threads), "--dtype", dtype] + (["--worker-process"] if worker else [])  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -141,39 +180,125 @@ def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("aigc serve did not start")
 
 
+async def run(args, run_dir: Path, servers: list[tuple[str, str, int]]) -> tuple[dict, dict]:
+    """Interleaved rounds: in-process, then per server 1 client and N clients; wall and CPU time.
+
+    -> (in-process measurements, {server name: its measurements})."""
+    from aigc.generation import load_generator
+
+    gen = load_generator(run_dir, dtype=getattr(torch, args.dtype))  # the server's dtype
+    n = args.tokens
+
+    def in_process(seed: int) -> float:
+        t = time.perf_counter()
+        stream = gen.stream(PROMPT, max_new_tokens=n, ignore_eos=True, seed=seed)
+        for _ in stream:
+            pass
+        assert stream.result.usage["completion_tokens"] == n
+        return n / (time.perf_counter() - t)
+
+    pools, clients = [], {}
+    for name, url, _ in servers:
+        if args.client == "httpx":
+            import httpx
+
+            limits = httpx.Limits(
+                max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4
+            )
+            pools.append(httpx.AsyncClient(base_url=url, timeout=120, limits=limits))
+            clients[name] = [HttpxClient(pools[-1]) for _ in range(args.clients)]
+        else:
+            clients[name] = [LeanClient(url) for _ in range(args.clients)]
+        # warm up: load the model, open the connections, first calls of every path
+        await http_round(clients[name], n, 0)
+        await http_round(clients[name][:1], n, 0)
+    in_process(0)
+    base = {"tps": [], "cpu": [], "load": []}
+    out = {name: {k: [] for k in ("single", "many", "ttft", "single_srv", "single_cli", "many_srv", "many_cli")}
+           for name, _, _ in servers}  # fmt: skip
+    reps = 10  # single-stream measurements per round (each is short; 480 tokens: 21 us/token CPU ticks)
+    for r in range(args.rounds):
+        base["load"].append(os.getloadavg()[0])
+        c0 = time.process_time()
+        base["tps"] += [in_process(1 + r * reps + i) for i in range(reps)]
+        base["cpu"].append((time.process_time() - c0) / (reps * n))
+        for name, _, pid in servers if r % 2 == 0 else servers[::-1]:  # alternate which goes first
+            m, cl = out[name], clients[name]
+            s0, c0 = process_cpu(pid), time.process_time()
+            m["single"] += [(await http_round(cl[:1], n, 1 + r * reps + i))[0] for i in range(reps)]
+            m["single_srv"].append((process_cpu(pid) - s0) / (reps * n))
+            m["single_cli"].append((time.process_time() - c0) / (reps * n))
+            s0, c0 = process_cpu(pid), time.process_time()
+            for k in range(3):  # 3 x 16 streams: enough tokens for the 10 ms CPU-time ticks
+                tps, ttfts = await http_round(cl, n, 1000 * (3 * r + k + 1))
+                m["many"].append(tps)
+                m["ttft"] += ttfts
+            m["many_srv"].append((process_cpu(pid) - s0) / (3 * args.clients * n))
+            m["many_cli"].append((time.process_time() - c0) / (3 * args.clients * n))
+    for pool in pools:
+        await pool.aclose()
+    return base, out
+
+
+def report(args, name: str, base: dict, m: dict) -> None:
+    med, us = statistics.median, 1e6
+    tps, single, agg = med(base["tps"]), med(m["single"]), med(m["many"])
+    q = statistics.quantiles(m["ttft"], n=10)
+    print(f"-- server: {name}")
+    print(f"HTTP, 1 client        {single:9.1f} tokens/s  = {single / tps:.0%} of in-process (target >= 80%)"
+          f"  CPU server {med(m['single_srv']) * us:.1f} + client {med(m['single_cli']) * us:.1f} us/token")  # fmt: skip
+    print(f"HTTP, {args.clients} clients      {agg:9.1f} tokens/s  = {agg / single:.1f}x one client (target >= 8x)"
+          f"  CPU server {med(m['many_srv']) * us:.1f} + client {med(m['many_cli']) * us:.1f} us/token")  # fmt: skip
+    print(f"time to first token   p50 {med(m['ttft']) * 1000:.1f} ms, p90 {q[-1] * 1000:.1f} ms "
+          f"({args.clients} concurrent clients)")  # fmt: skip
+    # on a loaded machine wall times follow the neighbours; CPU per token much less so
+    one_cpu = med(m["single_srv"]) + med(m["single_cli"])
+    many_cpu = med(m["many_srv"]) + med(m["many_cli"])
+    print(
+        f"CPU per token         in-process / HTTP 1 client = {med(base['cpu']) / one_cpu:.0%}; "
+        f"1 client / {args.clients} clients = {one_cpu / many_cpu:.1f}x (server + client)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=48)  # the tiny preset's context is 64
+    ap.add_argument("--client", choices=("lean", "httpx"), default="lean")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8"), default="float32")
+    ap.add_argument("--worker-process", action="store_true", help="aigc serve --worker-process")
+    ap.add_argument("--compare-worker", action="store_true",
+                    help="two servers, without and with --worker-process, rounds interleaved")  # fmt: skip
     # one intra-op thread on both sides: a tiny model gains nothing from more, and on a busy
     # machine two spinning threads made decoding ~100x slower (measured on the 2-core dev box)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    args.rounds = 1 if args.quick else args.rounds
     torch.set_num_threads(args.threads)
-    rounds = 1 if args.quick else 3
+    kinds = [False, True] if args.compare_worker else [args.worker_process]
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         write_tiny_run(models / "tiny")
-        base = in_process(models / "tiny", args.tokens, repeats=5 * rounds)
-        proc, url = start_server(models, args.threads)
+        procs, servers = [], []
         try:
-            single, many, ttfts = asyncio.run(measure(url, args.clients, args.tokens, rounds))
+            for worker in kinds:
+                os.environ["AIGC_HOME"] = str(Path(tmp) / f"home{worker}")  # each server: a fresh store
+                proc, url = start_server(models, args.threads, args.dtype, worker)
+                procs.append(proc)
+                servers.append(("worker process" if worker else "one process", url, proc.pid))
+            base, out = asyncio.run(run(args, models / "tiny", servers))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    agg = statistics.median(many)
-    q = statistics.quantiles(ttfts, n=10)
-    print(f"tiny GPT, {args.tokens} tokens per request, {rounds} round(s), {args.threads} torch thread(s)")
-    print(f"in-process stream     {base:9.1f} tokens/s")
-    print(
-        f"HTTP, 1 client        {single:9.1f} tokens/s  = {single / base:.0%} of in-process (target >= 80%)"
-    )
-    print(
-        f"HTTP, {args.clients} clients      {agg:9.1f} tokens/s  = {agg / single:.1f}x one client (target >= 8x)"
-    )
-    print(f"time to first token   p50 {statistics.median(ttfts) * 1000:.1f} ms, p90 {q[-1] * 1000:.1f} ms "
-          f"({args.clients} concurrent clients)")  # fmt: skip
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
+    print(f"tiny GPT, {args.tokens} tokens per request, {args.rounds} round(s), {args.threads} torch thread(s), "
+          f"dtype {args.dtype}, {args.client} client, load average {min(base['load']):.2f}-{max(base['load']):.2f}")  # fmt: skip
+    print(f"in-process stream     {statistics.median(base['tps']):9.1f} tokens/s  "
+          f"CPU {statistics.median(base['cpu']) * 1e6:6.1f} us/token")  # fmt: skip
+    for name, _, _ in servers:
+        report(args, name, base, out[name])
 
 
 if __name__ == "__main__":

@@ -21,15 +21,22 @@ if TYPE_CHECKING:
 ARTIFACT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
-def load_generator(spec: str | Path, dtype: Any = None) -> TextGenerator | HFTextGenerator:
+def load_generator(
+    spec: str | Path, dtype: Any = None, compile: bool = False
+) -> TextGenerator | HFTextGenerator:
     """A text generator for a run directory of ours or `hf:<local dir or hub id>`.
 
     `dtype` (e.g. torch.bfloat16) sets the weights' dtype for decoding; default: as stored.
+    `compile=True` compiles our GPT's decode step (the first step then takes ~15-40 s,
+    1-4 s once inductor's disk cache holds it).
     """
     spec = str(spec)
+    no_compile = "compile is for our own GPT runs, not transformers models; drop --compile"
     if spec.startswith("hf:"):
         from aigc.generation.hf import load_hf
 
+        if compile:
+            raise AigcError(no_compile)
         return load_hf(spec, dtype=dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -37,6 +44,8 @@ def load_generator(spec: str | Path, dtype: Any = None) -> TextGenerator | HFTex
         if missing and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             from aigc.generation.hf import load_hf  # a transformers folder (e.g. from `aigc export`)
 
+            if compile:
+                raise AigcError(no_compile)
             return load_hf("hf:" + str(path), dtype=dtype)
         if missing:
             raise AigcError(
@@ -47,7 +56,7 @@ def load_generator(spec: str | Path, dtype: Any = None) -> TextGenerator | HFTex
         raise AigcError(f"model {spec!r} not found: pass a trained run directory or hf:<dir or hub id>")
     from aigc.generation.text import TextGenerator
 
-    return TextGenerator.from_artifact(spec, dtype=dtype)
+    return TextGenerator.from_artifact(spec, dtype=dtype, compile=compile)
 
 
 __all__ = ["GenerationParams", "load_generator", "make_params"]

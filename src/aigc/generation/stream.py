@@ -31,6 +31,17 @@ class Detokenizer:
     def push(self, token: int) -> str:
         """Add one token; return the newly stable text (possibly '')."""
         self.ids.append(int(token))
+        return self.take()
+
+    def add(self, token: int) -> None:
+        """Add one token without decoding yet: a later `take()` or `flush()` returns its text (a
+        server decodes a row's tokens a few at a time: two decodes per delta, not per token)."""
+        self.ids.append(int(token))
+
+    def take(self) -> str:
+        """The newly stable text of the tokens added since the last delta (possibly '')."""
+        if self.read_offset >= len(self.ids):
+            return ""
         prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self.decode(self.ids[self.prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):

@@ -71,18 +71,25 @@ class TextGenerator:
         model_id: str = "model",
         dtype: torch.dtype | None = None,
         decoder: Any | None = None,
+        compile: bool = False,
     ) -> None:
         from aigc.generation.decoders import make_decoder
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.decoder = decoder if decoder is not None else make_decoder(self.model, dtype)
+        self.decoder = decoder if decoder is not None else make_decoder(self.model, dtype, compile=compile)
         self.engine = Engine(self.decoder, eos_id=getattr(tokenizer, "eos_id", None))
 
     @classmethod
-    def from_artifact(cls, path: str | Path, dtype: torch.dtype | None = None) -> TextGenerator:
-        """Load a trained run directory (config.json, model.safetensors, tokenizer.json)."""
+    def from_artifact(
+        cls, path: str | Path, dtype: torch.dtype | None = None, compile: bool = False
+    ) -> TextGenerator:
+        """Load a trained run directory (config.json, model.safetensors, tokenizer.json).
+
+        `dtype`: decoding weights (float32, bfloat16, float16 = fp16 weights with fp32 compute,
+        int8 = weight-only int8); `compile`: torch.compile the decode step (see `decoders.py`).
+        """
         from aigc.registry import load_artifact
 
         art = load_artifact(path)
@@ -94,7 +101,7 @@ class TextGenerator:
             raise AigcError(
                 f"{path} is a music model; use aigc generate music (or aigc.load for a MusicGenerator)"
             )
-        return cls(art.model, art.tokenizer, model_id=str(path), dtype=dtype)
+        return cls(art.model, art.tokenizer, model_id=str(path), dtype=dtype, compile=compile)
 
     # ------------------------------------------------------------------ text <-> ids
 

@@ -8,7 +8,11 @@ the decoder protocol itself (`generation/decoders.py`):
      (GPT: concatenate the KV caches along the batch axis; LSTM: the (h, c) state)
   2. process + sample every row at once with the engine's own pieces (`processors.process`,
      `sampling.sample_next`, one `torch.Generator` per row seeded from the request's seed)
-  3. detokenize, watch stop strings, hand text deltas to each request's callback
+  3. detokenize, watch stop strings, hand text deltas to each request's callback: a row with stop
+     strings every token (it must end at the exact token), others at most every EMIT_INTERVAL_S
+     and at their first and last token (the event loop sends a stream's text at most every
+     STREAM_INTERVAL_S anyway; decoding, stop matching and the hand-over per token were a third of
+     the worker's time at 16 rows)
   4. drop finished / cancelled rows (`decoder.reorder`), then `decoder.step` the rest
 
 A row's tokens depend only on its own prompt, parameters and seed (the engine's contract), so a
@@ -18,6 +22,7 @@ rows mid-run: for them new requests wait until the running batch is empty, then 
 
 One worker thread per model does all tensor work, off the asyncio event loop; `submit` is called
 from the loop and results come back through the callback (which must be thread-safe).
+`worker.ProcessScheduler` runs the same scheduler in a child process.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from aigc.generation.engine import Completion, can_slide, feed
 from aigc.generation.params import GenerationParams
 from aigc.generation.sampling import make_generator, sample_next, token_logprobs
 from aigc.generation.stream import Detokenizer, StopMatcher
+from aigc.serve.settings import EMIT_INTERVAL_S
 
 log = logging.getLogger("aigc.serve")
 
@@ -82,6 +88,7 @@ class Row:
     matcher: StopMatcher | None = None
     limit: int = 0  # total length (prompt + generated) at which the row ends with "length"
     plen: int = 0
+    emitted_at: float = 0.0  # perf_counter of the last text hand-over
 
 
 class Ticket:
@@ -98,14 +105,23 @@ class Ticket:
 class Scheduler:
     """Continuous batching for one `TextGenerator` in its own worker thread."""
 
-    def __init__(self, gen: Any, max_batch: int = 32, max_rows: int = 256, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        gen: Any,
+        max_batch: int = 32,
+        max_rows: int = 256,
+        metrics: Any = None,
+        emit_interval: float = EMIT_INTERVAL_S,
+    ) -> None:
         self.gen = gen
+        self.emit_interval = emit_interval
         self.engine = gen.engine
         self.decoder = gen.decoder
         self.max_batch = max_batch
         self.max_rows = max_rows
         self.metrics = metrics
         self.can_join = isinstance(self.decoder, (GPTDecoder, LSTMDecoder))
+        self.cache_len = self.decoder.max_len if can_slide(self.decoder) else None  # rows slide past it
         self.pending: deque[Row] = deque()
         self._admitting: list[Row] = []  # taken from pending, not yet running (counted by `load`)
         self.rows: list[Row] = []  # running, in decoder row order
@@ -115,6 +131,7 @@ class Scheduler:
         self._logits: torch.Tensor | None = None  # (B, V) for the next sampling step
         self._positions: torch.Tensor | None = None  # (B,) where each row's next token goes
         self._dirty = True  # batch membership changed: rebuild per-row tensors
+        self.after_step: Callable[[], None] | None = None  # called by the worker after each step
         self.thread = threading.Thread(target=self._loop, name=f"aigc-batch-{gen.model_id}", daemon=True)
         self.thread.start()
 
@@ -132,7 +149,10 @@ class Scheduler:
                 "num_beams > 1 is not served (beam search decodes alone); use n for several samples"
             )
         ids, row_params = self.gen._requests(prompt, params)
-        rows = [Row(prompt, ids, p, k, emit) for k, p in enumerate(row_params)]
+        return self.enqueue([Row(prompt, ids, p, k, emit) for k, p in enumerate(row_params)])
+
+    def enqueue(self, rows: list[Row]) -> Ticket:
+        """Queue rows already tokenized and resolved (what `submit` does after `_requests`)."""
         with self.cv:
             if self.closed or self.load + len(rows) > self.max_rows:
                 raise QueueFull
@@ -159,6 +179,8 @@ class Scheduler:
                     for r in self.pending:
                         r.emit("error", r.index, "the model was unloaded; retry the request")
                     self.pending.clear()
+                    if self.after_step is not None:
+                        self.after_step()
                     return
                 new = []
                 if (self.can_join or not self.rows) and not self.closed:
@@ -178,6 +200,8 @@ class Scheduler:
                         r.emit("error", r.index, f"internal error while generating: {type(e).__name__}")
                 self.rows, self._logits, self._positions, self._dirty = [], None, None, True
                 self._admitting = []
+            if self.after_step is not None:
+                self.after_step()
 
     def _admit(self, new: list[Row]) -> None:
         """Prefill the new rows and append them to the running batch."""
@@ -268,6 +292,7 @@ class Scheduler:
             self._rebuild()
         rows, rp = self.rows, self._rp
         logits = self._logits
+        due = t0 - self.emit_interval  # rows whose text was last handed over before this get it now
         scores = P.process(
             logits,
             rp,
@@ -299,11 +324,14 @@ class Scheduler:
             if t in r.stops:
                 c.finish_reason, done = "stop", True
             else:
-                if not r.matcher.stopped:
-                    shown = r.matcher.feed(r.detok.push(t))
+                r.detok.add(t)
+                m = r.matcher
+                if m.stops or len(c.tokens) == 1 or r.emitted_at < due:  # else: text at a later step
+                    r.emitted_at = t0
+                    shown = m.feed(r.detok.take())
                     if shown and not r.cancelled:
                         r.emit("delta", r.index, shown)
-                    if r.matcher.stopped:
+                    if m.stopped:
                         c.finish_reason, done = "stop", True
                 if not done and (
                     len(c.tokens) >= r.params.max_new_tokens or r.plen + len(c.tokens) > r.limit
@@ -332,9 +360,8 @@ class Scheduler:
             self._seen = None if self._seen is None else self._seen[idx]
             self._counts = None if self._counts is None else self._counts[idx]
             tokens, positions = tokens[idx], positions[idx]
-        cache_len = self.decoder.max_len if can_slide(self.decoder) else None
         histories = [r.history for r in self.rows]
-        self._logits, self._positions = feed(self.decoder, tokens, positions, histories, cache_len)
+        self._logits, self._positions = feed(self.decoder, tokens, positions, histories, self.cache_len)
         self._record(len(rows), time.perf_counter() - t0)
 
     def _record(self, batch: int, seconds: float) -> None:

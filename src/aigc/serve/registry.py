@@ -64,6 +64,11 @@ class LoadedModel:
     def busy(self) -> int:
         return self.scheduler.load if self.scheduler is not None else int(self.lock.locked())
 
+    @property
+    def alive(self) -> bool:
+        """False once a worker process has died: the registry loads the model again."""
+        return getattr(self.scheduler, "alive", True)
+
 
 def _version_key(v: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", v.lstrip("vV")))
@@ -194,7 +199,7 @@ class ModelRegistry:
         with self.lock:
             entry = self.entries.get(model_id)
             lm = self.loaded.get((entry.spec, entry.signature)) if entry is not None else None
-            if lm is None or entry.kind != kind:
+            if lm is None or entry.kind != kind or not lm.alive:
                 return None
             self.loaded.move_to_end((entry.spec, entry.signature))
             lm.last_used = time.monotonic()
@@ -206,13 +211,19 @@ class ModelRegistry:
         if kind is not None and entry.kind != kind:
             raise AigcError(f"model {model_id!r} is a {entry.kind} model; this route needs a {kind} model")
         key = (entry.spec, entry.signature)
+        dead = None
         with self.lock:
             lm = self.loaded.get(key)
+            if lm is not None and not lm.alive:  # its worker process died: load it again
+                log.warning("the worker process of model %s stopped; loading it again", entry.id)
+                dead, lm = self.loaded.pop(key), None
             if lm is not None:
                 self.loaded.move_to_end(key)
                 lm.last_used = time.monotonic()
                 return lm
             load_lock = self.load_locks.setdefault(key, threading.Lock())
+        if dead is not None:
+            self._close(dead)
         with load_lock:  # one load per model, concurrent requests wait for it
             with self.lock:
                 if key in self.loaded:
@@ -240,13 +251,21 @@ class ModelRegistry:
             music = MusicGenerator.from_artifact(entry.spec)
             music.model_id = entry.id
             return LoadedModel(entry, music)
+        import torch
+
         from aigc.generation import load_generator
         from aigc.serve.batching import Scheduler
 
-        gen = load_generator(entry.spec)
+        dtype = self.settings.dtype
+        gen = load_generator(entry.spec, dtype=getattr(torch, dtype) if dtype else None)
         gen.model_id = entry.id
         s = self.settings
-        sched = Scheduler(gen, max_batch=s.max_batch, max_rows=s.max_queue, metrics=self.metrics)
+        if s.worker_process:  # decoding off this process's GIL; the child loads its own copy
+            from aigc.serve.worker import ProcessScheduler
+
+            sched = ProcessScheduler(gen, entry.spec, dtype, s.max_batch, s.max_queue, self.metrics)
+        else:
+            sched = Scheduler(gen, max_batch=s.max_batch, max_rows=s.max_queue, metrics=self.metrics)
         return LoadedModel(entry, gen, sched)
 
     def _evict(self, keep: tuple) -> list[LoadedModel]:
@@ -257,13 +276,15 @@ class ModelRegistry:
         for key, lm in list(self.loaded.items()):
             if key != keep and key not in current and not lm.busy:
                 out.append(self.loaded.pop(key))
-        # the decoder keeps about one more copy of the weights: budget twice the file size
-        total = sum(2 * lm.entry.size_bytes for lm in self.loaded.values())
+        # the decoder keeps about one more copy of the weights: budget twice the file size (a
+        # worker process holds its own model and decoder: twice more)
+        copies = 4 if self.settings.worker_process else 2
+        total = sum(copies * lm.entry.size_bytes for lm in self.loaded.values())
         for key, lm in list(self.loaded.items()):  # oldest first
             if total <= self.settings.memory_budget_bytes:
                 break
             if key != keep and not lm.busy:
-                total -= 2 * lm.entry.size_bytes
+                total -= copies * lm.entry.size_bytes
                 out.append(self.loaded.pop(key))
         return out
 

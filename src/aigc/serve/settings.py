@@ -32,6 +32,7 @@ RETRY_AFTER_S = 1  # the Retry-After header of a 429 / 503
 REQUEST_TIMEOUT_S = 300.0  # a request still running after this is cancelled (504)
 MEMORY_BUDGET_BYTES = 8 * 2**30  # loaded models above it: least recently used ones are unloaded
 STREAM_INTERVAL_S = 0.01  # a stream sends at most one batch of deltas per 10 ms (the first at once)
+EMIT_INTERVAL_S = STREAM_INTERVAL_S  # the batch worker hands a row's text over at most this often
 RESCAN_INTERVAL_S = 1.0  # model dirs are listed again at most this often (new versions appear)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -60,6 +61,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = MAX_BATCH
+    dtype: str | None = None  # text models' decoding weights, a torch dtype name (None: as stored)
+    worker_process: bool = False  # text models decode in a child process (worker.ProcessScheduler)
     max_queue: int = MAX_QUEUE
     max_inflight_per_key: int = MAX_INFLIGHT_PER_KEY
     request_timeout_s: float = REQUEST_TIMEOUT_S

@@ -24,12 +24,11 @@ from aigc.serve.routes.common import (
     collect,
     load_text_model,
     new_id,
-    stream_response,
     usage,
 )
 from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
 from aigc.serve.schemas import ChatRequest, ChatResponse, ErrorResponse
-from aigc.serve.streaming import SSE_DONE, TextCall, sse
+from aigc.serve.streaming import SSE_DONE, SSEResponse, TextCall, sse
 
 router = APIRouter(tags=["text"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
@@ -81,7 +80,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
         for row, r, c in zip(rows, rs, checks, strict=True):
             row["output_text"] = None if c.blocked else r.text.lstrip()
             row["moderation"] = mod.verdict(prompt_check, c)
-        return await feedback.record(request, lm.entry, rows)
+        return await st.text_recorder.record(lm.entry, rows)  # with other requests' rows
 
     seeds = call.seeds
 
@@ -93,37 +92,48 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
                 return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
 
-            for i in range(call.n):
-                yield chunk(
-                    [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-                )
+            yield "".join(
+                chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                for i in range(call.n)
+            )
             started = [False] * call.n  # leading whitespace is dropped until the reply starts
             guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
             results = {}
-            async for kind, idx, payload in call.events():
-                g = guards[idx]
-                text = g.feed(payload) if kind == "delta" else g.finish(payload.text)
-                text = text if started[idx] else text.lstrip()
-                if text:
-                    started[idx] = True
-                    yield chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}])
-                if kind != "delta":
-                    results[idx] = payload
-                    try:
-                        [gid] = await record([payload], [g.result])
-                    except ApiError as e:  # headers are sent: say it in the stream, keep going
-                        gid = None
-                        yield chunk([], warnings=[e.message])
-                    finish = CONTENT_FILTER if g.blocked else payload.finish_reason
-                    yield chunk([{"index": idx, "delta": {}, "finish_reason": finish, "seed": payload.seed,
-                                  "generation_id": gid, "moderation": outcome(mod, prompt_check, g.result)[1]}],
-                                parameters=payload.params)  # fmt: skip
-            if include_usage:
-                rs = [results[i] for i in range(call.n)]
-                yield chunk([], usage=usage(rs, {0}))
-            yield SSE_DONE
+            batches = call.batches()
+            try:
+                async for batch in batches:
+                    out = []  # the batch's events go out as one HTTP chunk (one write per batch)
+                    for kind, idx, payload in batch:
+                        g = guards[idx]
+                        text = g.feed(payload) if kind == "delta" else g.finish(payload.text)
+                        text = text if started[idx] else text.lstrip()
+                        if text:
+                            started[idx] = True
+                            out.append(
+                                chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}])
+                            )
+                        if kind == "delta":
+                            continue
+                        results[idx] = payload
+                        try:
+                            [gid] = await record([payload], [g.result])
+                        except ApiError as e:  # headers are sent: say it in the stream, keep going
+                            gid = None
+                            out.append(chunk([], warnings=[e.message]))
+                        finish = CONTENT_FILTER if g.blocked else payload.finish_reason
+                        out.append(chunk([{"index": idx, "delta": {}, "finish_reason": finish, "seed": payload.seed,
+                                           "generation_id": gid, "moderation": outcome(mod, prompt_check, g.result)[1]}],
+                                         parameters=payload.params))  # fmt: skip
+                    if not call.remaining:  # the last batch: usage and [DONE] in the same write
+                        if include_usage:
+                            out.append(chunk([], usage=usage([results[i] for i in range(call.n)], {0})))
+                        out.append(SSE_DONE)
+                    if out:
+                        yield "".join(out)
+            finally:
+                await batches.aclose()  # client gone: free the rows' slots now
 
-        return stream_response(events, call, slot)
+        return SSEResponse(events, call, slot.release)
 
     try:
         results = await collect(request, call)

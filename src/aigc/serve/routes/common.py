@@ -6,14 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
-from aigc.serve.streaming import SSE_HEADERS, TextCall
+from aigc.serve.streaming import TextCall
 
 
 class Slot:
@@ -61,23 +58,6 @@ async def collect(request: Request, call: TextCall) -> dict[int, Any]:
                 await task
             raise asyncio.CancelledError
     return task.result()
-
-
-def stream_response(
-    events: Callable[[], AsyncIterator[str]], call: TextCall, slot: Slot
-) -> StreamingResponse:
-    """SSE response; whatever ends the stream (done, client gone, error) frees the rows and slot."""
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for chunk in events():
-                yield chunk
-        finally:
-            call.cancel()
-            slot.release()
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS,
-                             background=BackgroundTask(slot.release))  # fmt: skip
 
 
 def usage(results: list[Any], prompts_counted: set[int] | None = None) -> dict[str, int]:

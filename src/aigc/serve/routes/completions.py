@@ -26,12 +26,11 @@ from aigc.serve.routes.common import (
     completion_logprobs,
     load_text_model,
     new_id,
-    stream_response,
     usage,
 )
 from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
 from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse
-from aigc.serve.streaming import SSE_DONE, TextCall, sse
+from aigc.serve.streaming import SSE_DONE, SSEResponse, TextCall, sse
 
 router = APIRouter(tags=["text"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
@@ -78,7 +77,7 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
             row["moderation"] = mod.verdict(prompt_checks[i // params.n], c)
             if c.blocked:
                 row["output_text"] = None
-        return await feedback.record(request, lm.entry, rows)
+        return await st.text_recorder.record(lm.entry, rows)  # with other requests' rows
 
     seeds = call.seeds
     first_of_prompt = {k * params.n for k in range(len(prompts))}
@@ -91,56 +90,50 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
                 return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                             "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
 
+            def text_chunk(idx: int, text: str) -> str:
+                return chunk([{"index": idx, "text": text, "finish_reason": None, "logprobs": None}])
+
             results = {}
             guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
             if body.echo:
-                for i in range(call.n):
-                    yield chunk(
-                        [
-                            {
-                                "index": i,
-                                "text": prompts[i // params.n],
-                                "finish_reason": None,
-                                "logprobs": None,
-                            }
-                        ]
-                    )
-            async for kind, idx, payload in call.events():
-                if kind == "delta":
-                    text = guards[idx].feed(payload)
-                    if text:
-                        yield chunk([{"index": idx, "text": text, "finish_reason": None, "logprobs": None}])
-                else:
-                    g = guards[idx]
-                    rest = g.finish(payload.text)
-                    if rest:
-                        yield chunk([{"index": idx, "text": rest, "finish_reason": None, "logprobs": None}])
-                    results[idx] = payload
-                    try:
-                        [gid] = await record([idx], [payload], [g.result])
-                    except ApiError as e:  # headers are sent: say it in the stream, keep going
-                        gid = None
-                        yield chunk([], warnings=[e.message])
-                    yield chunk(
-                        [
-                            {
-                                "index": idx,
-                                "text": "",
-                                "finish_reason": CONTENT_FILTER if g.blocked else payload.finish_reason,
-                                "logprobs": None,
-                                "seed": payload.seed,
-                                "generation_id": gid,
-                                "moderation": outcome(mod, prompt_checks[idx // params.n], g.result)[1],
-                            }
-                        ],  # fmt: skip
-                        parameters=payload.params,
-                    )
-            if include_usage:
-                rs = [results[i] for i in range(call.n)]
-                yield chunk([], usage=usage(rs, first_of_prompt))
-            yield SSE_DONE
+                yield "".join(text_chunk(i, prompts[i // params.n]) for i in range(call.n))
+            batches = call.batches()
+            try:
+                async for batch in batches:
+                    out = []  # the batch's events go out as one HTTP chunk (one write per batch)
+                    for kind, idx, payload in batch:
+                        if kind == "delta":
+                            text = guards[idx].feed(payload)
+                            if text:
+                                out.append(text_chunk(idx, text))
+                            continue
+                        g = guards[idx]
+                        rest = g.finish(payload.text)
+                        if rest:
+                            out.append(text_chunk(idx, rest))
+                        results[idx] = payload
+                        try:
+                            [gid] = await record([idx], [payload], [g.result])
+                        except ApiError as e:  # headers are sent: say it in the stream, keep going
+                            gid = None
+                            out.append(chunk([], warnings=[e.message]))
+                        out.append(chunk([{"index": idx, "text": "",
+                                           "finish_reason": CONTENT_FILTER if g.blocked else payload.finish_reason,
+                                           "logprobs": None, "seed": payload.seed, "generation_id": gid,
+                                           "moderation": outcome(mod, prompt_checks[idx // params.n], g.result)[1]}],
+                                         parameters=payload.params))  # fmt: skip
+                    if not call.remaining:  # the last batch: usage and [DONE] in the same write
+                        if include_usage:
+                            out.append(
+                                chunk([], usage=usage([results[i] for i in range(call.n)], first_of_prompt))
+                            )
+                        out.append(SSE_DONE)
+                    if out:
+                        yield "".join(out)
+            finally:
+                await batches.aclose()  # client gone: free the rows' slots now
 
-        return stream_response(events, call, slot)
+        return SSEResponse(events, call, slot.release)
 
     try:
         results = await collect(request, call)

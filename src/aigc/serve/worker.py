@@ -1,0 +1,247 @@
+"""The batch worker in a child process: `ProcessScheduler` (`aigc serve --worker-process`).
+
+In one process the scheduler's worker thread and the event loop share the GIL: the per-token
+Python of a small model and the per-request Python of the HTTP side run one at a time, and a thread
+that gives the GIL up (every torch op does) waits to get it back. Here a child process runs a
+`batching.Scheduler` on its own copy of the model and the server keeps only the asyncio side.
+
+    parent (server)                                child (`python -c ... worker_main()`)
+    submit: tokenize + resolve (`_requests`)  ->    ("submit", id, prompt, ids, params, t0)
+    cancel / close                            ->    ("cancel", id) / ("close",)
+    reader thread: rows' `emit`, metrics      <-    one list per step: (id, kind, index, payload)
+
+Messages go over a socket pair (`multiprocessing.connection.Connection`, pickled; our own objects
+between our own processes, nothing read from disk). Unix only: the socket is passed by file
+descriptor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from aigc.errors import AigcError
+from aigc.generation.params import GenerationParams
+from aigc.serve.batching import Emit, QueueFull, Row, Scheduler, Ticket
+
+
+class ProcessScheduler:
+    """`Scheduler`'s interface (`submit`, `load`, `close`, tickets with `cancel()`) with the
+    decoding in a child process; the parent still tokenizes and resolves each request, so its
+    errors are raised in the caller as with `Scheduler.submit`."""
+
+    def __init__(
+        self,
+        gen: Any,
+        spec: str,
+        dtype: str | None = None,
+        max_batch: int = 32,
+        max_rows: int = 256,
+        metrics: Any = None,
+    ) -> None:
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        self.gen, self.max_rows, self.metrics = gen, max_rows, metrics
+        ours, theirs = socket.socketpair()
+        code = "from aigc.serve.worker import worker_main; worker_main()"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+        )
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send(("init", spec, dtype, max_batch, torch.get_num_threads(), gen.model_id))
+        try:
+            [(_, kind, _, detail)] = self.conn.recv()  # after the child has loaded the model
+        except (EOFError, OSError):
+            kind, detail = "failed", f"exit code {self.proc.wait()}"
+        if kind != "ready":
+            self.conn.close()
+            raise AigcError(f"the batch worker process could not load {spec}: {detail}")
+        self.lock = threading.Lock()  # calls, load, sends
+        self.calls: dict[int, list] = {}  # request id -> [emit, rows not done]
+        self.load = 0  # rows waiting or running
+        self.closed = False
+        self._next = 0
+        self.thread = threading.Thread(
+            target=self._read, name=f"aigc-batch-reader-{gen.model_id}", daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child still runs (False after `close` or a crash)."""
+        return not self.closed and self.proc.poll() is None
+
+    def submit(self, prompt: str, params: GenerationParams, emit: Emit) -> Ticket:
+        """As `Scheduler.submit`."""
+        if params.num_beams > 1:
+            raise AigcError(
+                "num_beams > 1 is not served (beam search decodes alone); use n for several samples"
+            )
+        ids, row_params = self.gen._requests(prompt, params)
+        rows = [Row(prompt, ids, p, k, emit) for k, p in enumerate(row_params)]
+        with self.lock:
+            if self.closed or self.load + len(rows) > self.max_rows:
+                raise QueueFull
+            rid, self._next = self._next, self._next + 1
+            self.calls[rid] = [emit, len(rows)]
+            self.load += len(rows)
+            # perf_counter is CLOCK_MONOTONIC on Linux, one clock for both processes: the child's
+            # wait and time-to-first-token metrics count from here
+            self.conn.send(("submit", rid, prompt, ids, row_params, rows[0].submitted))
+        return _RemoteTicket(self, rid, rows)
+
+    def _cancel(self, rid: int) -> None:
+        with self.lock:
+            call = self.calls.pop(rid, None)
+            if call is None or self.closed:
+                return
+            self.load -= call[1]
+            self.conn.send(("cancel", rid))
+
+    def _read(self) -> None:
+        """Hand each step's events to the rows' callbacks until the child exits."""
+        while True:
+            try:
+                items = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            for rid, kind, index, payload in items:
+                if kind == "metric":
+                    if self.metrics is not None:
+                        getattr(self.metrics, index)(*payload)
+                    continue
+                with self.lock:
+                    call = self.calls.get(rid)
+                    if call is None:  # cancelled meanwhile
+                        continue
+                    if kind != "delta":
+                        call[1] -= 1
+                        self.load -= 1
+                        if not call[1]:
+                            del self.calls[rid]
+                call[0](kind, index, payload)
+        with self.lock:  # the worker is gone: whatever it still held fails cleanly
+            calls, self.calls, self.load, self.closed = self.calls, {}, 0, True
+        for emit, _ in calls.values():
+            emit("error", 0, "the model's worker process stopped; retry the request")
+
+    def close(self) -> None:
+        """Stop the worker after its running rows (rows still waiting get an error)."""
+        import subprocess
+
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                with contextlib.suppress(OSError):  # the child may be gone already
+                    self.conn.send(("close",))
+        self.thread.join(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.conn.close()
+
+
+class _RemoteTicket(Ticket):
+    def __init__(self, sched: ProcessScheduler, rid: int, rows: list[Row]) -> None:
+        super().__init__(rows)
+        self.sched, self.rid = sched, rid
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.sched._cancel(self.rid)
+
+
+class _Outbox:
+    """The child's side: events and metrics of one step, sent to the parent as one message."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn, self.items, self.lock = conn, [], threading.Lock()
+        self.events = 0  # text / result / error items among `items`
+
+    def emit_for(self, rid: int, rows: int, done: Callable[[int], None]) -> Emit:
+        left = [rows]
+
+        def emit(kind: str, index: int, payload: Any) -> None:
+            with self.lock:
+                self.items.append((rid, kind, index, payload))
+                self.events += 1
+            if kind != "delta":
+                left[0] -= 1
+                if not left[0]:
+                    done(rid)
+
+        return emit
+
+    def _metric(self, name: str, *args: Any) -> None:
+        with self.lock:
+            self.items.append((None, "metric", name, args))
+
+    def observe_wait(self, seconds: float) -> None:
+        self._metric("observe_wait", seconds)
+
+    def observe_ttft(self, seconds: float) -> None:
+        self._metric("observe_ttft", seconds)
+
+    def observe_step(self, batch: int, seconds: float) -> None:
+        self._metric("observe_step", batch, seconds)
+
+    def flush(self, force: bool = False) -> None:
+        """Send what the step produced; metrics alone wait for the next events, 256 of them or the
+        batch going idle (`force`), so a step that hands over no text costs no message."""
+        with self.lock:
+            if not self.items or not (self.events or force or len(self.items) >= 256):
+                return
+            items, self.items, self.events = self.items, [], 0
+        self.conn.send(items)
+
+
+def worker_main() -> None:
+    """The child process of `ProcessScheduler` (argv[1]: the socket's file descriptor)."""
+    import sys
+    from multiprocessing.connection import Connection
+
+    conn = Connection(int(sys.argv[1]))
+    _, spec, dtype, max_batch, threads, model_id = conn.recv()
+    torch.set_num_threads(threads)
+    try:
+        from aigc.generation import load_generator
+
+        gen = load_generator(spec, dtype=getattr(torch, dtype) if dtype else None)
+        gen.model_id = model_id
+    except Exception as e:  # the parent raises it as an AigcError
+        conn.send([(None, "failed", 0, f"{type(e).__name__}: {e}")])
+        return
+    out = _Outbox(conn)
+    sched = Scheduler(gen, max_batch=max_batch, max_rows=1 << 30, metrics=out)  # the parent bounds
+    sched.after_step = lambda: out.flush(force=not sched.rows and not sched.pending)
+    tickets: dict[int, Ticket] = {}
+    conn.send([(None, "ready", 0, None)])
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        if msg[0] == "submit":
+            _, rid, prompt, ids, row_params, submitted = msg
+            emit = out.emit_for(rid, len(row_params), lambda r: tickets.pop(r, None))
+            rows = [Row(prompt, ids, p, k, emit, submitted) for k, p in enumerate(row_params)]
+            tickets[rid] = sched.enqueue(rows)
+        elif msg[0] == "cancel":
+            t = tickets.pop(msg[1], None)
+            if t is not None:
+                t.cancel()
+        else:  # "close"
+            break
+    sched.close()
+    out.flush(force=True)
+    conn.close()

@@ -1,0 +1,382 @@
+"""The server's per-request and per-token savings keep its contracts: text decoded a few tokens at
+a time, one write per event batch, coalesced store writes, the lean bench client, `serve --dtype`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+
+import pytest
+import torch
+
+from aigc.generation import load_generator
+from aigc.generation.params import make_params
+from aigc.generation.stream import Detokenizer
+from aigc.serve.batching import Scheduler
+from aigc.serve.streaming import SSE_DONE, SSEResponse
+from serve_helpers import CORPUS, write_text_run
+
+TEXT = "ROMEO: soft! 春眠不觉晓, what light 🌙 breaks?"
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("group", [1, 2, 3, 7])
+def test_detokenizer_in_groups_gives_the_same_text(kind, group):
+    """add() + take() every `group` tokens streams the same text as push() per token (byte-level BPE
+    splits the Chinese characters and the emoji over several tokens)."""
+    from aigc.tokenizers import train_tokenizer
+
+    tok = train_tokenizer(kind, [CORPUS + TEXT * 3], **({"vocab_size": 300} if kind == "bpe" else {}))
+    ids = tok.encode(TEXT)
+    d = Detokenizer(tok.decode, ids[:2])
+    deltas = []
+    for k, t in enumerate(ids[2:], 1):
+        d.add(t)
+        if k % group == 0:
+            deltas.append(d.take())
+    tail = d.flush()
+    ref = Detokenizer(tok.decode, ids[:2])
+    one_by_one = "".join(ref.push(t) for t in ids[2:]) + ref.flush()
+    assert "".join(deltas) + tail == one_by_one == tok.decode(ids[2:])
+    assert "\ufffd" not in "".join(deltas)  # a split character is never shown half-done
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory):
+    return load_generator(write_text_run(tmp_path_factory.mktemp("runs") / "gpt"))
+
+
+def run(sched: Scheduler, prompt: str, **kw):
+    deltas, out, done = [], {}, threading.Event()
+
+    def emit(kind, index, payload):
+        if kind == "delta":
+            deltas.append(payload)
+        else:
+            out[kind] = payload
+            done.set()
+
+    sched.submit(prompt, make_params(**kw), emit)
+    assert done.wait(30) and "done" in out, out
+    return deltas, out["done"]
+
+
+def test_rows_hand_over_text_at_most_every_emit_interval(gpt):
+    """Without stop strings a row's text goes out at its first token and then at most every
+    emit_interval (here: never before the end); the text is generate()'s either way."""
+    sched = Scheduler(gpt, emit_interval=1e9)
+    try:
+        deltas, res = run(sched, "ROMEO:", max_new_tokens=30, seed=4, ignore_eos=True)
+        # a stop string makes the row decode every token (it must end at the exact one)
+        stop_deltas, stop_res = run(sched, "ROMEO:", max_new_tokens=30, seed=4, ignore_eos=True, stop=["zz"])
+    finally:
+        sched.close()
+    [ref] = gpt.generate("ROMEO:", max_new_tokens=30, seed=4, ignore_eos=True)
+    assert res.text == stop_res.text == ref.text and res.tokens == ref.tokens
+    assert len(deltas) == 2 and "".join(deltas) == ref.text  # the first token, then the rest at the end
+    assert len(stop_deltas) > 2 and "".join(stop_deltas) == ref.text
+
+
+class FakeCall:
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+
+
+def asgi(response, messages_in):
+    """Run an ASGI response; -> the messages it sent."""
+    sent = []
+
+    async def main():
+        queue = list(messages_in)
+
+        async def receive():
+            if queue:
+                return queue.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(response({"type": "http"}, receive, send), 10)
+
+    asyncio.run(main())
+    return sent
+
+
+def test_sse_response_ends_with_the_terminator_in_the_last_write():
+    released = []
+
+    async def events():
+        yield "data: 1\n\n"
+        yield "data: 2\n\n" + SSE_DONE
+
+    call = FakeCall()
+    sent = asgi(SSEResponse(events, call, lambda: released.append(1)), [])
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
+    assert dict(sent[0]["headers"])[b"content-type"].startswith(b"text/event-stream")
+    assert [(m["body"], m["more_body"]) for m in sent[1:]] == [
+        (b"data: 1\n\n", True),
+        (b"data: 2\n\ndata: [DONE]\n\n", False),  # one write: the last events + the end of the body
+    ]
+    assert released == [1] and call.cancelled
+
+
+def test_sse_response_stops_when_the_client_goes_away():
+    """A disconnect ends a stream that is waiting for events: rows cancelled, slot released."""
+    released, closed = [], []
+
+    async def events():
+        try:
+            yield "data: 1\n\n"
+            await asyncio.sleep(3600)  # a model that never answers again
+            yield "never"
+        finally:
+            closed.append(1)
+
+    call = FakeCall()
+    sent = asgi(SSEResponse(events, call, lambda: released.append(1)), [{"type": "http.disconnect"}])
+    assert [m.get("body") for m in sent[1:]] == [b"data: 1\n\n"]
+    assert closed == [1] and call.cancelled and released == [1]
+
+
+class CountingStore:
+    """A store that counts its write transactions (and can fail them)."""
+
+    def __init__(self, store, fail: Exception | None = None) -> None:
+        self.store, self.fail, self.writes = store, fail, 0
+
+    def add_generations(self, rows):
+        self.writes += 1
+        if self.fail is not None:
+            raise self.fail
+        return self.store.add_generations(rows)
+
+
+def test_text_recorder_writes_concurrent_requests_in_one_transaction(tmp_path):
+    from types import SimpleNamespace
+
+    from aigc.feedback.store import Store
+    from aigc.serve.registry import ModelEntry
+    from aigc.serve.streaming import TextRecorder
+
+    store = Store.open(str(tmp_path / "aigc.db"))
+    state = SimpleNamespace(store=CountingStore(store))
+    entry = ModelEntry("m", "m", None, "hf:nowhere", "text", 0, ("hf:nowhere",))
+    rec = TextRecorder(state)
+
+    def rows(k: int, n: int):
+        return [dict(kind="text", model="m", prompt=f"p{k}", output_text=f"out{k}.{i}") for i in range(n)]
+
+    async def main():
+        return await asyncio.gather(*(rec.record(entry, rows(k, 1 + k % 2)) for k in range(5)))
+
+    ids = asyncio.run(main())
+    assert state.store.writes == 1  # 5 requests, one transaction
+    assert [len(i) for i in ids] == [1, 2, 1, 2, 1]
+    flat = [i for request in ids for i in request]
+    assert len(set(flat)) == len(flat)
+    for k, request in enumerate(ids):  # each request got its own rows' ids, in order
+        assert [store.get_generation(i)["output_text"] for i in request] == [
+            r["output_text"] for r in rows(k, len(request))
+        ]
+    # a busy store: every request in the write gets the retryable 503
+    import sqlalchemy as sa
+
+    from aigc.serve.app import ApiError
+
+    state.store = CountingStore(store, fail=sa.exc.OperationalError("INSERT", {}, Exception("locked")))
+
+    async def failing():
+        return await asyncio.gather(
+            *(rec.record(entry, rows(k, 1)) for k in range(3)), return_exceptions=True
+        )
+
+    errors = asyncio.run(failing())
+    assert all(isinstance(e, ApiError) and e.status == 503 and e.retry for e in errors)
+    store.close()
+
+
+def test_lean_bench_client_reads_a_real_stream(tmp_path, monkeypatch):
+    """bench/bench_serve.py's load generator parses the chunked SSE body of a live server."""
+    from aigc.serve.app import create_app
+    from aigc.serve.settings import Settings
+    from conftest import REPO
+    from serve_helpers import LiveServer
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
+    import bench_serve
+
+    write_text_run(tmp_path / "models" / "tiny")
+    with LiveServer(create_app(Settings(models_dirs=[tmp_path / "models"]))) as live:
+
+        async def main():
+            clients = [bench_serve.LeanClient(live.url) for _ in range(3)]
+            return [await bench_serve.http_round(clients, 9, seed) for seed in (1, 2)]  # keep-alive reuse
+
+        for tps, ttfts in asyncio.run(main()):
+            assert tps > 0 and len(ttfts) == 3 and all(t > 0 for t in ttfts)
+    sys.modules.pop("bench_serve", None)
+
+
+def test_serve_dtype_reaches_the_decoder(tmp_path, run_cli):
+    from aigc.serve.registry import ModelRegistry
+    from aigc.serve.settings import Settings
+
+    write_text_run(tmp_path / "models" / "tiny")
+    reg = ModelRegistry(Settings(models_dirs=[tmp_path / "models"], dtype="bfloat16"))
+    try:
+        assert reg.get("tiny", "text").generator.decoder.dtype == torch.bfloat16
+    finally:
+        reg.close()
+    code, _, err = run_cli("serve", "--models", tmp_path / "models", "--dtype", "float64")
+    assert code == 1 and "--dtype 'float64' is not supported" in err
+
+
+# ---------------------------------------------------------------------------- worker process
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    """A ProcessScheduler on a tiny GPT, and the in-process generator to compare with."""
+    from aigc.serve.worker import ProcessScheduler
+
+    run_dir = write_text_run(tmp_path_factory.mktemp("runs") / "gpt")
+    gen = load_generator(run_dir)
+    gen.model_id = "gpt"
+    sched = ProcessScheduler(gen, str(run_dir), max_batch=8, max_rows=6)
+    yield gen, sched
+    sched.close()
+
+
+def test_worker_process_gives_generate_text(remote):
+    """Rows decoded in the child process come back with TextGenerator.generate's text, per row."""
+    gen, sched = remote
+    requests = [
+        ("ROMEO:", dict(max_new_tokens=25, seed=3, temperature=0.9)),
+        ("soft", dict(max_new_tokens=12, temperature=0)),
+        ("", dict(max_new_tokens=30, seed=5, top_k=4, stop=["o"])),
+        ("User: 春眠", dict(max_new_tokens=20, seed=7, top_p=0.8, n=2)),
+    ]
+    got, deltas, done = {}, {}, threading.Event()
+    expected = sum(kw.get("n", 1) for _, kw in requests)
+
+    def emit_for(k):
+        def emit(kind, index, payload):
+            if kind == "delta":
+                deltas.setdefault((k, index), []).append(payload)
+            else:
+                got[(k, index)] = payload
+                if len(got) == expected or kind == "error":
+                    done.set()
+
+        return emit
+
+    for k, (prompt, kw) in enumerate(requests):
+        sched.submit(prompt, make_params(**kw), emit_for(k))
+    assert done.wait(30) and all(not isinstance(r, str) for r in got.values()), got
+    for k, (prompt, kw) in enumerate(requests):
+        for i, ref in enumerate(gen.generate(prompt, **{**kw, "seed": got[(k, 0)].seed})):  # resolved seed
+            r = got[(k, i)]
+            assert (r.text, r.tokens, r.finish_reason, r.seed) == (
+                ref.text,
+                ref.tokens,
+                ref.finish_reason,
+                ref.seed,
+            )
+            assert "".join(deltas.get((k, i), [])) == ref.text
+    assert sched.load == 0
+
+
+def test_worker_process_cancel_and_bounds(remote):
+    from aigc.errors import AigcError
+    from aigc.serve.batching import QueueFull
+
+    gen, sched = remote
+    got = threading.Event()
+    ticket = sched.submit(
+        "ROMEO:", make_params(max_new_tokens=4000, seed=1, ignore_eos=True), lambda *a: got.set()
+    )
+    assert got.wait(10)  # it is decoding
+    with pytest.raises(QueueFull):  # 1 running + 6 more rows > max_rows
+        sched.submit("w", make_params(n=6), lambda *a: None)
+    ticket.cancel()
+    assert sched.load == 0
+    with pytest.raises(AigcError, match="num_beams"):
+        sched.submit("w", make_params(num_beams=2), lambda *a: None)
+    done = threading.Event()
+    sched.submit(
+        "soft", make_params(max_new_tokens=3, seed=2), lambda kind, i, p: kind == "done" and done.set()
+    )
+    assert done.wait(10) and sched.load == 0  # the cancelled row left the child's batch
+
+
+def test_worker_process_that_cannot_load_says_so(tmp_path):
+    from aigc.errors import AigcError
+    from aigc.serve.worker import ProcessScheduler
+
+    run_dir = write_text_run(tmp_path / "gpt")
+    gen = load_generator(run_dir)
+    gen.model_id = "gpt"
+    (run_dir / "model.safetensors").write_bytes(b"not weights")  # the child's own load fails
+    with pytest.raises(AigcError, match="batch worker process could not load"):
+        ProcessScheduler(gen, str(run_dir))
+
+
+@pytest.mark.slow
+def test_server_with_worker_process_streams_and_frees_slots(tmp_path, monkeypatch):
+    """`aigc serve --worker-process`: a stream equals generate(); a client that leaves frees its slot."""
+    import re
+    import time
+
+    import httpx
+
+    from aigc.serve.app import create_app
+    from aigc.serve.settings import Settings
+    from serve_helpers import LiveServer
+
+    monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
+    run_dir = write_text_run(tmp_path / "models" / "tiny")
+    [ref] = load_generator(run_dir).generate("ROMEO:", max_new_tokens=20, seed=5, temperature=0.8)
+    body = {
+        "model": "tiny",
+        "prompt": "ROMEO:",
+        "max_tokens": 20,
+        "seed": 5,
+        "temperature": 0.8,
+        "stream": True,
+    }
+    app = create_app(Settings(models_dirs=[tmp_path / "models"], worker_process=True))
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        text = ""
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += "".join(c["text"] for c in json.loads(line[6:])["choices"])
+        assert text == ref.text
+        tokens = r"aigc_generated_tokens_total (\d+)"
+        before = int(re.search(tokens, client.get("/metrics").text).group(1))
+        assert before >= 20  # the child's step metrics reach /metrics
+        long = {**body, "max_tokens": 4096, "ignore_eos": True}
+        with client.stream("POST", "/v1/completions", json=long) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+        deadline = time.monotonic() + 10
+        depth = r'aigc_queue_depth\{model="tiny"\} (\d+)'
+        while int(re.search(depth, client.get("/metrics").text).group(1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert int(re.search(depth, client.get("/metrics").text).group(1)) == 0
+        time.sleep(0.2)  # the child's last metrics, sent when its batch went idle
+        assert int(re.search(tokens, client.get("/metrics").text).group(1)) - before < 4096
+        # a worker that dies is replaced on the next request
+        [lm] = app.state.registry.loaded.values()
+        lm.scheduler.proc.kill()
+        lm.scheduler.proc.wait()
+        r = client.post("/v1/completions", json={**body, "stream": False})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
+        [lm2] = app.state.registry.loaded.values()
+        assert lm2 is not lm and lm2.alive and not lm.alive

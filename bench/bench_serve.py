@@ -48,7 +48,12 @@ PROMPT = "ROMEO: "
 TEXT_RE = re.compile(rb'"text":"[^"]')  # a chunk carrying some text
 
 
-def write_tiny_run(out: Path) -> None:
+# --model: the `tiny` preset (2 layers, 64 wide, context 64) or the tiny GPT of the generation
+# issue (4 layers, 4 heads, 128 wide, context 512; the model of bench_generate.py)
+SHAPES = {"preset": {}, "4x128": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 512}}
+
+
+def write_tiny_run(out: Path, shape: str = "preset") -> None:
     from safetensors.torch import save_model
 
     from aigc.config import load_preset
@@ -57,7 +62,7 @@ def write_tiny_run(out: Path) -> None:
     from aigc.utils.io import atomic_write_json
 
     tok = train_tokenizer("char", [CORPUS])
-    cfg = {**load_preset("gpt", "tiny")["model"], "vocab_size": tok.vocab_size}
+    cfg = {**load_preset("gpt", "tiny")["model"], **SHAPES[shape], "vocab_size": tok.vocab_size}
     torch.manual_seed(0)
     model = build_model("gpt", cfg)
     out.mkdir(parents=True)
@@ -265,7 +270,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=48)  # the tiny preset's context is 64
+    ap.add_argument("--model", choices=tuple(SHAPES), default="preset",
+                    help="preset: the tiny preset, 2x64, context 64; 4x128: bench_generate's tiny GPT")  # fmt: skip
+    ap.add_argument("--tokens", type=int, default=None, help="per request (default 48; 4x128: 256)")
     ap.add_argument("--client", choices=("lean", "httpx"), default="lean")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8"), default="float32")
     ap.add_argument("--worker-process", action="store_true", help="aigc serve --worker-process")
@@ -276,11 +283,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     args.rounds = 1 if args.quick else args.rounds
+    args.tokens = args.tokens or (256 if args.model == "4x128" else 48)
     torch.set_num_threads(args.threads)
     kinds = [False, True] if args.compare_worker else [args.worker_process]
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
-        write_tiny_run(models / "tiny")
+        write_tiny_run(models / "tiny", args.model)
         procs, servers = [], []
         try:
             for worker in kinds:
@@ -293,7 +301,7 @@ def main() -> None:
             for proc in procs:
                 proc.terminate()
                 proc.wait(timeout=30)
-    print(f"tiny GPT, {args.tokens} tokens per request, {args.rounds} round(s), {args.threads} torch thread(s), "
+    print(f"tiny GPT ({args.model}), {args.tokens} tokens per request, {args.rounds} round(s), {args.threads} torch thread(s), "
           f"dtype {args.dtype}, {args.client} client, load average {min(base['load']):.2f}-{max(base['load']):.2f}")  # fmt: skip
     print(f"in-process stream     {statistics.median(base['tps']):9.1f} tokens/s  "
           f"CPU {statistics.median(base['cpu']) * 1e6:6.1f} us/token")  # fmt: skip

@@ -4,14 +4,16 @@
     python bench/bench_unet_train.py --quick         # fewer steps (a smoke check)
     python bench/bench_unet_train.py --channels 128,128,256,256,512,512 --size 64   # the example's own UNet
     python bench/bench_unet_train.py --threads 1 --peer-bf16   # + the peer under bf16 autocast too
+    python bench/bench_unet_train.py --threads 1 --same-loss 200   # our attention trains as diffusers'
 
 Both sides train the same `UNet2DModel` (same config, same initial weights) on the same images with
 the same noise-prediction loss. The peer is the loop of diffusers' `examples/unconditional_image_
 generation/train_unconditional.py` without accelerate: fp32, a torch DataLoader over float tensors,
 `torch.optim.AdamW`, `DDPMScheduler.add_noise`, `F.mse_loss`. Ours is exactly what the Trainer runs
-per step: `DiffusionTask.training_step` (bf16 autocast where supported, attention core in fp32
-(`SpatialAttnProcessor`), contiguous tensors, uint8 images resident in memory, fused AdamW, EMA
-update included). The peer keeps diffusers' default attention processor. Steps alternate one by one
+per step: `DiffusionTask.training_step` (bf16 autocast where supported, `SpatialAttnProcessor`:
+in training under bf16 diffusers' `AttnProcessor` maths with a chunked, hand-written backward,
+contiguous tensors, uint8 images resident in memory, fused AdamW, EMA update included). The peer
+keeps diffusers' default attention processor (`AttnProcessor2_0`). Steps alternate one by one
 between the sides so machine drift hits both; we print the median images/s of each and the ratio,
 by wall clock and by process CPU time (the fairer one on a shared machine with --threads 1).
 `--peer-bf16` adds the peer loop under bf16 autocast, to show what the rest of our step buys.
@@ -90,12 +92,27 @@ def plain_loop(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: i
 
 
 def our_loop(
-    cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, precision: str, compile: bool = False
+    cfg: DiffusionConfig,
+    state: dict,
+    data: PreparedImages,
+    batch: int,
+    precision: str,
+    compile: bool = False,
+    lr: float = 1e-4,
+    diffusers_attention: bool = False,
 ):
-    """DiffusionTask.training_step driven as the Trainer drives it, as a callable."""
-    train = TrainConfig(batch_size=batch, lr=1e-4, weight_decay=0.0, max_steps=1000, precision=precision)
+    """DiffusionTask.training_step driven as the Trainer drives it, as a callable returning the loss.
+
+    `diffusers_attention`: with diffusers' `AttnProcessor2_0` instead of our `SpatialAttnProcessor`.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    train = TrainConfig(batch_size=batch, lr=lr, weight_decay=0.0, max_steps=1000, precision=precision)
     task = DiffusionTask(cfg, data, train)
     task.unet.load_state_dict(state)
+    for m in task.unet.modules():
+        if diffusers_attention and isinstance(m, Attention):
+            m.set_processor(AttnProcessor2_0())
     modules = task.modules()
     for m in modules.values():
         m.train()
@@ -104,7 +121,25 @@ def our_loop(
         {name: torch.compile(m) for name, m in modules.items()} if compile else modules
     )  # as train.compile
     ctx = Context(train, device, wrapped, modules, task.optimizers(train), autocast_dtype(precision, device))
-    return lambda: task.training_step(ctx)
+    return lambda: task.training_step(ctx)["loss"]
+
+
+def same_loss(cfg: DiffusionConfig, state: dict, data: PreparedImages, batch: int, steps: int) -> None:
+    """Train ours and ours with diffusers' attention on the same seeds; print mean losses per 25 steps."""
+    sides = {
+        "SpatialAttnProcessor": our_loop(cfg, state, data, batch, "auto", lr=3e-4),
+        "AttnProcessor2_0": our_loop(cfg, state, data, batch, "auto", lr=3e-4, diffusers_attention=True),
+    }
+    losses: dict[str, list[float]] = {name: [] for name in sides}
+    for i in range(steps):
+        for name, step in sides.items():
+            torch.manual_seed(1000 + i)  # the same noise and timesteps for both
+            losses[name].append(step())
+        if (i + 1) % 25 == 0:
+            print(
+                f"steps {i - 23}-{i + 1}: "
+                + " | ".join(f"{n} {statistics.mean(v[-25:]):.4f}" for n, v in losses.items())
+            )
 
 
 def main() -> None:
@@ -116,9 +151,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our UNet (train.compile=true)")
+    ap.add_argument("--compile", action="store_true", help="also time our step compiled (train.compile=true)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--peer-bf16", action="store_true", help="also time the peer loop under bf16 autocast")
+    ap.add_argument("--same-loss", type=int, default=0, metavar="STEPS",
+                    help="instead: train STEPS with our attention and with diffusers', same seeds, and print the losses")  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,31 +173,44 @@ def main() -> None:
     n_params = sum(v.numel() for v in state.values())
     print(f"UNet2DModel {channels}, {n_params / 1e6:.1f}M params, {args.size}x{args.size}, batch {args.batch}, "
           f"{data.meta['source']} ({len(data.images)} images), torch threads {torch.get_num_threads()}")  # fmt: skip
+    if args.same_loss:
+        return same_loss(cfg, state, data, args.batch, args.same_loss)
     # Steps alternate one by one (plain, ours, plain, ...) so load from other processes hits both
     # sides alike; the median step time of each side gives its images/s.
     sides = {
         "diffusers-example loop": plain_loop(cfg, state, data, args.batch),
-        f"ours ({args.precision}{', compiled' if args.compile else ''})": our_loop(
-            cfg, state, data, args.batch, args.precision, args.compile
-        ),
+        f"ours ({args.precision})": our_loop(cfg, state, data, args.batch, args.precision),
     }
+    if args.compile:  # its first step compiles (not timed); the compile time is printed
+        sides[f"ours ({args.precision}, compiled)"] = our_loop(
+            cfg, state, data, args.batch, args.precision, True
+        )
     if args.peer_bf16:
         sides["diffusers-example loop + bf16 autocast"] = plain_loop(cfg, state, data, args.batch, bf16=True)
     wall: dict[str, list[float]] = {name: [] for name in sides}
     cpu: dict[str, list[float]] = {name: [] for name in sides}
+    first: dict[str, tuple[float, float]] = {}
     for i in range(2 + args.steps * args.rounds):
         for name, step in sides.items():
             t0, c0 = time.perf_counter(), time.process_time()
             step()
+            if i == 0:
+                first[name] = (time.perf_counter() - t0, time.process_time() - c0)
             if i >= 2:  # the first two steps warm up allocations, kernel choice (and compilation)
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
-    peer, ours = list(sides)[:2]
+    peer = next(iter(sides))
+    ours = [n for n in sides if n.startswith("ours")]
+    others = [n for n in sides if n not in ours and n != peer]
+    for name in ours:
+        if "compiled" in name:
+            print(f"{name}: first step (compilation) {first[name][0]:.1f} s wall, {first[name][1]:.1f} s CPU")
     for clock, times in (("wall", wall), ("CPU", cpu)):
         rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
-        print(f"median by {clock} time: " + " | ".join(f"{n} {r:.1f} img/s" for n, r in rates.items())
-              + f" | ours/peer {rates[ours] / rates[peer]:.2f}x"
-              + "".join(f" | ours/{n} {rates[ours] / r:.2f}x" for n, r in list(rates.items())[2:]))  # fmt: skip
+        print(f"median by {clock} time: " + " | ".join(f"{n} {r:.1f} img/s" for n, r in rates.items()))
+        for name in ours:
+            print(f"  {name} / peer {rates[name] / rates[peer]:.2f}x"
+                  + "".join(f" | / {n} {rates[name] / rates[n]:.2f}x" for n in others))  # fmt: skip
 
 
 if __name__ == "__main__":

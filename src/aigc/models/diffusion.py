@@ -84,14 +84,88 @@ def check_image_size(size: int, block_out_channels: tuple[int, ...] | list[int])
         )
 
 
-class SpatialAttnProcessor:
-    """diffusers' `AttnProcessor2_0` for UNet2DModel's self-attention, with the attention core in fp32.
+def _probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float, scores: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """out = softmax(q k^T * scale) for one chunk of heads: bf16 scores, softmax in fp32 stored as bf16."""
+    torch.baddbmm(scores, q, k.transpose(1, 2), beta=0, alpha=scale, out=scores)  # (c, L, L)
+    return torch.softmax(scores, -1, out=out)
 
-    Same weights, same maths (an oracle test checks it against `AttnProcessor2_0`). Why: under
-    bf16 autocast on a CPU, PyTorch's flash-attention kernel is slow at UNet2DModel's head size
-    of 8 (forward + backward, batch 16, 16 heads: 7x7 tokens 27 ms in bf16 vs 4 ms in fp32, 14x14
-    tokens 80 vs 48 ms), so q, k, v go in as fp32 there (the blocks ask for `upcast_softmax`
-    anyway). Elsewhere (fp32, or GPUs) it is `AttnProcessor2_0` unchanged.
+
+class _ChunkedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v for bf16 (N, L, d) tensors, computed as diffusers' `AttnProcessor`
+    does under autocast (bf16 scores from `baddbmm`, softmax in fp32 rounded to bf16, bf16 `bmm`),
+    with a hand-written backward and the (N, L, L) work done `chunk` heads at a time.
+
+    Why: at UNet2DModel's head size 8 the matmuls are cheap (oneDNN bf16) and the time goes to the
+    softmax and to memory: autograd through the plain maths allocates several fresh (N, L, L) fp32
+    tensors per call, and glibc hands buffers that large back to the kernel on free, so each one is
+    page-faulted in again (at 14x14 tokens, batch 16: 97 ms forward + backward; PyTorch's fp32 flash
+    kernel 50 ms; this 33 ms, one thread). Here the scratch buffers hold one chunk and are reused,
+    and backward recomputes P chunk by chunk as flash attention does (in the training step as fast
+    as keeping all of P, measured, and memory stays O(N L d)).
+
+    Backward: P again, dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+    dQ = dS K * scale, dK = dS^T Q * scale; dS in fp32, the matmuls in bf16 like the forward's.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, chunk: int):  # q, k, v: (N, L, d) bf16, contiguous
+        n, length, _ = q.shape
+        c = min(chunk, n)
+        o = torch.empty_like(q)  # (N, L, d)
+        scores, p = (q.new_empty(c, length, length) for _ in "sp")  # (c, L, L) each
+        for i in range(0, n, chunk):
+            h, m = slice(i, min(i + chunk, n)), min(chunk, n - i)
+            torch.bmm(_probs(q[h], k[h], scale, scores[:m], out=p[:m]), v[h], out=o[h])  # (m, L, d)
+        ctx.save_for_backward(q, k, v, o)
+        ctx.scale, ctx.chunk = scale, chunk
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # do: (N, L, d)
+        q, k, v, o = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        n, length, _ = q.shape
+        c = min(chunk, n)
+        do = do.to(q.dtype).contiguous()
+        delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (N, L, 1) = rowsum(dP * P)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dp, p = (q.new_empty(c, length, length) for _ in "dp")  # (c, L, L) bf16; dp: scores, dP, dS
+        a, b = (torch.empty(c, length, length, dtype=torch.float32, device=q.device) for _ in "ab")
+        for i in range(0, n, chunk):
+            h, m = slice(i, min(i + chunk, n)), min(chunk, n - i)
+            ph = _probs(q[h], k[h], scale, dp[:m], out=p[:m])  # P of this chunk, as in forward
+            torch.bmm(ph.transpose(1, 2), do[h], out=dv[h])  # dV = P^T dO
+            torch.bmm(do[h], v[h].transpose(1, 2), out=dp[:m])  # dP = dO V^T
+            a[:m].copy_(dp[:m]).sub_(delta[h]).mul_(b[:m].copy_(ph))  # dS = P * (dP - delta), fp32
+            ds = dp[:m].copy_(a[:m])
+            torch.baddbmm(dq[h], ds, k[h], beta=0, alpha=scale, out=dq[h])  # dQ = dS K * scale
+            torch.baddbmm(dk[h], ds.transpose(1, 2), q[h], beta=0, alpha=scale, out=dk[h])  # dK
+        return dq, dk, dv, None, None
+
+
+CHUNK_SCORES = 1 << 20  # scores per chunk of heads (4 MB per fp32 scratch buffer)
+
+
+@torch.compiler.disable  # traced by torch.compile it made the step ~1.8x slower: runs eagerly
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of bf16 (N, L, d) tensors, N = batch * heads, through `_ChunkedAttention`."""
+    chunk = max(1, CHUNK_SCORES // (q.shape[1] * k.shape[1]))
+    with torch.autocast(q.device.type, enabled=False):  # the dtypes are chosen inside
+        return _ChunkedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, chunk)
+
+
+class SpatialAttnProcessor:
+    """diffusers' attention for UNet2DModel's self-attention blocks, faster on CPUs under bf16.
+
+    Same weights, same maths, chosen per call:
+    - training under bf16 on a CPU (grad enabled): `chunked_attention`, the numerics of diffusers'
+      `AttnProcessor` under autocast (bf16 scores, fp32 softmax) at 2/3 of the time of PyTorch's
+      fp32 flash kernel (oracle test against `AttnProcessor`);
+    - inference under bf16 on a CPU: the flash kernel with q, k, v in fp32, because in bf16 it is
+      slow at UNet2DModel's head size of 8 (7x7 tokens 27 ms vs 4 ms in fp32, batch 16);
+    - elsewhere (fp32, GPUs): `AttnProcessor2_0` unchanged (oracle test against it).
     """
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
@@ -102,15 +176,21 @@ class SpatialAttnProcessor:
         x = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, L, C), L = H*W tokens
         x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (B, L, C) each
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, d)
+        nh, d = attn.heads, k.shape[-1] // attn.heads
         dtype = q.dtype
-        if q.device.type == "cpu" and dtype == torch.bfloat16:  # bf16 autocast or bf16 weights
-            with torch.autocast("cpu", enabled=False):
-                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # (B, nh, L, d)
+        cpu_bf16 = q.device.type == "cpu" and dtype == torch.bfloat16  # bf16 autocast or weights
+        if cpu_bf16 and torch.is_grad_enabled():
+            q, k, v = (t.view(b, -1, nh, d).transpose(1, 2).reshape(b * nh, -1, d) for t in (q, k, v))
+            o = chunked_attention(q, k, v, attn.scale)  # (B*nh, L, d)
+            o = o.view(b, nh, -1, d).transpose(1, 2).reshape(b, -1, nh * d)  # (B, L, C)
         else:
-            o = F.scaled_dot_product_attention(q, k, v)
-        o = o.transpose(1, 2).reshape(b, -1, attn.heads * d).to(dtype)  # (B, L, C)
+            q, k, v = (t.view(b, -1, nh, d).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, d)
+            if cpu_bf16:
+                with torch.autocast("cpu", enabled=False):
+                    o = F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # (B, nh, L, d)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v)
+            o = o.transpose(1, 2).reshape(b, -1, nh * d).to(dtype)  # (B, L, C)
         o = attn.to_out[1](attn.to_out[0](o))  # output projection, dropout
         o = o.transpose(-1, -2).reshape(b, c, h, w)  # (B, C, H, W)
         if attn.residual_connection:
@@ -290,6 +370,7 @@ __all__ = [
     "DiffusionConfig",
     "build_unet",
     "check_image_size",
+    "chunked_attention",
     "denoise",
     "diffusion_loss",
     "make_scheduler",

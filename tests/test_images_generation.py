@@ -116,6 +116,46 @@ def test_samplers_and_seeds(uncond_run):
     assert gen.generate(n=3, seed=1, sampler="ddim", steps=2, batch_size=2).tensor.shape == (3, 1, 8, 8)
 
 
+def _oracle(gen, algorithm: str, steps: int, seed: int, **options) -> torch.Tensor:
+    """Our denoise loop on a diffusers DPM-Solver++ scheduler built here from its documented options."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from aigc.models.diffusion import denoise
+
+    cfg = gen.config
+    sched = DPMSolverMultistepScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon",
+        algorithm_type=algorithm, solver_order=2, thresholding=True, sample_max_value=1.0, **options,
+    )  # fmt: skip
+    with torch.no_grad():
+        return denoise(gen.model, sched, 2, steps, torch.Generator().manual_seed(seed))
+
+
+def test_sampler_options_reach_the_scheduler(uncond_run, monkeypatch):
+    """SAMPLER_OPTIONS (the measured per-sampler scheduler settings) are what generate() samples with."""
+    from aigc.generation.image import SAMPLER_OPTIONS, sampler_scheduler
+
+    gen = ImageGenerator.load(uncond_run)
+    gen.config.beta_schedule = "squaredcos_cap_v2"  # the schedule the options were measured on
+    # defaults: diffusers' linspace timesteps for both DPM-Solver++ samplers (nothing beat them)
+    assert sampler_scheduler(gen.config, "dpm-sde").config.algorithm_type == "sde-dpmsolver++"
+    assert sampler_scheduler(gen.config, "dpm").config.use_lu_lambdas is False
+    sde = gen.generate(n=2, seed=4, sampler="dpm-sde", steps=5, dtype="fp32").tensor
+    torch.testing.assert_close(sde, _oracle(gen, "sde-dpmsolver++", 5, 4), atol=1e-6, rtol=0)
+    monkeypatch.setitem(SAMPLER_OPTIONS, "dpm-sde", {"use_lu_lambdas": True})
+    lu = gen.generate(n=2, seed=4, sampler="dpm-sde", steps=5, dtype="fp32").tensor
+    torch.testing.assert_close(
+        lu, _oracle(gen, "sde-dpmsolver++", 5, 4, use_lu_lambdas=True), atol=1e-6, rtol=0
+    )
+    assert (sde - lu).abs().max() > 1e-3  # the option changed the walk
+    # any entry reaches the scheduler, e.g. the ODE on log-SNR spacing with the Heun-style update
+    monkeypatch.setitem(SAMPLER_OPTIONS, "dpm", {"use_lu_lambdas": True, "solver_type": "heun"})
+    ode = gen.generate(n=2, seed=4, sampler="dpm", steps=5, dtype="fp32").tensor
+    oracle = _oracle(gen, "dpmsolver++", 5, 4, use_lu_lambdas=True, solver_type="heun")
+    torch.testing.assert_close(ode, oracle, atol=1e-6, rtol=0)
+
+
 def test_bad_requests(uncond_run, cond_run):
     u, c = ImageGenerator.load(uncond_run), ImageGenerator.load(cond_run)
     with pytest.raises(AigcError, match="unknown sampler 'euler'; valid samplers: ddpm, ddim, dpm"):

@@ -572,7 +572,11 @@ def generate_image(
     ] = None,
     sampler: Annotated[
         str | None,
-        typer.Option("--sampler", help="Diffusion sampler: ddpm, ddim, dpm (DPM-Solver++) or dpm-sde."),
+        typer.Option(
+            "--sampler",
+            help="Diffusion sampler: ddpm, ddim, dpm (DPM-Solver++ ODE) or dpm-sde (stochastic; "
+            "closer to 1000-step ddpm at 20 steps).",
+        ),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (diffusion).")] = None,
     prompt: Annotated[

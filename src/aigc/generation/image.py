@@ -24,6 +24,12 @@ from aigc.generation.image_io import make_grid, save_gif, save_png, to_pil, upsc
 from aigc.models.diffusion import SAMPLERS, denoise, make_scheduler
 
 HF_PREFIX = "hf:"
+# Scheduler options on top of make_scheduler's, per sampler (our diffusion runs); bench/bench_samplers.py
+# overrides entries to measure them ("dpm-sde:20:use_lu_lambdas=1"). Empty on purpose: on the MNIST
+# runs of docs/benchmarks.md ("DPM-Solver++ at 20 steps") no option tried beat diffusers' defaults
+# at 20 steps (log-SNR / Karras / exponential / beta spacing, lambda clipping, leading spacing,
+# sigma_min final step, Euler final step, Heun update, order 1 or 3, thresholding ratio).
+SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {}
 DTYPES = ("auto", "bf16", "fp32")  # sampling precision of our diffusion models; auto = bf16 where supported
 
 
@@ -64,6 +70,13 @@ class GeneratedImages:
             shared["label"] = labels[0] if len(labels) == 1 else ",".join(labels)
             paths.append(save_png(upscale(make_grid(self.images), scale), out_dir / "grid.png", shared))
         return paths
+
+
+def sampler_scheduler(cfg, sampler: str):
+    """The diffusers scheduler our diffusion runs sample with: make_scheduler + SAMPLER_OPTIONS."""
+    sched = make_scheduler(cfg, sampler)
+    extra = SAMPLER_OPTIONS.get(sampler)
+    return type(sched).from_config(sched.config, **extra) if extra else sched
 
 
 def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -270,7 +283,7 @@ class ImageGenerator:
     def _sample(self, b, g, labels, guidance, sampler, steps, x_T=None, amp=None) -> torch.Tensor:
         """One batch from our own models: (b, C, H, W) in [-1, 1] (diffusion: under `amp` autocast)."""
         if self.family == "diffusion":
-            sched = make_scheduler(self.config, sampler)
+            sched = sampler_scheduler(self.config, sampler)
             w = guidance if labels is not None else 1.0
             # the UNet runs in bf16 under autocast; x, the guidance mix and the solver stay fp32
             with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -377,4 +390,11 @@ def load_image_generator(name: str | Path, device: str = "cpu") -> ImageGenerato
     return ImageGenerator.load(name, device)
 
 
-__all__ = ["DTYPES", "GeneratedImages", "ImageGenerator", "load_image_generator"]
+__all__ = [
+    "DTYPES",
+    "SAMPLER_OPTIONS",
+    "GeneratedImages",
+    "ImageGenerator",
+    "load_image_generator",
+    "sampler_scheduler",
+]

@@ -78,11 +78,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are kept, so `decode(encode(s)) == s` for any text."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        n = self.vocab_size  # once: a call into the Rust tokenizer, and streams decode per token
+        bad = [i for i in ids if not 0 <= i < n]
         if bad:
-            raise AigcError(
-                f"token id {bad[0]} is out of range; this tokenizer has ids 0..{self.vocab_size - 1}"
-            )
+            raise AigcError(f"token id {bad[0]} is out of range; this tokenizer has ids 0..{n - 1}")
         return self.hf.decode(ids, skip_special_tokens=False)
 
     def token(self, i: int) -> str | None:

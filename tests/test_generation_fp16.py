@@ -14,6 +14,7 @@ from aigc.generation.engine import Engine, Request
 from aigc.generation.params import GenerationParams
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.models.lstm import LSTMLM, LSTMConfig
+from serve_helpers import write_text_run
 
 needs_fbgemm = pytest.mark.skipif(not fp16_gemm_available(), reason="torch built without fbgemm")
 
@@ -128,25 +129,8 @@ def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
         GPTDecoder(_gpt(), compile=True)
 
 
-def _tiny_run(tmp_path):
-    from safetensors.torch import save_model
-
-    from aigc.tokenizers import train_tokenizer
-    from aigc.utils.io import atomic_write_json
-
-    tok = train_tokenizer("char", ["ROMEO: But soft, what light through yonder window breaks?\n"])
-    cfg = dict(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    out = tmp_path / "run"
-    out.mkdir()
-    save_model(GPT(GPTConfig(**cfg)), str(out / "model.safetensors"))
-    atomic_write_json(out / "config.json", {"family": "gpt", "model": cfg, "train": {}, "data": {}})
-    tok.save(out / "tokenizer.json")
-    return out
-
-
 def test_cli_dtype_float16(run_cli, tmp_path):
-    out = _tiny_run(tmp_path)
+    out = write_text_run(tmp_path / "run")
     args = ("generate", "text", "-m", str(out), "-p", "RO", "--seed", "1", "--max-new-tokens", "12")
     code, text1, err = run_cli(*args, "--dtype", "float16")
     assert code == 0, err
@@ -236,7 +220,7 @@ def test_compiled_decoder_slides_past_the_context_and_joins_batches():
 
 @pytest.mark.slow
 def test_cli_compile_gives_the_same_text(run_cli, tmp_path):
-    out = _tiny_run(tmp_path)
+    out = write_text_run(tmp_path / "run")
     args = ("generate", "text", "-m", str(out), "-p", "RO", "--seed", "3", "--max-new-tokens", "20")
     code, plain, err = run_cli(*args)
     assert code == 0, err

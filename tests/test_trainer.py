@@ -65,7 +65,8 @@ def test_train_config_needs_a_budget():
 
 
 def test_auto_preset_follows_the_time_budget(monkeypatch):
-    from aigc.training.text import _can_compile, auto_preset
+    from aigc.training.text import auto_preset
+    from aigc.utils.compile import can_compile
 
     short, long = auto_preset("gpt", 90), auto_preset("gpt", 600)
     assert (short["model"]["n_embd"], short["model"]["block_size"], short["train"]["lr"]) == (128, 64, 5e-3)
@@ -73,14 +74,14 @@ def test_auto_preset_follows_the_time_budget(monkeypatch):
     assert auto_preset("gpt", None)["train"]["max_steps"] == 3000
     # torch.compile pays only once its ~17 s first compile is small next to the budget (and needs
     # a C++ compiler on CPU: without one it stays off)
-    assert long["train"].get("compile", False) is _can_compile() and "compile" not in short["train"]
+    assert long["train"].get("compile", False) is can_compile() and "compile" not in short["train"]
     assert (
         "compile" not in auto_preset("gpt", None)["train"]
         and "compile" not in auto_preset("lstm", 600)["train"]
     )
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("CXX", "no-such-compiler")
-    assert not _can_compile() and "compile" not in auto_preset("gpt", 600)["train"]
+    assert not can_compile() and "compile" not in auto_preset("gpt", 600)["train"]
 
 
 # ----------------------------------------------------------------------------- a toy task

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc.errors import AigcError
+from aigc.utils.compile import can_compile
 
 log = logging.getLogger("aigc.generation")
 
@@ -111,17 +112,15 @@ def fp16_linear(x: torch.Tensor, w: tuple[torch.Tensor, int] | torch.Tensor) -> 
     """x (..., in) fp32 @ a `pack_fp16` weight -> (..., out) fp32 (fp32 accumulation)."""
     if not isinstance(w, tuple):
         return torch.matmul(x, w)
-    if torch.compiler.is_compiling():  # the op inductor knows (shape function, fallback kernel)
-        return torch.ops._quantized.wrapped_fbgemm_linear_fp16_weight(x, w[0], None, w[1])
     return torch.fbgemm_linear_fp16_weight_fp32_activation(x, w[0], None)
 
 
-def can_compile() -> bool:
-    """torch.compile on CPU builds C++ kernels: it needs a C++ compiler."""
-    import os
-    import shutil
-
-    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+def fp16_linear_traced(x: torch.Tensor, w: tuple[torch.Tensor, int] | torch.Tensor) -> torch.Tensor:
+    """`fp16_linear` for the compiled step: the op inductor knows (shape function, fallback
+    kernel); ~1 us slower per call than the eager entry point, so eager steps keep that one."""
+    if not isinstance(w, tuple):
+        return torch.matmul(x, w)
+    return torch.ops._quantized.wrapped_fbgemm_linear_fp16_weight(x, w[0], None, w[1])
 
 
 class GPTDecoder:
@@ -392,7 +391,7 @@ class GPTDecoder:
         (L, B, 2K, S, D), written in place at each row's position -> logits (B, V).
         """
         B, H, K, D = tokens.shape[0], self.H, self.K, self.D
-        mm = self.mm2
+        mm = fp16_linear_traced if self.fp16 else self.mm2
         visible = (slots[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, s)
         rows = torch.arange(B, device=tokens.device)
         cos, sin = self.cos_f[positions][:, None], self.sin_f[positions][:, None]  # (B, 1, D/2)

@@ -8,7 +8,7 @@ Events waiting together are merged (consecutive deltas of one choice become one)
 delta the next batch is awaited at least STREAM_INTERVAL_S later: a fast model's tokens reach the
 client in a few larger SSE chunks per 10 ms instead of one HTTP write each (the per-chunk cost,
 not the model, bounded single-client throughput), never lost or reordered text, and the first
-token is not delayed. The routes write each batch as one HTTP chunk (`batches()`, `SSEResponse`):
+token is not delayed. The routes write each batch as one HTTP chunk (`sse_batches`, `SSEResponse`):
 a stream's last batch carries its final chunks, the usage and [DONE] in one write. Leaving the
 events loop early (client gone, timeout) cancels the rows, which frees their batch slots at the
 next step. `TextRecorder` writes the outputs of requests that end together in one transaction.
@@ -21,7 +21,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.responses import Response
@@ -185,6 +185,34 @@ class TextCall:
         finally:
             if self.remaining:
                 self.cancel()  # client gone, timeout or error: free the slots
+
+
+async def sse_batches(
+    call: TextCall,
+    render: Callable[[str, int, Any], Awaitable[list[str]]],
+    tail: Callable[[], list[str]],
+    head: str = "",
+) -> AsyncIterator[str]:
+    """A streamed call's SSE text: `head` (opening chunks), then one string per batch of events
+    (one HTTP write each).
+
+    render(kind, index, payload) gives the chunks of one event; after the last event, tail()'s
+    chunks (usage) and [DONE] go out in that same write.
+    """
+    batches = call.batches()
+    try:
+        if head:
+            yield head
+        async for batch in batches:
+            out = []
+            for kind, idx, payload in batch:
+                out += await render(kind, idx, payload)
+            if not call.remaining:  # the last batch
+                out += [*tail(), SSE_DONE]
+            if out:
+                yield "".join(out)
+    finally:
+        await batches.aclose()  # client gone: free the rows' slots now
 
 
 class SSEResponse(Response):

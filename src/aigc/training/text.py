@@ -25,6 +25,7 @@ from aigc import config as C
 from aigc.errors import AigcError, ConfigError
 from aigc.training.config import TrainConfig
 from aigc.training.task import Context, Task, TaskState, Throughput, adamw
+from aigc.utils.compile import can_compile
 
 TEXT_FAMILIES = ("gpt", "lstm")
 
@@ -78,21 +79,13 @@ AUTO_TRAIN = {
 AUTO_COMPILE_FROM_S = 300
 
 
-def _can_compile() -> bool:
-    """torch.compile on CPU builds C++ kernels: only turn it on by default where a compiler is."""
-    import os
-    import shutil
-
-    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
-
-
 def auto_preset(family: str, max_time: float | None) -> dict[str, Any]:
     """A preset dict sized to the time budget (no budget: the 90-second recipe for 3000 steps)."""
     table = AUTO_GPT if family == "gpt" else AUTO_LSTM
     budget = max_time if max_time is not None else 90
     _, model, train = next(row for row in table if budget <= row[0])
     train = {**AUTO_TRAIN, **train}
-    if family == "gpt" and max_time is not None and max_time >= AUTO_COMPILE_FROM_S and _can_compile():
+    if family == "gpt" and max_time is not None and max_time >= AUTO_COMPILE_FROM_S and can_compile():
         train["compile"] = True
     if max_time is None:
         train["max_steps"] = 3000

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
@@ -28,7 +28,7 @@ from aigc.serve.routes.common import (
 )
 from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
 from aigc.serve.schemas import ChatRequest, ChatResponse, ErrorResponse
-from aigc.serve.streaming import SSE_DONE, SSEResponse, TextCall, sse
+from aigc.serve.streaming import SSEResponse, TextCall, sse, sse_batches
 
 router = APIRouter(tags=["text"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
@@ -87,53 +87,45 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
-            def chunk(choices, **extra):
-                return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
+        def chunk(choices, **extra):
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
 
-            yield "".join(
-                chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-                for i in range(call.n)
-            )
-            started = [False] * call.n  # leading whitespace is dropped until the reply starts
-            guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
-            results = {}
-            batches = call.batches()
+        started = [False] * call.n  # leading whitespace is dropped until the reply starts
+        guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
+        results = {}
+
+        async def render(kind: str, idx: int, payload: Any) -> list[str]:
+            out = []
+            g = guards[idx]
+            text = g.feed(payload) if kind == "delta" else g.finish(payload.text)
+            text = text if started[idx] else text.lstrip()
+            if text:
+                started[idx] = True
+                out.append(chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}]))
+            if kind == "delta":
+                return out
+            results[idx] = payload
             try:
-                async for batch in batches:
-                    out = []  # the batch's events go out as one HTTP chunk (one write per batch)
-                    for kind, idx, payload in batch:
-                        g = guards[idx]
-                        text = g.feed(payload) if kind == "delta" else g.finish(payload.text)
-                        text = text if started[idx] else text.lstrip()
-                        if text:
-                            started[idx] = True
-                            out.append(
-                                chunk([{"index": idx, "delta": {"content": text}, "finish_reason": None}])
-                            )
-                        if kind == "delta":
-                            continue
-                        results[idx] = payload
-                        try:
-                            [gid] = await record([payload], [g.result])
-                        except ApiError as e:  # headers are sent: say it in the stream, keep going
-                            gid = None
-                            out.append(chunk([], warnings=[e.message]))
-                        finish = CONTENT_FILTER if g.blocked else payload.finish_reason
-                        out.append(chunk([{"index": idx, "delta": {}, "finish_reason": finish, "seed": payload.seed,
-                                           "generation_id": gid, "moderation": outcome(mod, prompt_check, g.result)[1]}],
-                                         parameters=payload.params))  # fmt: skip
-                    if not call.remaining:  # the last batch: usage and [DONE] in the same write
-                        if include_usage:
-                            out.append(chunk([], usage=usage([results[i] for i in range(call.n)], {0})))
-                        out.append(SSE_DONE)
-                    if out:
-                        yield "".join(out)
-            finally:
-                await batches.aclose()  # client gone: free the rows' slots now
+                [gid] = await record([payload], [g.result])
+            except ApiError as e:  # headers are sent: say it in the stream, keep going
+                gid = None
+                out.append(chunk([], warnings=[e.message]))
+            finish = CONTENT_FILTER if g.blocked else payload.finish_reason
+            out.append(chunk([{"index": idx, "delta": {}, "finish_reason": finish, "seed": payload.seed,
+                               "generation_id": gid, "moderation": outcome(mod, prompt_check, g.result)[1]}],
+                             parameters=payload.params))  # fmt: skip
+            return out
 
-        return SSEResponse(events, call, slot.release)
+        def tail() -> list[str]:
+            rs = [results[i] for i in range(call.n)]
+            return [chunk([], usage=usage(rs, {0}))] if include_usage else []
+
+        head = "".join(
+            chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            for i in range(call.n)
+        )
+        return SSEResponse(lambda: sse_batches(call, render, tail, head), call, slot.release)
 
     try:
         results = await collect(request, call)

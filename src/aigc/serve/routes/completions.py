@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
@@ -30,7 +30,7 @@ from aigc.serve.routes.common import (
 )
 from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
 from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse
-from aigc.serve.streaming import SSE_DONE, SSEResponse, TextCall, sse
+from aigc.serve.streaming import SSEResponse, TextCall, sse, sse_batches
 
 router = APIRouter(tags=["text"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
@@ -85,55 +85,42 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
-            def chunk(choices, **extra):
-                return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
+        def chunk(choices, **extra):
+            return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                        "choices": choices, "seed": seeds[0], **extra})  # fmt: skip
 
-            def text_chunk(idx: int, text: str) -> str:
-                return chunk([{"index": idx, "text": text, "finish_reason": None, "logprobs": None}])
+        def text_chunk(idx: int, text: str) -> str:
+            return chunk([{"index": idx, "text": text, "finish_reason": None, "logprobs": None}])
 
-            results = {}
-            guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
-            if body.echo:
-                yield "".join(text_chunk(i, prompts[i // params.n]) for i in range(call.n))
-            batches = call.batches()
+        results = {}
+        guards = [StreamGuard(mod) for _ in range(call.n)]  # hold back a tail, stop on block
+
+        async def render(kind: str, idx: int, payload: Any) -> list[str]:
+            g = guards[idx]
+            if kind == "delta":
+                text = g.feed(payload)
+                return [text_chunk(idx, text)] if text else []
+            rest = g.finish(payload.text)
+            out = [text_chunk(idx, rest)] if rest else []
+            results[idx] = payload
             try:
-                async for batch in batches:
-                    out = []  # the batch's events go out as one HTTP chunk (one write per batch)
-                    for kind, idx, payload in batch:
-                        if kind == "delta":
-                            text = guards[idx].feed(payload)
-                            if text:
-                                out.append(text_chunk(idx, text))
-                            continue
-                        g = guards[idx]
-                        rest = g.finish(payload.text)
-                        if rest:
-                            out.append(text_chunk(idx, rest))
-                        results[idx] = payload
-                        try:
-                            [gid] = await record([idx], [payload], [g.result])
-                        except ApiError as e:  # headers are sent: say it in the stream, keep going
-                            gid = None
-                            out.append(chunk([], warnings=[e.message]))
-                        out.append(chunk([{"index": idx, "text": "",
-                                           "finish_reason": CONTENT_FILTER if g.blocked else payload.finish_reason,
-                                           "logprobs": None, "seed": payload.seed, "generation_id": gid,
-                                           "moderation": outcome(mod, prompt_checks[idx // params.n], g.result)[1]}],
-                                         parameters=payload.params))  # fmt: skip
-                    if not call.remaining:  # the last batch: usage and [DONE] in the same write
-                        if include_usage:
-                            out.append(
-                                chunk([], usage=usage([results[i] for i in range(call.n)], first_of_prompt))
-                            )
-                        out.append(SSE_DONE)
-                    if out:
-                        yield "".join(out)
-            finally:
-                await batches.aclose()  # client gone: free the rows' slots now
+                [gid] = await record([idx], [payload], [g.result])
+            except ApiError as e:  # headers are sent: say it in the stream, keep going
+                gid = None
+                out.append(chunk([], warnings=[e.message]))
+            out.append(chunk([{"index": idx, "text": "",
+                               "finish_reason": CONTENT_FILTER if g.blocked else payload.finish_reason,
+                               "logprobs": None, "seed": payload.seed, "generation_id": gid,
+                               "moderation": outcome(mod, prompt_checks[idx // params.n], g.result)[1]}],
+                             parameters=payload.params))  # fmt: skip
+            return out
 
-        return SSEResponse(events, call, slot.release)
+        def tail() -> list[str]:
+            rs = [results[i] for i in range(call.n)]
+            return [chunk([], usage=usage(rs, first_of_prompt))] if include_usage else []
+
+        head = "".join(text_chunk(i, prompts[i // params.n]) for i in range(call.n)) if body.echo else ""
+        return SSEResponse(lambda: sse_batches(call, render, tail, head), call, slot.release)
 
     try:
         results = await collect(request, call)

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc.errors import AigcError
+from aigc.generation.attention_kernel import decode_attention_kernel
 from aigc.utils.compile import can_compile
 
 log = logging.getLogger("aigc.generation")
@@ -158,6 +159,10 @@ class GPTDecoder:
             )
         self.compile = compile
         self._compiled = None  # the compiled step, built at the first step
+        # eager float32 steps on CPU attend through the C decode kernel when it builds here (SDPA else)
+        self.attn_kernel = (
+            decode_attention_kernel(D) if self.dtype == torch.float32 and self.device.type == "cpu" else None
+        )
 
         # the model's RoPE tables, whatever their layout: cos = [cos_f | cos_f], sin = [-sin_f | sin_f]
         T = cfg.block_size
@@ -361,6 +366,9 @@ class GPTDecoder:
         at = slice(p_max, p_max + 1) if same else positions  # table index: (1, ...) or (B, ...)
         x = F.embedding(tokens, self.emb)  # (B, C)
         kvs = self._stacked()
+        if self.attn_kernel is not None:
+            lens = positions + 1  # slots each row attends
+            y = torch.empty(B, H, D, dtype=self.dtype, device=self.device)  # every layer's output
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             h = self._rms(x, an)
             qkv = self.mm2(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)
@@ -372,9 +380,12 @@ class GPTDecoder:
             else:
                 kv[:, :K][rows, :, positions] = qk[:, H:]  # (B, K, D) at each row's own position
                 kv[:, K:][rows, :, positions] = qkv[:, H + K :]
-            y = F.scaled_dot_product_attention(
-                qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H
-            )  # (B, H, 1, D)
+            if self.attn_kernel is not None:
+                self.attn_kernel(qk, kv, lens, y)  # (B, H, D)
+            else:
+                y = F.scaled_dot_product_attention(
+                    qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H
+                )  # (B, H, 1, D)
             x = x + self.mm2(y.reshape(B, H * D), proj_w)  # (B, C)
             h = self._rms(x, mn)
             gate, up = self.mm2(h, gu_w).chunk(2, dim=-1)

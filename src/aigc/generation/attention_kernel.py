@@ -1,0 +1,113 @@
+"""Decode-step attention in C: one query per row over the KV cache (`decode_attention.c`).
+
+At a decode step every row attends with a single query, a batched matrix-vector product over its
+cache. torch's SDPA spends most of such a call in setup (its CPU flash kernel is tiled for long
+queries): on this CPU, batch 8 of 4 heads x 136 slots x 32 dims took 37-46 µs per layer, the C loop
+here 16 µs, close to what reading the cache from L3 costs. The kernel is built at first use with the
+system C compiler for this machine and one head size, cached under `$AIGC_HOME/kernels/` by a hash
+of source, flags and compiler, and called through ctypes (which releases the GIL).
+
+`decode_attention_kernel(D)` gives the callable or None (no C compiler, a build failure, or
+`AIGC_NO_KERNELS=1`); callers then use SDPA. Only our own build output is loaded back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from aigc.utils.paths import aigc_home
+
+log = logging.getLogger(__name__)
+
+FLAGS = [
+    "-O3", "-march=native", "-fPIC", "-shared",
+    # float sums may be reassociated (vectorised dot products); no errno, traps or signed zeros
+    "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+]  # fmt: skip
+MAX_HEAD_DIM = 256
+
+_loaded: dict[int, Callable | None] = {}
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def _build(cc: str, head_dim: int) -> Path:
+    """The shared library for `head_dim`, compiled once per source/flags/compiler version."""
+    source = resources.files("aigc.generation").joinpath("decode_attention.c").read_bytes()
+    flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(source + " ".join([cc, *flags, version]).encode()).hexdigest()[:16]
+    lib = aigc_home() / "kernels" / f"decode_attention_d{head_dim}_{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        src, out = Path(tmp) / "decode_attention.c", Path(tmp) / "out.so"
+        src.write_bytes(source)
+        done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+        os.replace(out, lib)  # atomic: a concurrent builder finds a whole file or none
+    return lib
+
+
+def decode_attention_kernel(head_dim: int) -> Callable | None:
+    """`fn(qk, kv, lens, out)` for float32 CPU tensors, or None when it cannot be built here.
+
+    qk (B, >= H, D) contiguous, its first H heads the queries; kv (B, 2K, S, D) contiguous, keys then
+    values (one layer of the decoder's cache); lens (B,) int64 contiguous, the slots each row attends
+    (its position + 1), each in [1, S]: the caller guarantees it (the decoder's cache write at that
+    position has already checked it); out (B, H, D) contiguous, written.
+    """
+    if head_dim in _loaded:
+        return _loaded[head_dim]
+    fn = None
+    cc = _compiler()
+    if os.environ.get("AIGC_NO_KERNELS") != "1" and cc is not None and 0 < head_dim <= MAX_HEAD_DIM:
+        try:
+            fn = _bind(ctypes.CDLL(str(_build(cc, head_dim))))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("decode attention kernel not built (%s); using torch's SDPA", e)
+    _loaded[head_dim] = fn
+    return fn
+
+
+def _bind(lib: ctypes.CDLL) -> Callable:
+    c = lib.aigc_decode_attention_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    c.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_float]
+    c.restype = None
+
+    def decode_attention(qk: torch.Tensor, kv: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> None:
+        B, H, D = out.shape
+        K = kv.shape[1] // 2
+        # the C side trusts these: a wrong layout would read out of bounds, not raise
+        if not (qk.is_contiguous() and kv.is_contiguous() and out.is_contiguous() and lens.is_contiguous()):
+            raise ValueError("decode_attention: qk, kv, lens and out must be contiguous")
+        if qk.shape[0] != B or qk.shape[1] < H or qk.shape[2] != D or kv.shape[0] != B or kv.shape[3] != D:
+            raise ValueError(f"decode_attention: shapes qk {tuple(qk.shape)}, kv {tuple(kv.shape)}, out {tuple(out.shape)}")
+        if H % K or lens.shape != (B,) or lens.dtype != torch.int64:
+            raise ValueError("decode_attention: H must be a multiple of K and lens int64 (B,)")
+        if not qk.dtype == kv.dtype == out.dtype == torch.float32:
+            raise ValueError("decode_attention: float32 tensors only")
+        S = kv.shape[2]
+        c(qk.data_ptr(), qk.shape[1] * D, D, kv.data_ptr(), kv.data_ptr() + K * S * D * 4, 2 * K * S * D, S * D, D,
+          lens.data_ptr(), out.data_ptr(), B, H, K, D**-0.5)  # fmt: skip
+
+    return decode_attention

@@ -2,7 +2,9 @@
  *
  * Built at first use with the system C compiler for this machine (-march=native) and one head
  * size (HEAD_DIM), then called through ctypes. One query per row: the batched matrix-vector work
- * of a decode step, where torch's SDPA pays more in setup than in arithmetic.
+ * of a decode step, where torch's SDPA pays more in setup than in arithmetic. Built with -fopenmp
+ * when the compiler can, it links libgomp.so.1, which resolves to the copy torch has already
+ * loaded: the same threads as torch, and torch.set_num_threads applies.
  */
 #include <stdint.h>
 #include <string.h>
@@ -12,6 +14,7 @@
 #endif
 #define D HEAD_DIM
 #define BLK 128 /* slots per online-softmax block */
+#define PARALLEL_WORK 4096
 
 /* e^x for x <= 0 (scores minus their running max): 2^(x log2 e) = 2^n 2^f, f in [-1/2, 1/2],
  * 2^f by its Taylor series to degree 6 (relative error ~1e-7). Plain arithmetic, so the loop
@@ -44,11 +47,14 @@ void aigc_decode_attention_f32(
     const int64_t *lens, float *out, int64_t B, int64_t H, int64_t K, float scale)
 {
     const int64_t G = H / K;
-    float sc[BLK];
-    float acc[D];
+    int64_t work = 0; /* slots x heads: threads only pay for themselves on a few thousand */
+    for (int64_t b = 0; b < B; b++) work += lens[b] * H;
+#pragma omp parallel for collapse(2) schedule(static) if (work >= PARALLEL_WORK)
     for (int64_t b = 0; b < B; b++) {
-        const int64_t n = lens[b];
         for (int64_t h = 0; h < H; h++) {
+            const int64_t n = lens[b];
+            float sc[BLK];
+            float acc[D];
             const float *qp = q + b * q_sb + h * q_sh;
             const float *kp = k + b * kv_sb + (h / G) * kv_sh;
             const float *vp = v + b * kv_sb + (h / G) * kv_sh;

@@ -31,14 +31,20 @@ def make_run(path, family: str, model_cfg, state: dict, classes: list[str]):
     return path
 
 
-@pytest.fixture
-def uncond_run(tmp_path):
+def make_uncond_run(tmp_path, prediction_type: str = "epsilon"):
     torch.manual_seed(0)
-    cfg = DiffusionConfig(image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4)
+    cfg = DiffusionConfig(
+        image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, prediction_type=prediction_type
+    )
     unet = build_unet(cfg)
     run = make_run(tmp_path / "uncond", "diffusion", cfg, unet.state_dict(), [])
     export_diffusers(cfg, unet.state_dict(), run / "diffusers")
     return run
+
+
+@pytest.fixture
+def uncond_run(tmp_path):
+    return make_uncond_run(tmp_path)
 
 
 @pytest.fixture
@@ -50,9 +56,12 @@ def cond_run(tmp_path):
     return make_run(tmp_path / "cond", "diffusion", cfg, build_unet(cfg).state_dict(), ["cat", "dog", "owl"])
 
 
-def test_same_images_as_diffusers_ddpm_pipeline(uncond_run):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_same_images_as_diffusers_ddpm_pipeline(tmp_path, prediction_type):
     """Oracle: our DDPM loop == DDPMPipeline.from_pretrained on the exported artifact, same seed."""
     from diffusers import DDPMPipeline
+
+    uncond_run = make_uncond_run(tmp_path, prediction_type)
 
     ours = ImageGenerator.load(uncond_run).generate(n=2, seed=7, sampler="ddpm", steps=6, dtype="fp32")
     pipe = DDPMPipeline.from_pretrained(uncond_run / "diffusers")
@@ -65,6 +74,8 @@ def test_same_images_as_diffusers_ddpm_pipeline(uncond_run):
     )  # the pipeline's (x / 2 + 0.5) in NHWC
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert ours.params[0]["sampler"] == "ddpm" and ours.params[0]["seed"] == 7
+    cfg = json.loads((uncond_run / "config.json").read_text())["model"]
+    assert pipe.scheduler.config.prediction_type == cfg["prediction_type"]  # the export carries it
 
 
 bf16 = pytest.mark.skipif(

@@ -196,6 +196,23 @@ def test_diffusion_loss_is_noise_mse():
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
 
 
+def test_v_prediction_loss_targets_the_velocity():
+    cfg = DiffusionConfig(**TINY_UNET, label_dropout=0.0, prediction_type="v_prediction")
+    unet, sched = build_unet(cfg), make_scheduler(cfg)
+    assert sched.config.prediction_type == "v_prediction"
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    loss = diffusion_loss(unet, sched, x0, None, cfg, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # by hand: v = sqrt(abar) eps - sqrt(1 - abar) x0
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    torch.testing.assert_close(loss, F.mse_loss(unet(x_t, t).sample, v), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionConfig(**TINY_UNET, prediction_type="sample")
+
+
 def test_ema_update_rule():
     m = torch.nn.Linear(2, 2)
     ema = EMA(m, decay=0.9)

@@ -39,6 +39,10 @@ class DiffusionConfig:
     beta_schedule: Literal["linear", "squaredcos_cap_v2", "scaled_linear"] = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # what the network predicts: the noise ("epsilon", Ho et al.) or the velocity v = a_t eps - s_t x0
+    # ("v_prediction", Salimans & Ho 2022). With a cosine schedule, epsilon's x0 = (x_t - s_t eps) / a_t
+    # divides by a_t ~ 5e-5 at t = 999, so ODE samplers' first steps amplify its errors; v stays bounded
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     ema_decay: float = 0.999  # EMA of the weights; the EMA copy is what sampling uses
     # generation defaults (the CLI may override)
     sampler: Literal["ddpm", "ddim", "dpm", "dpm-sde"] = "dpm"
@@ -59,6 +63,8 @@ class DiffusionConfig:
             )
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         check_image_size(self.image_size, self.block_out_channels)
@@ -249,7 +255,7 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str = "ddpm"):
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
-        prediction_type="epsilon",
+        prediction_type=cfg.prediction_type,
     )
     if sampler == "ddpm":
         return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=True)
@@ -350,7 +356,8 @@ class EMA:
 def diffusion_loss(
     unet, scheduler, x0: torch.Tensor, labels: torch.Tensor | None, cfg: DiffusionConfig, generator=None
 ):
-    """Noise-prediction loss (Ho et al. eq. 14): || eps - eps_theta(sqrt(a_t) x0 + sqrt(1-a_t) eps, t) ||^2."""
+    """Noise-prediction loss (Ho et al. eq. 14): || eps - eps_theta(sqrt(a_t) x0 + sqrt(1-a_t) eps, t) ||^2,
+    or with prediction_type "v_prediction" the same on v = sqrt(a_t) eps - sqrt(1-a_t) x0."""
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, H, W)
     t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator, device=x0.device)  # (B)
@@ -359,8 +366,9 @@ def diffusion_loss(
         # label dropout: train the null label too, so guidance has an unconditional model
         drop = torch.rand(b, generator=generator, device=x0.device) < cfg.label_dropout
         labels = torch.where(drop, torch.full_like(labels, cfg.null_label), labels)
-    eps = unet(x_t, t, class_labels=labels).sample
-    return torch.nn.functional.mse_loss(eps.float(), noise.float())
+    pred = unet(x_t, t, class_labels=labels).sample
+    target = scheduler.get_velocity(x0, noise, t) if cfg.prediction_type == "v_prediction" else noise
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
 __all__ = [

@@ -358,17 +358,16 @@ class GPTDecoder:
         p_max, same = max(pos), min(pos) == max(pos)
         S = p_max + 1  # attend over the cache up to the furthest row
         mask, rows = None, None
-        if not same:  # rows at different positions: mask each row's future (unwritten) slots
-            mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[
-                :, None, None, :
-            ]  # (B,1,1,S)
+        if not same:
             rows = torch.arange(B, device=self.device)
+        if self.attn_kernel is not None:  # each row attends its first position + 1 slots
+            lens = positions + 1
+            y = torch.empty(B, H, D, dtype=self.dtype, device=self.device)  # every layer's output
+        elif not same:  # SDPA over S slots: mask each row's future (unwritten) slots
+            mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]  # (B,1,1,S)
         at = slice(p_max, p_max + 1) if same else positions  # table index: (1, ...) or (B, ...)
         x = F.embedding(tokens, self.emb)  # (B, C)
         kvs = self._stacked()
-        if self.attn_kernel is not None:
-            lens = positions + 1  # slots each row attends
-            y = torch.empty(B, H, D, dtype=self.dtype, device=self.device)  # every layer's output
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             h = self._rms(x, an)
             qkv = self.mm2(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)

@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -47,12 +48,23 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_id() -> str:
+    """What -march=native compiles for: a library built on one CPU may not run on another (a home
+    directory shared between machines), so the CPU's model and flags are part of the cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n", 1)[0]
+        return "\n".join(ln for ln in first.splitlines() if ln.startswith(("model name", "flags")))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _build(cc: str, head_dim: int) -> Path:
     """The shared library for `head_dim`, compiled once per source/flags/compiler version."""
     source = resources.files("aigc.generation").joinpath("decode_attention.c").read_bytes()
     flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(source + " ".join([cc, *flags, version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc, *flags, version, _cpu_id()]).encode()).hexdigest()[:16]
     lib = aigc_home() / "kernels" / f"decode_attention_d{head_dim}_{key}.so"
     if lib.exists():
         return lib

@@ -5,7 +5,7 @@ cache. torch's SDPA spends most of such a call in setup (its CPU flash kernel is
 queries): on this CPU, batch 8 of 4 heads x 136 slots x 32 dims took 37-46 µs per layer, the C loop
 here 16 µs, close to what reading the cache from L3 costs. The kernel is built at first use with the
 system C compiler for this machine and one head size, cached under `$AIGC_HOME/kernels/` by a hash
-of source, flags and compiler, and called through ctypes (which releases the GIL).
+of source, flags, compiler and CPU, and called through ctypes (which releases the GIL).
 
 `decode_attention_kernel(D)` gives the callable or None (no C compiler, a build failure, or
 `AIGC_NO_KERNELS=1`); callers then use SDPA. Only our own build output is loaded back.

@@ -127,7 +127,7 @@ def _parse_url(url: str | None) -> sa.URL:
         ) from None
 
 
-def _new_generation(
+def _generation_values(
     *,
     kind: str,
     model: str,
@@ -140,8 +140,8 @@ def _new_generation(
     model_hash: str | None = None,
     moderation: str | None = None,
     created: float | None = None,
-) -> Generation:
-    """A validated, not yet added, generation row."""
+) -> dict[str, Any]:
+    """A validated generation row's column values (not yet added)."""
     if kind not in GENERATION_KINDS:
         raise AigcError(f"generation kind must be one of {', '.join(GENERATION_KINDS)}, got {kind!r}")
     if not isinstance(model, str) or not model:
@@ -155,7 +155,7 @@ def _new_generation(
         raise AigcError(f"generation params must be JSON-serialisable: {e}") from None
     if output_ref is not None:
         check_ref(output_ref)
-    return Generation(
+    return dict(
         created=time.time() if created is None else created,
         kind=kind,
         model=model,
@@ -187,6 +187,8 @@ _RATE_UPDATE = (
 )
 # 2. the rating itself
 _RATE_INSERT = sa.insert(Rating).returning(Rating.id)
+# new generations, ids in the order of the rows
+_GENERATION_INSERT = sa.insert(Generation).returning(Generation.id, sort_by_parameter_order=True)
 
 
 # ----------------------------------------------------------------------------- the store
@@ -340,31 +342,21 @@ class Store:
         created: float | None = None,
     ) -> int:
         """Record one generation; returns its id."""
-        row = _new_generation(
-            kind=kind,
-            model=model,
-            prompt=prompt,
-            params=params,
-            seed=seed,
-            output_text=output_text,
-            output_ref=output_ref,
-            duration=duration,
-            model_hash=model_hash,
-            moderation=moderation,
-            created=created,
-        )
-        with self._session(write=True) as s:
-            s.add(row)
-            s.flush()
-            return row.id
+        row = dict(kind=kind, model=model, prompt=prompt, params=params, seed=seed, output_text=output_text,
+                   output_ref=output_ref, duration=duration, model_hash=model_hash, moderation=moderation,
+                   created=created)  # fmt: skip
+        return self.add_generations([row])[0]
 
     def add_generations(self, rows: list[dict[str, Any]]) -> list[int]:
-        """Many `add_generation(**row)` in one transaction (imports, benchmarks)."""
-        objs = [_new_generation(**r) for r in rows]
-        with self._session(write=True) as s:
-            s.add_all(objs)
-            s.flush()
-            return [o.id for o in objs]
+        """Many `add_generation(**row)` in one transaction (the server's outputs, imports).
+
+        One Core INSERT ... RETURNING on a plain connection (as rating does) rather than ORM
+        objects in a session: the server calls this after every request, between decode steps that
+        evict the CPU caches, and there the session path took ~0.95 ms a row, this one ~0.3 ms
+        (0.29 / 0.11 ms hot; measured on the 2-core box)."""
+        values = [_generation_values(**r) for r in rows]
+        with self._write.begin() as conn:
+            return list(conn.scalars(_GENERATION_INSERT, values))
 
     def get_generation(self, generation_id: int) -> dict[str, Any]:
         with self._session() as s:

@@ -130,7 +130,8 @@ class GPTDecoder:
     Two cheap tricks on top of the model's math, invisible outside: (1) in fp32 the q/k rows of
     each head are stored interleaved, (x1_0, x2_0, x1_1, ...) instead of (x1 | x2), so RoPE is one
     complex multiply instead of roll + 2 mul + add (attention scores are unchanged: q and k are
-    permuted alike); (2) keys and values of all layers share one cache tensor, (L, B, 2K, S, D).
+    permuted alike); (2) keys and values of all layers share one cache tensor, (L, B, 2K, S, D);
+    (3) uncompiled float32 steps on CPU attend through a C kernel (`attention_kernel`), SDPA else.
     """
 
     def __init__(
@@ -160,9 +161,8 @@ class GPTDecoder:
         self.compile = compile
         self._compiled = None  # the compiled step, built at the first step
         # eager float32 steps on CPU attend through the C decode kernel when it builds here (SDPA else)
-        self.attn_kernel = (
-            decode_attention_kernel(D) if self.dtype == torch.float32 and self.device.type == "cpu" else None
-        )
+        eager_cpu_fp32 = self.dtype == torch.float32 and self.device.type == "cpu" and not compile
+        self.attn_kernel = decode_attention_kernel(D) if eager_cpu_fp32 else None
 
         # the model's RoPE tables, whatever their layout: cos = [cos_f | cos_f], sin = [-sin_f | sin_f]
         T = cfg.block_size

@@ -380,7 +380,7 @@ class GPTDecoder:
                 kv[:, :K][rows, :, positions] = qk[:, H:]  # (B, K, D) at each row's own position
                 kv[:, K:][rows, :, positions] = qkv[:, H + K :]
             if self.attn_kernel is not None:
-                self.attn_kernel(qk, kv, lens, y)  # (B, H, D)
+                self.attn_kernel(qk, kv, lens, y, check=i == 0)  # (B, H, D); every layer's are alike
             else:
                 y = F.scaled_dot_product_attention(
                     qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H

@@ -78,6 +78,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="auto", help="sampling precisions to compare: auto, bf16, fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise-seed", type=int, default=None, help="rerun every sampler with this seed too")
+    ap.add_argument("--seeds", default=None,
+                    help="seeds to pool (0-3 or 0,2,5): each seed's rows, then every sampler's n x seeds "
+                         "images scored together, with a paired bootstrap interval of the ratio")
+    ap.add_argument("--boot", type=int, default=200, help="bootstrap resamples for --seeds")
     ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's)")
     ap.add_argument("--real", type=int, default=None,
                     help="held-out images for the reference statistics (default: n; more = less noise)")
@@ -155,7 +159,8 @@ def main() -> None:
         "| sampler | steps | dtype | seed | FD vs held-out | ratio to first | label accuracy | CPU s | wall s |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    seeds = [args.seed] if args.noise_seed is None else [args.seed, args.noise_seed]
+    pool = parse_seeds(args.seeds) if args.seeds else []
+    seeds = pool or ([args.seed] if args.noise_seed is None else [args.seed, args.noise_seed])
     runs = [(*s, dtype, seed) for seed in seeds for s in samplers for dtype in dtypes]
     ref = {}  # seed -> FD of the first sampler under that seed
     for sampler, steps, opts, dtype, seed in runs:
@@ -165,6 +170,51 @@ def main() -> None:
         acc = f"{conditional_accuracy(net, x, np.array(labels))['accuracy']:.3f}" if k else "-"
         print(f"| {label(sampler, opts)} | {steps} | {dtype} | {seed} | {fd:.3f} | {fd / ref[seed]:.3f} | {acc} | "
               f"{cpu:.0f} | {wall:.0f} |", flush=True)  # fmt: skip
+    if pool:
+        names = [f"{label(s, o)}:{st} {dtype}" for s, st, o in samplers for dtype in dtypes]
+        feats = [
+            extract_features(net, np.concatenate([sample(s, st, o, n, seed, dtype)[0] for seed in pool]))
+            for s, st, o in samplers
+            for dtype in dtypes
+        ]
+        pooled_floor = frechet_distance(
+            extract_features(net, train.images[np.sort(rng.choice(len(train.images), len(feats[0]), replace=False))]),
+            f_held,
+        )
+        report_pooled(names, feats, f_held, pool, pooled_floor, args.boot)
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """ "0-3" -> [0, 1, 2, 3]; "0,2,5" -> [0, 2, 5]."""
+    if "-" in spec:
+        lo, hi = spec.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in spec.split(",")]
+
+
+def report_pooled(
+    names: list[str], feats: list[np.ndarray], f_held: np.ndarray, pool: list[int], floor: float, boot: int
+) -> None:
+    """FD of each sampler's pooled images and a paired bootstrap of FD / FD of the first.
+
+    Image i of every sampler shares its seed and label, so each resample draws the same indices
+    for all samplers (and one resample of the held-out set), which keeps their comparison paired.
+    """
+    fds = [frechet_distance(f, f_held) for f in feats]
+    rng = np.random.default_rng(1)
+    ratios = []
+    for _ in range(boot):
+        i = rng.integers(0, len(feats[0]), len(feats[0]))
+        h = f_held[rng.integers(0, len(f_held), len(f_held))]
+        ref = frechet_distance(feats[0][i], h)
+        ratios.append([frechet_distance(f[i], h) / ref for f in feats])
+    lo, hi = np.percentile(np.array(ratios), [5, 95], axis=0)
+    print(f"\npooled seeds {pool[0]}..{pool[-1]} ({len(pool)}): n = {len(feats[0])} per sampler; "
+          f"floor real vs real at that n: FD {floor:.3f}; {boot} paired bootstrap resamples")  # fmt: skip
+    print("| sampler | FD vs held-out | ratio to first | 90 % interval of the ratio |")
+    print("| --- | --- | --- | --- |")
+    for name, fd, a, b in zip(names, fds, lo, hi):
+        print(f"| {name} | {fd:.3f} | {fd / fds[0]:.3f} | {a:.3f} - {b:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

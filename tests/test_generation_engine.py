@@ -62,6 +62,57 @@ def test_greedy_with_cache_equals_full_recompute(family):
         assert c.finish_reason == "length"
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_rows_join_and_leave_without_copying_the_others(dtype):
+    """add_rows / drop_rows (continuous batching): greedy tokens of rows joining and leaving a
+    running batch are full recomputation's, only the moved rows' caches are copied, and the cache
+    keeps its capacity (no new allocation) while rows come and go."""
+    model = _gpt(40)
+    dec = GPTDecoder(model, dtype)
+    prompts = {0: [1, 2, 3, 4, 5, 6, 7], 1: [9], 2: [3, 3, 8, 1], 3: [5, 6], 4: [2, 2, 2, 9, 9]}
+    want = {k: _greedy_no_cache(model, p, 12) for k, p in prompts.items()}
+    got = {k: [] for k in prompts}
+    ids = [0, 1, 2]  # request id of each decoder row, in row order
+    logits = dec.add_rows([prompts[k] for k in ids])
+    pos = torch.tensor([len(prompts[k]) for k in ids])
+    joins = {3: [3, 4]}  # before step 3, two rows join
+    for step in range(12 + 3):
+        if step in joins:
+            new = joins[step]
+            pool = dec._pool.data_ptr()
+            logits = torch.cat([logits, dec.add_rows([prompts[k] for k in new])])
+            pos = torch.cat([pos, torch.tensor([len(prompts[k]) for k in new])])
+            ids += new
+            assert dec.rows == len(ids) and dec._pool.data_ptr() != pool  # grew from 3 to 6 rows
+        tok = logits.argmax(-1)
+        for k, t in zip(ids, tok.tolist(), strict=True):
+            got[k].append(t)
+        keep = [j for j, k in enumerate(ids) if len(got[k]) < (12 if k != 1 else 5)]  # 1 leaves early
+        if len(keep) < len(ids):
+            pool = dec._pool.data_ptr()
+            order = dec.drop_rows(keep)
+            assert sorted(order) == keep and dec._pool.data_ptr() == pool and dec.rows == len(keep)
+            ids = [ids[j] for j in order]
+            tok, pos = tok[order], pos[order]
+        if not ids:
+            break
+        logits = dec.step(tok, pos)
+        pos = pos + 1
+    for k in prompts:
+        n = 5 if k == 1 else 12
+        if dtype is None:
+            assert got[k] == want[k][:n], k
+        else:  # fp16-rounded weights: the decoder's own batch-alone answer
+            alone = Engine(GPTDecoder(model, dtype)).generate(
+                [Request(prompts[k], GenerationParams(temperature=0, max_new_tokens=n))]
+            )[0]
+            assert got[k] == alone.tokens, k
+    assert dec.drop_rows([]) == [] and dec.rows == 0
+    pool = dec._pool.data_ptr()
+    dec.add_rows([prompts[0]])  # an emptied batch starts again in the same cache
+    assert dec._pool.data_ptr() == pool
+
+
 def _greedy_sliding(model, prompt: list[int], n: int, block: int) -> list[int]:
     """Reference for the context policy: when the context is full, keep its last block - block//4."""
     ctx, out = list(prompt), []

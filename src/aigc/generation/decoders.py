@@ -10,6 +10,9 @@ LSTM) and offers four operations, all on token ids:
   refill(row, tokens)         optional: run `tokens` again as row `row`'s whole context (slots
                               0..len-1), -> logits (V,); the engine slides a full context with it
 
+`GPTDecoder` also lets rows join and leave a running batch without copying the others' caches
+(`add_rows`, `drop_rows`: the serving scheduler's continuous batching).
+
 `GPTDecoder` is the fast path for our GPT. Small-model decode is bound by per-op overhead, not
 FLOPs (PERFORMANCE-NOTES.md), so it reads the model's weights into plain tensors once and runs one
 step function written for a single new token: no module calls, no per-step concatenation, each row
@@ -223,6 +226,9 @@ class GPTDecoder:
         # compiled step); a caller joining batches may assign a list of per-layer (B, 2K, S, D)
         # tensors (iterating the tensor gives those): the next step stacks it again
         self.kv: torch.Tensor | list[torch.Tensor] = torch.empty(0)
+        # rows joining and leaving (`add_rows`, `drop_rows`): a cache with spare rows, (L, cap, 2K,
+        # S, D), of which `kv` is the first B rows; None when `kv` was set another way
+        self._pool: torch.Tensor | None = None
         if compile:  # the compiled step's tables: cos/sin of the interleaved pairs, cache slot ids
             self.cos_f, self.sin_f = cos[:, D // 2 :].contiguous(), sin[:, D // 2 :].contiguous()  # (T, D/2)
             self._slot_ids: dict[int, torch.Tensor] = {}
@@ -239,7 +245,7 @@ class GPTDecoder:
         # 0, so results are bitwise those of a zeroed cache.
         if isinstance(self.kv, torch.Tensor) and self.kv.shape == shape and self._cache_unshared():
             return
-        self.kv = self._mark(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv, self._pool = self._mark(torch.zeros(shape, dtype=self.dtype, device=self.device)), None
 
     def _cache_unshared(self) -> bool:
         """No other reference to `self.kv` (refcount: the attribute + the call's argument) and no
@@ -250,12 +256,71 @@ class GPTDecoder:
         return use_count(self.kv.untyped_storage()._cdata) == 2
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.kv = self._mark(self._stacked().index_select(1, index))
+        self.kv, self._pool = self._mark(self._stacked().index_select(1, index)), None
 
     def _stacked(self) -> torch.Tensor:
         if isinstance(self.kv, list):  # per-layer tensors from a caller that joined two batches
-            self.kv = self._mark(torch.stack(self.kv))
+            self.kv, self._pool = self._mark(torch.stack(self.kv)), None
         return self.kv
+
+    @property
+    def rows(self) -> int:
+        """Rows in the cache (0 before the first prefill)."""
+        kv = self._stacked()
+        return kv.shape[1] if kv.dim() == 5 else 0
+
+    @torch.inference_mode()
+    def add_rows(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prefill `prompts` as new rows after the current ones -> their logits (n, V).
+
+        Continuous batching (not for the compiled step): the cache keeps spare rows, its capacity
+        doubling when full, so a join writes the new rows only. Concatenating caches copied every
+        running row's: 16 rows x 4 layers x 512 slots was 33 MB per join on the 4x128 model.
+        Every row's cache spans the whole context (`max_len`), so rows of any age fit together.
+        """
+        if self.compile:
+            raise AigcError("add_rows is for uncompiled decoders; join compiled batches by concatenation")
+        B, n = self.rows, len(prompts)
+        pool = self._pool if self._pool is not None else self.kv if B else None
+        if pool is None or pool.shape[1] < B + n:
+            cap = max(B + n, 2 * pool.shape[1] if pool is not None else 0)
+            shape = (len(self.layers), cap, 2 * self.K, self.max_len, self.D)
+            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if B:
+                new[:, :B] = self.kv
+            pool = new
+        self._pool, self.kv = pool, pool[:, : B + n]
+        out = []
+        for j, prompt in enumerate(prompts):
+            if j and list(prompt) == list(prompts[j - 1]):  # n samples of one prompt: copy the row
+                self.kv[:, B + j] = self.kv[:, B + j - 1]
+                out.append(out[-1])
+                continue
+            out.append(self._prefill_row(B + j, torch.tensor(prompt, dtype=torch.long, device=self.device)))
+        return torch.stack(out).float()
+
+    @torch.inference_mode()
+    def drop_rows(self, keep: Sequence[int]) -> list[int]:
+        """Keep the rows `keep` (ascending) -> the new row order: row i is old row order[i].
+
+        Rows past the kept count move into the freed slots below it (their caches are the only
+        ones copied); the others stay where they are, so the order is not `keep`'s.
+        """
+        B = len(keep)
+        if not self.rows:
+            return []
+        if self._pool is None:  # a cache set by prefill / reorder: keep it as the pool
+            self._pool = self._stacked()
+        kept = set(keep)
+        holes = [j for j in range(B) if j not in kept]
+        movers = [j for j in keep if j >= B]
+        if holes:
+            self._pool[:, holes] = self._pool[:, movers]
+        self.kv = self._pool[:, :B]
+        order = list(range(B))
+        for h, m in zip(holes, movers, strict=True):
+            order[h] = m
+        return order
 
     def _mark(self, kv: torch.Tensor) -> torch.Tensor:
         """Compiled step: the cache's batch and length are dynamic sizes (see `step`)."""

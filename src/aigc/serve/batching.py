@@ -4,8 +4,9 @@ The generation `Engine` decodes a fixed batch to its end. A server needs request
 running batch between steps (Orca / vLLM "iteration-level scheduling"), so this scheduler drives
 the decoder protocol itself (`generation/decoders.py`):
 
-  1. admit: prefill the new prompts into fresh decoder state and append it to the running rows
-     (GPT: concatenate the KV caches along the batch axis; LSTM: the (h, c) state)
+  1. admit: prefill the new prompts and append them to the running rows (GPT: into spare rows
+     of the cache, `GPTDecoder.add_rows`; a compiled GPT step or the LSTM: prefill into fresh
+     state, then concatenate it with the running rows' along the batch axis)
   2. process + sample every row at once with the engine's own pieces (`processors.process`,
      `sampling.sample_next`, one `torch.Generator` per row seeded from the request's seed)
   3. detokenize, watch stop strings, hand text deltas to each request's callback: a row with stop
@@ -13,7 +14,8 @@ the decoder protocol itself (`generation/decoders.py`):
      and at their first and last token (the event loop sends a stream's text at most every
      STREAM_INTERVAL_S anyway; decoding, stop matching and the hand-over per token were a third of
      the worker's time at 16 rows)
-  4. drop finished / cancelled rows (`decoder.reorder`), then `decoder.step` the rest
+  4. drop finished / cancelled rows (GPT: `drop_rows` moves rows from the end into the freed
+     slots, copying only theirs; else `decoder.reorder`), then `decoder.step` the rest
 
 A row's tokens depend only on its own prompt, parameters and seed (the engine's contract), so a
 request gives the same text here as through `TextGenerator.generate` with the same seed, whatever
@@ -121,6 +123,8 @@ class Scheduler:
         self.max_rows = max_rows
         self.metrics = metrics
         self.can_join = isinstance(self.decoder, (GPTDecoder, LSTMDecoder))
+        # GPT rows join and leave without copying the running rows' caches (not compiled steps)
+        self.pooled = isinstance(self.decoder, GPTDecoder) and not self.decoder.compile
         self.cache_len = self.decoder.max_len if can_slide(self.decoder) else None  # rows slide past it
         self.pending: deque[Row] = deque()
         self._admitting: list[Row] = []  # taken from pending, not yet running (counted by `load`)
@@ -200,6 +204,8 @@ class Scheduler:
                         r.emit("error", r.index, f"internal error while generating: {type(e).__name__}")
                 self.rows, self._logits, self._positions, self._dirty = [], None, None, True
                 self._admitting = []
+                if self.pooled:
+                    self.decoder.drop_rows([])
             if self.after_step is not None:
                 self.after_step()
 
@@ -234,7 +240,11 @@ class Scheduler:
             return
         prompts = [r.ids for r in ready]
         positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        if not self.rows:
+        if self.pooled:
+            logits = dec.add_rows(prompts)
+            self._logits = logits if not self.rows else torch.cat([self._logits, logits])
+            self._positions = positions if not self.rows else torch.cat([self._positions, positions])
+        elif not self.rows:
             self._logits = dec.prefill(prompts, max_len=self._cache_len(ready))  # (B, V)
             self._positions = positions
         else:
@@ -348,13 +358,16 @@ class Scheduler:
         # drop finished rows, then feed the new tokens at each row's position
         positions = self._positions
         if len(keep) < len(rows):
+            if self.pooled:  # rows from the end fill the freed slots: a new order, not `keep`
+                keep = self.decoder.drop_rows(keep)
             if not keep:
                 self.rows, self._logits, self._positions = [], None, None
                 self._dirty = True
                 self._record(len(rows), time.perf_counter() - t0)
                 return
             idx = torch.tensor(keep, dtype=torch.long)
-            self.decoder.reorder(idx)
+            if not self.pooled:
+                self.decoder.reorder(idx)
             self.rows = [rows[j] for j in keep]
             self._rp = rp.select(idx)
             self._seen = None if self._seen is None else self._seen[idx]

@@ -100,6 +100,9 @@ def test_cancel_frees_the_slot_and_queue_bound(runs):
         short = sched.submit("soft", make_params(max_new_tokens=3, seed=2), col.emit_for("short"))
         assert col.done.wait(30)
         assert ("short", 0) in col.results and ("long", 0) not in col.results  # cancelled: no result
+        deadline = time.monotonic() + 5  # the result is handed over mid-step, the slot freed at its end
+        while sched.load and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert short.rows[0].completion.tokens and sched.load == 0
         with pytest.raises(AigcError, match="num_beams"):
             sched.submit("w", make_params(num_beams=2), col.emit_for("beam"))
@@ -153,3 +156,18 @@ def test_scheduler_slides_past_the_context_like_the_engine():
         [want] = gen.generate(prompt, **kw)
         assert len(want.tokens) == kw["max_new_tokens"]  # past the 8-token context
         assert col.results[(k, 0)].tokens == want.tokens and col.results[(k, 0)].text == want.text
+
+
+def test_settle_gc_freezes_start_up_objects_and_collects_less_often():
+    import gc
+
+    from aigc.serve.settings import GC_GEN0_THRESHOLD, settle_gc
+
+    before = gc.get_threshold()
+    try:
+        settle_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -1403,7 +1403,7 @@ def serve_cmd(
     """Serve models over an OpenAI-compatible HTTP API (FastAPI + uvicorn) and the studio at /."""
     from pathlib import Path
 
-    from aigc.serve.settings import LOOPBACK_HOSTS, Settings, default_models_dir
+    from aigc.serve.settings import LOOPBACK_HOSTS, Settings, default_models_dir, settle_gc
 
     if host not in LOOPBACK_HOSTS and not api_key_file:
         raise AigcError(
@@ -1458,6 +1458,7 @@ def serve_cmd(
     # the same access lines through a plain formatter: uvicorn's copies every record to colour it
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["formatters"]["access"] = {"format": "%(levelname)s:     %(message)s"}
+    settle_gc()
     uvicorn.run(application, host=host, port=port, log_level="info", log_config=log_config)
 
 

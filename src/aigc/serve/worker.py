@@ -27,6 +27,7 @@ import torch
 from aigc.errors import AigcError
 from aigc.generation.params import GenerationParams
 from aigc.serve.batching import Emit, QueueFull, Row, Scheduler, Ticket
+from aigc.serve.settings import settle_gc
 
 
 class ProcessScheduler:
@@ -221,6 +222,7 @@ def worker_main() -> None:
     except Exception as e:  # the parent raises it as an AigcError
         conn.send([(None, "failed", 0, f"{type(e).__name__}: {e}")])
         return
+    settle_gc()  # the model is loaded: its objects are start-up state
     out = _Outbox(conn)
     sched = Scheduler(gen, max_batch=max_batch, max_rows=1 << 30, metrics=out)  # the parent bounds
     sched.after_step = lambda: out.flush(force=not sched.rows and not sched.pending)

@@ -6,6 +6,7 @@
     python bench/bench_serve.py --dtype float16  # the server decodes with fp16 weights
     python bench/bench_serve.py --worker-process # the server decodes in a child process
     python bench/bench_serve.py --compare-worker # both servers, rounds interleaved
+    python bench/bench_serve.py --scheduler      # no HTTP: the batch scheduler's own ceiling
 
 A randomly initialised GPT with the `tiny` preset's shape is written as a run directory and served
 by `aigc serve` in a separate process (so the clients here do not share its GIL). Every request
@@ -18,6 +19,11 @@ for HTTP: the server's process tree, so a worker process is counted) and the loa
   1 client     tokens/s of one streaming HTTP client (target: >= 80% of in-process)
   16 clients   aggregate tokens/s of 16 concurrent streaming clients (target: >= 8x one client)
                and the p50 / p90 time to first token
+
+`--scheduler` measures what the HTTP figures are bounded by: the continuous-batching scheduler
+alone (`aigc.serve.batching.Scheduler`, in this process), fed by 1 or 16 closed-loop client
+threads, each submitting its next request when the last one is done (so rows keep joining and
+leaving the batch, as under the HTTP load), rounds interleaved.
 
 The load generator runs on the same cores as the server, so its own CPU time is taken from what
 the server gets. The default `lean` client speaks HTTP/1.1 over plain asyncio streams (one
@@ -251,6 +257,59 @@ async def run(args, run_dir: Path, servers: list[tuple[str, str, int]]) -> tuple
     return base, out
 
 
+def scheduler_round(sched, clients: int, n: int, seconds: float, seed: int) -> float:
+    """Tokens/s of `clients` closed-loop threads submitting n-token requests to one Scheduler."""
+    import threading
+
+    from aigc.generation.params import make_params
+
+    t0, done = time.perf_counter(), [0]
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        k = 0
+        while time.perf_counter() - t0 < seconds:
+            finished = threading.Event()
+            params = make_params(max_new_tokens=n, ignore_eos=True, seed=seed + 1000 * i + k)
+            sched.submit(PROMPT, params, lambda kind, idx, payload: kind == "done" and finished.set())
+            if not finished.wait(60):
+                raise RuntimeError("a request did not finish")
+            k += 1
+            with lock:
+                done[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done[0] * n / (time.perf_counter() - t0)
+
+
+def scheduler_only(args, run_dir: Path) -> None:
+    from aigc.generation import load_generator
+    from aigc.serve.batching import Scheduler
+
+    gen = load_generator(run_dir, dtype=getattr(torch, args.dtype))
+    sched = Scheduler(gen)
+    seconds = 1.0 if args.quick else 4.0
+    one, many = [], []
+    try:
+        scheduler_round(sched, args.clients, args.tokens, 0.5, 0)  # warm up
+        for r in range(args.rounds):
+            one.append(scheduler_round(sched, 1, args.tokens, seconds, 10_000 * r))
+            many.append(scheduler_round(sched, args.clients, args.tokens, seconds, 10_000 * r + 5000))
+    finally:
+        sched.close()
+    med = statistics.median
+    print(f"tiny GPT ({args.model}), {args.tokens} tokens per request, dtype {args.dtype}, {args.threads} torch "
+          f"thread(s), scheduler only (no HTTP), {args.rounds} round(s) of {seconds:g} s, "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"1 client              {med(one):9.1f} tokens/s")
+    print(f"{args.clients} clients            {med(many):9.1f} tokens/s  = {med(many) / med(one):.1f}x one client "
+          f"(rounds: {', '.join(f'{m / o:.1f}' for o, m in zip(one, many))})")  # fmt: skip
+
+
 def report(args, name: str, base: dict, m: dict) -> None:
     med, us = statistics.median, 1e6
     tps, single, agg = med(base["tps"]), med(m["single"]), med(m["many"])
@@ -287,6 +346,7 @@ def main() -> None:
     # one intra-op thread on both sides: a tiny model gains nothing from more, and on a busy
     # machine two spinning threads made decoding ~100x slower (measured on the 2-core dev box)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--scheduler", action="store_true", help="the batch scheduler alone, no HTTP")
     args = ap.parse_args()
     args.rounds = 1 if args.quick else args.rounds
     args.tokens = args.tokens or (256 if args.model == "4x128" else 48)
@@ -295,6 +355,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         write_tiny_run(models / "tiny", args.model)
+        if args.scheduler:
+            return scheduler_only(args, models / "tiny")
         procs, servers = [], []
         try:
             for worker in kinds:

@@ -113,6 +113,24 @@ def test_rows_join_and_leave_without_copying_the_others(dtype):
     assert dec._pool.data_ptr() == pool
 
 
+def test_rows_join_a_batch_prefilled_with_a_shorter_cache():
+    """add_rows after prefill(max_len=8): the running row moves into a full-context pool, intact."""
+    model = _gpt(40)
+    dec = GPTDecoder(model)
+    a, b = [1, 2, 3], [9, 8]
+    first = dec.prefill([a], max_len=8)
+    logits = torch.cat([first, dec.add_rows([b])])
+    assert dec.kv.shape[3] == dec.max_len and dec.rows == 2
+    got = {0: [], 1: []}
+    pos = torch.tensor([len(a), len(b)])
+    for _ in range(10):
+        tok = logits.argmax(-1)
+        for k, t in enumerate(tok.tolist()):
+            got[k].append(t)
+        logits, pos = dec.step(tok, pos), pos + 1
+    assert got[0] == _greedy_no_cache(model, a, 10) and got[1] == _greedy_no_cache(model, b, 10)
+
+
 def _greedy_sliding(model, prompt: list[int], n: int, block: int) -> list[int]:
     """Reference for the context policy: when the context is full, keep its last block - block//4."""
     ctx, out = list(prompt), []

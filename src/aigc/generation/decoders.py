@@ -282,12 +282,13 @@ class GPTDecoder:
             raise AigcError("add_rows is for uncompiled decoders; join compiled batches by concatenation")
         B, n = self.rows, len(prompts)
         pool = self._pool if self._pool is not None else self.kv if B else None
-        if pool is None or pool.shape[1] < B + n:
+        # a new pool when full, or when the rows came from a `prefill` with a shorter cache
+        if pool is None or pool.shape[1] < B + n or pool.shape[3] != self.max_len:
             cap = max(B + n, 2 * pool.shape[1] if pool is not None else 0)
             shape = (len(self.layers), cap, 2 * self.K, self.max_len, self.D)
             new = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if B:
-                new[:, :B] = self.kv
+                new[:, :B, :, : self.kv.shape[3]] = self.kv
             pool = new
         self._pool, self.kv = pool, pool[:, : B + n]
         out = []

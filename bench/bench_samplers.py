@@ -180,8 +180,9 @@ def main() -> None:
             for s, st, o in samplers
             for dtype in dtypes
         ]
+        m_train = min(len(feats[0]), len(train.images))  # a small training set: all of it
         pooled_floor = frechet_distance(
-            extract_features(net, train.images[np.sort(rng.choice(len(train.images), len(feats[0]), replace=False))]),
+            extract_features(net, train.images[np.sort(rng.choice(len(train.images), m_train, replace=False))]),
             f_held,
         )
         report_pooled(names, feats, f_held, pool, pooled_floor)

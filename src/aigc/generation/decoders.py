@@ -291,14 +291,7 @@ class GPTDecoder:
                 new[:, :B, :, : self.kv.shape[3]] = self.kv
             pool = new
         self._pool, self.kv = pool, pool[:, : B + n]
-        out = []
-        for j, prompt in enumerate(prompts):
-            if j and list(prompt) == list(prompts[j - 1]):  # n samples of one prompt: copy the row
-                self.kv[:, B + j] = self.kv[:, B + j - 1]
-                out.append(out[-1])
-                continue
-            out.append(self._prefill_row(B + j, torch.tensor(prompt, dtype=torch.long, device=self.device)))
-        return torch.stack(out).float()
+        return self._prefill_rows(prompts, B)
 
     @torch.inference_mode()
     def drop_rows(self, keep: Sequence[int]) -> list[int]:
@@ -356,9 +349,14 @@ class GPTDecoder:
         """Run each prompt (one row at a time: a row's numerics never depend on its neighbours)."""
         cache_len = min(max_len or self.max_len, self.max_len)
         self._alloc(len(prompts), cache_len)
+        return self._prefill_rows(prompts, 0)  # (B, V)
+
+    def _prefill_rows(self, prompts: Sequence[Sequence[int]], first: int) -> torch.Tensor:
+        """Run prompt j as row first + j of the cache -> logits (n, V)."""
         out = []
         last: tuple[list[int], torch.Tensor] | None = None
-        for row, prompt in enumerate(prompts):
+        for j, prompt in enumerate(prompts):
+            row = first + j
             if last is not None and last[0] == list(prompt):  # n samples / beams: same prompt, copy
                 self.kv[:, row] = self.kv[:, row - 1]
                 out.append(last[1])
@@ -366,7 +364,7 @@ class GPTDecoder:
             logits = self._prefill_row(row, torch.tensor(prompt, dtype=torch.long, device=self.device))
             out.append(logits)
             last = (list(prompt), logits)
-        return torch.stack(out).float()  # (B, V)
+        return torch.stack(out).float()
 
     @torch.inference_mode()
     def refill(self, row: int, tokens: Sequence[int]) -> torch.Tensor:

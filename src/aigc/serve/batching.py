@@ -204,8 +204,7 @@ class Scheduler:
                         r.emit("error", r.index, f"internal error while generating: {type(e).__name__}")
                 self.rows, self._logits, self._positions, self._dirty = [], None, None, True
                 self._admitting = []
-                if self.pooled:
-                    self.decoder.drop_rows([])
+                self._drop_rows([])
             if self.after_step is not None:
                 self.after_step()
 
@@ -241,18 +240,16 @@ class Scheduler:
         prompts = [r.ids for r in ready]
         positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if self.pooled:
-            logits = dec.add_rows(prompts)
-            self._logits = logits if not self.rows else torch.cat([self._logits, logits])
-            self._positions = positions if not self.rows else torch.cat([self._positions, positions])
+            logits = dec.add_rows(prompts)  # (n, V)
         elif not self.rows:
-            self._logits = dec.prefill(prompts, max_len=self._cache_len(ready))  # (B, V)
-            self._positions = positions
+            logits = dec.prefill(prompts, max_len=self._cache_len(ready))
         else:
             old = self._take_state()
             logits = dec.prefill(prompts, max_len=self._cache_len(ready))
             self._join_state(old)
-            self._logits = torch.cat([self._logits, logits])
-            self._positions = torch.cat([self._positions, positions])
+        if self.rows:  # after the running rows
+            logits, positions = torch.cat([self._logits, logits]), torch.cat([self._positions, positions])
+        self._logits, self._positions = logits, positions
         self.rows.extend(ready)
         self._dirty = True
 
@@ -358,16 +355,13 @@ class Scheduler:
         # drop finished rows, then feed the new tokens at each row's position
         positions = self._positions
         if len(keep) < len(rows):
-            if self.pooled:  # rows from the end fill the freed slots: a new order, not `keep`
-                keep = self.decoder.drop_rows(keep)
+            keep = self._drop_rows(keep)
             if not keep:
                 self.rows, self._logits, self._positions = [], None, None
                 self._dirty = True
                 self._record(len(rows), time.perf_counter() - t0)
                 return
             idx = torch.tensor(keep, dtype=torch.long)
-            if not self.pooled:
-                self.decoder.reorder(idx)
             self.rows = [rows[j] for j in keep]
             self._rp = rp.select(idx)
             self._seen = None if self._seen is None else self._seen[idx]
@@ -376,6 +370,14 @@ class Scheduler:
         histories = [r.history for r in self.rows]
         self._logits, self._positions = feed(self.decoder, tokens, positions, histories, self.cache_len)
         self._record(len(rows), time.perf_counter() - t0)
+
+    def _drop_rows(self, keep: list[int]) -> list[int]:
+        """Keep the decoder rows `keep` (ascending) -> the rows' new order (old row of each)."""
+        if self.pooled:  # rows from the end fill the freed slots: a new order, not `keep`
+            return self.decoder.drop_rows(keep)
+        if keep:
+            self.decoder.reorder(torch.tensor(keep, dtype=torch.long))
+        return keep
 
     def _record(self, batch: int, seconds: float) -> None:
         self.steps += 1

@@ -17,7 +17,6 @@ next step. `TextRecorder` writes the outputs of requests that end together in on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -80,8 +79,13 @@ class TextCall:
         self.waker = LoopWaker.of(self.loop)
         self.inbox: list[tuple[str, int, Any]] = []  # filled by the worker thread
         self.lock = threading.Lock()
-        self.ready = asyncio.Event()  # set (on the loop) when the inbox has something
-        self.final = asyncio.Event()  # set when a row ends: its last chunk is not held back
+        # loop side: the inbox has something / a row ended (its last chunk is not held back);
+        # `batches` awaits them on one plain future with a timer, not `asyncio.wait_for` (a task
+        # per wait in Python 3.11, two waits per batch)
+        self.ready = False
+        self.final = False
+        self._waiter: asyncio.Future | None = None
+        self._waiter_final = False  # the waiter wakes only for `final`
         self.wake_pending = False
         self.tickets: list[Ticket] = []
         self.n = 0
@@ -99,9 +103,9 @@ class TextCall:
                 self.inbox.append((kind, offset + index, payload))
                 wake, self.wake_pending = not self.wake_pending, True
             if wake:  # one hop onto the loop per batch of events, not one per token
-                self.waker.call(self.ready.set)
+                self.waker.call(self._set_ready)
             if kind != "delta":
-                self.waker.call(self.final.set)
+                self.waker.call(self._set_final)
 
         try:
             ticket = self.scheduler.submit(prompt, params, emit)
@@ -128,13 +132,38 @@ class TextCall:
         self.cancelled = True
         for t in self.tickets:
             t.cancel()
-        self.ready.set()  # cancelled rows send nothing more: wake a waiting `batches()` to end
+        self._set_final()  # cancelled rows send nothing more: wake a waiting `batches()` to end
+
+    def _set_ready(self) -> None:
+        self.ready = True
+        if not self._waiter_final:
+            self._wake(True)
+
+    def _set_final(self) -> None:
+        self.ready = self.final = True
+        self._wake(True)
+
+    def _wake(self, value: bool) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(value)
+
+    async def _wait(self, timeout: float, final: bool = False) -> bool:
+        """Until `ready` (or `final`, if asked) is set -> True, or `timeout` seconds pass -> False."""
+        if self.final or (self.ready and not final):
+            return True
+        self._waiter, self._waiter_final = self.loop.create_future(), final
+        timer = self.loop.call_later(timeout, self._wake, False)
+        try:
+            return await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter, self._waiter_final = None, False
 
     def _take(self) -> list[tuple[str, int, Any]]:
         with self.lock:
             batch, self.inbox, self.wake_pending = self.inbox, [], False
-            self.ready.clear()
-            self.final.clear()
+            self.ready = self.final = False
         return batch
 
     async def events(self) -> AsyncIterator[tuple[str, int, Any]]:
@@ -155,11 +184,8 @@ class TextCall:
         try:
             while self.remaining and not self.cancelled:
                 left = self.deadline - time.monotonic()
-                try:
-                    if left <= 0:  # checked even while events keep coming
-                        raise asyncio.TimeoutError
-                    await asyncio.wait_for(self.ready.wait(), timeout=left)
-                except asyncio.TimeoutError:
+                # the deadline is checked even while events keep coming
+                if left <= 0 or not await self._wait(left):
                     raise self._ApiError(
                         504, f"generation took longer than the {self.timeout_s:g} s limit; ask for fewer tokens",
                         "timeout",
@@ -167,10 +193,9 @@ class TextCall:
                 if self.cancelled:
                     return
                 wait = next_flush - time.monotonic()
-                if wait > 0 and not self.final.is_set():
+                if wait > 0:
                     # let a fast model's tokens gather into one chunk; a row's end flushes at once
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.final.wait(), timeout=wait)
+                    await self._wait(wait, final=True)
                 merged: list[list] = []
                 for kind, idx, payload in self._take():
                     if kind == "error":

@@ -245,7 +245,7 @@ class DecodeRun:
         while active:
             # 2. processors, then greedy or sampled next token per row
             scores = P.process(logits, rp, seen=seen, counts=counts, histories=histories, ngrams=ngrams)
-            tokens = sample_next(scores, rp.sample, gens, rp.any_sample)  # (B,)
+            tokens = sample_next(scores, rp.sample, gens, rp.any_sample, rp.all_sample)  # (B,)
             tok_list = tokens.tolist()
             if any(want_lp):
                 lp, top = token_logprobs(logits, tokens, top_n)

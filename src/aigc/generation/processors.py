@@ -180,7 +180,8 @@ class RowParams:
     def __post_init__(self) -> None:
         # Python flags, computed once: checking tensors every step costs more than a tiny model's layer
         s = self.sample
-        self.any_sample = bool(s.any())
+        n = int(s.sum())
+        self.any_sample, self.all_sample = n > 0, n == len(s)
         self.use_rep = bool((self.repetition_penalty != 1).any())
         self.use_pf = bool(((self.presence_penalty != 0) | (self.frequency_penalty != 0)).any())
         self.use_temp = bool(((self.temperature != 1) & s).any())

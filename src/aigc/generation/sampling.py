@@ -50,6 +50,7 @@ def sample_next(
     sample: torch.Tensor,
     generators: Sequence[RowRandom | None],
     any_sample: bool | None = None,
+    all_sample: bool | None = None,
 ) -> torch.Tensor:
     """Next token per row: argmax for greedy rows, a draw from softmax(logits) for sampling rows.
 
@@ -57,24 +58,33 @@ def sample_next(
         logits: (B, V) processed logits (-inf where filtered).
         sample: (B,) bool, True for sampling rows.
         generators: one `make_generator` stream per row (None allowed for greedy rows).
-        any_sample: precomputed `sample.any()` (saves a sync per step).
+        any_sample, all_sample: precomputed `sample.any()`, `sample.all()` (save a sync per step).
     Returns:
         (B,) long token ids.
     """
-    tokens = logits.argmax(dim=-1)  # (B,)
     if any_sample is None:
         any_sample = bool(sample.any())
     if not any_sample:
-        return tokens
+        return logits.argmax(dim=-1)  # (B,)
+    if all_sample is None:
+        all_sample = bool(sample.all())
+    if all_sample:  # every row samples (the common case): no greedy rows to pick out and merge
+        return _draw(logits, [g.uniform() for g in generators])  # type: ignore[union-attr]
+    tokens = logits.argmax(dim=-1)  # (B,)
     rows = sample.nonzero().flatten()
-    probs = torch.softmax(logits[rows].double(), dim=-1)  # (S, V); float64: exact enough for the CDF
-    cdf = probs.cumsum_(dim=-1)  # (S, V)
-    # one draw per row per step, from that row's own stream; scaled by the total so a rounding
-    # shortfall of cdf[-1] below 1 can never select past the end or a zero-probability token
-    u = torch.tensor([generators[r].uniform() for r in rows.tolist()], dtype=torch.float64)  # (S,)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # first cdf > u
-    tokens[rows] = picked.clamp_(max=logits.shape[-1] - 1)
+    tokens[rows] = _draw(logits[rows], [generators[r].uniform() for r in rows.tolist()])
     return tokens
+
+
+def _draw(logits: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
+    """logits (S, V), one uniform number per row -> (S,) tokens by inverse-CDF sampling."""
+    probs = torch.softmax(logits.double(), dim=-1)  # (S, V); float64: exact enough for the CDF
+    cdf = probs.cumsum_(dim=-1)  # (S, V)
+    # scaled by the total so a rounding shortfall of cdf[-1] below 1 can never select past the end
+    # or a zero-probability token
+    u = torch.tensor(uniforms, dtype=torch.float64)  # (S,)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # first cdf > u
+    return picked.clamp_(max=logits.shape[-1] - 1)
 
 
 def token_logprobs(

@@ -308,7 +308,7 @@ class Scheduler:
             histories=[r.history for r in rows],
             ngrams=[r.ngram for r in rows],
         )
-        tokens = sample_next(scores, rp.sample, [r.gen for r in rows], rp.any_sample)  # (B,)
+        tokens = sample_next(scores, rp.sample, [r.gen for r in rows], rp.any_sample, rp.all_sample)  # (B,)
         tok_list = tokens.tolist()
         if any(r.params.logprobs for r in rows):
             lp, top = token_logprobs(logits, tokens, self._top_n)

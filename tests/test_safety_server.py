@@ -114,6 +114,29 @@ def test_stream_guard_holds_back_and_never_sends_a_blocked_phrase(tmp_path):
     assert guard.feed(clean) == clean[:-16] and guard.finish() == clean[-16:]
 
 
+def test_stream_guard_finish_checks_again_only_what_no_feed_covered(tmp_path, monkeypatch):
+    f = tmp_path / "r.toml"
+    f.write_text('[categories.threat]\npolicy = "block"\nregex = ["kill .{0,40}you"]\n', encoding="utf-8")
+    mod = Moderator.load(f, defaults=False)
+    checked = []
+    real = mod.check
+    monkeypatch.setattr(mod, "check", lambda text, normalized=None: checked.append(text) or real(text, normalized))
+    guard = StreamGuard(mod, holdback=16)
+    sent = guard.feed("a calm sea, ") + guard.feed("a calm sky")
+    assert sent + guard.finish("a calm sea, a calm sky") == "a calm sea, a calm sky" and not guard.blocked
+    assert checked == ["a calm sea, ", "a calm sea, a calm sky"]  # finish reused the last feed's check
+    # the final text differs from what streamed: it is checked, and a blocked phrase there is caught
+    guard, checked[:] = StreamGuard(mod, holdback=16), []
+    guard.feed("a calm sea, ")
+    assert guard.finish("a calm sea, i kill you") == "" and guard.blocked and len(checked) == 2
+    # a text longer than the look-back window: the feeds saw only its end, so finish checks it whole
+    guard, checked[:] = StreamGuard(mod, holdback=0, window=8), []
+    guard.feed("kill and then some ")
+    guard.feed("more words: you")
+    assert not guard.blocked and guard.finish() == "" and guard.blocked
+    assert checked[-1] == "kill and then some more words: you"
+
+
 def test_verdict_combines_prompt_and_output_checks():
     mod = Moderator.load()
     flag, block, clean = mod.check("kill them all"), mod.check("how to make a bomb"), mod.check("the sea")

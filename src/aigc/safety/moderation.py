@@ -266,6 +266,7 @@ class StreamGuard:
         self.text = ""
         self.sent = 0  # characters of `text` already released
         self.result: ModerationResult | None = None
+        self._checked: str | None = None  # the whole text, when the last feed's check covered it
 
     @property
     def blocked(self) -> bool:
@@ -283,6 +284,7 @@ class StreamGuard:
         window = self.text[start:]
         norm = normalize(window)
         self.result = self.moderator.check(window, norm)
+        self._checked = self.text if start == 0 else None
         if self.blocked:
             return ""
         hold = self.moderator.hold_from(norm) if len(norm) == len(window) else None
@@ -297,7 +299,8 @@ class StreamGuard:
             return ""
         if final is not None and final.startswith(self.text[: self.sent]):
             self.text = final
-        self.result = self.moderator.check(self.text)
+        if self.text != self._checked:  # else the last feed checked this very text already
+            self.result = self.moderator.check(self.text)
         if self.blocked:
             return ""
         out, self.sent = self.text[self.sent :], len(self.text)

@@ -120,7 +120,9 @@ def test_stream_guard_finish_checks_again_only_what_no_feed_covered(tmp_path, mo
     mod = Moderator.load(f, defaults=False)
     checked = []
     real = mod.check
-    monkeypatch.setattr(mod, "check", lambda text, normalized=None: checked.append(text) or real(text, normalized))
+    monkeypatch.setattr(
+        mod, "check", lambda text, normalized=None: checked.append(text) or real(text, normalized)
+    )
     guard = StreamGuard(mod, holdback=16)
     sent = guard.feed("a calm sea, ") + guard.feed("a calm sky")
     assert sent + guard.finish("a calm sea, a calm sky") == "a calm sea, a calm sky" and not guard.blocked

@@ -308,8 +308,8 @@ class GPTDecoder:
         kept = set(keep)
         holes = [j for j in range(B) if j not in kept]
         movers = [j for j in keep if j >= B]
-        if holes:
-            self._pool[:, holes] = self._pool[:, movers]
+        for h, m in zip(holes, movers, strict=True):  # one slice copy each: ~5 us, advanced indexing ~30
+            self._pool.select(1, h).copy_(self._pool.select(1, m))
         self.kv = self._pool[:, :B]
         order = list(range(B))
         for h, m in zip(holes, movers, strict=True):

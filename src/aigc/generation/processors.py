@@ -17,7 +17,7 @@ and per-row token lists for the n-gram and bad-word rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -178,17 +178,22 @@ class RowParams:
     watermark: list | None = None  # per row: a safety.watermark_text.WatermarkConfig or None
 
     def __post_init__(self) -> None:
-        # Python flags, computed once: checking tensors every step costs more than a tiny model's layer
-        s = self.sample
-        n = int(s.sum())
-        self.any_sample, self.all_sample = n > 0, n == len(s)
-        self.use_rep = bool((self.repetition_penalty != 1).any())
-        self.use_pf = bool(((self.presence_penalty != 0) | (self.frequency_penalty != 0)).any())
-        self.use_temp = bool(((self.temperature != 1) & s).any())
-        self.use_top_k = bool(((self.top_k > 0) & s).any())
-        self.use_top_p = bool(((self.top_p < 1) & s).any())
-        self.use_min_p = bool(((self.min_p > 0) & s).any())
-        self.use_typical = bool(((self.typical_p < 1) & s).any())
+        # Python flags, computed once: checking tensors every step costs more than a tiny model's
+        # layer; computed from lists (one `tolist` per tensor), not tensor reductions (~3 ops per
+        # flag): rows join and leave the server's batch every few steps
+        s = self.sample.tolist()
+        self.any_sample, self.all_sample = any(s), all(s)
+
+        def used(t: torch.Tensor, active: Callable[[float], bool], sampling_only: bool = True) -> bool:
+            return any(active(v) and (x or not sampling_only) for v, x in zip(t.tolist(), s, strict=True))
+
+        self.use_rep = used(self.repetition_penalty, lambda v: v != 1, sampling_only=False)
+        self.use_pf = used(self.presence_penalty, bool, False) or used(self.frequency_penalty, bool, False)
+        self.use_temp = used(self.temperature, lambda v: v != 1)
+        self.use_top_k = used(self.top_k, lambda v: v > 0)
+        self.use_top_p = used(self.top_p, lambda v: v < 1)
+        self.use_min_p = used(self.min_p, lambda v: v > 0)
+        self.use_typical = used(self.typical_p, lambda v: v < 1)
         self.use_ngram = any(self.ngram)
         self.use_bad = any(self.bad_words_ids)
         self.use_watermark = any(w is not None for w in self.watermark or ())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -233,5 +235,11 @@ def test_params_roundtrip_and_seed():
     assert isinstance(p.seed, int)
     q = GenerationParams.from_dict(p.to_dict() | {"logit_bias": {}})
     assert q == p
+    # to_dict is dataclasses.asdict (fresh lists: changing one leaves the params alone) with JSON keys
+    r = make_params(stop=["a"], bad_words_ids=[[1, 2]], logit_bias={5: 1.5}, seed=3)
+    d = r.to_dict()
+    assert d == {**dataclasses.asdict(r), "logit_bias": {"5": 1.5}} and list(d) == list(dataclasses.asdict(r))
+    d["stop"].append("b"), d["bad_words_ids"][0].append(3)
+    assert r.stop == ["a"] and r.bad_words_ids == [[1, 2]]
     with pytest.raises(AigcError, match="unknown generation parameter"):
         GenerationParams.from_dict({"temprature": 1.0})

@@ -167,8 +167,15 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict for provenance (logit_bias keys become strings, as in JSON)."""
-        d = dataclasses.asdict(self)
-        d["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
+        # what dataclasses.asdict gives (fresh lists), ~10x faster: one per served request
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
+        d.update(
+            bad_words=list(self.bad_words),
+            bad_words_ids=[list(w) for w in self.bad_words_ids],
+            logit_bias={str(k): v for k, v in self.logit_bias.items()},
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+        )
         return d
 
     @classmethod
@@ -179,6 +186,9 @@ class GenerationParams:
         if unknown:
             raise AigcError(f"unknown generation parameter {unknown[0]!r}; valid: {', '.join(sorted(valid))}")
         return cls(**data)
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationParams))
 
 
 def make_params(

@@ -183,6 +183,9 @@ class TextCall:
         next_flush = 0.0  # monotonic time before which no further delta batch is sent
         try:
             while self.remaining and not self.cancelled:
+                wait = next_flush - time.monotonic()
+                if wait > 0:  # let a fast model's tokens gather into one chunk; a row's end flushes at once
+                    await self._wait(wait, final=True)  # (then they are usually there: one wait a batch)
                 left = self.deadline - time.monotonic()
                 # the deadline is checked even while events keep coming
                 if left <= 0 or not await self._wait(left):
@@ -192,10 +195,6 @@ class TextCall:
                     ) from None  # fmt: skip
                 if self.cancelled:
                     return
-                wait = next_flush - time.monotonic()
-                if wait > 0:
-                    # let a fast model's tokens gather into one chunk; a row's end flushes at once
-                    await self._wait(wait, final=True)
                 merged: list[list] = []
                 for kind, idx, payload in self._take():
                     if kind == "error":

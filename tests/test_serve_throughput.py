@@ -316,6 +316,40 @@ def test_worker_process_cancel_and_bounds(remote):
     assert done.wait(10) and sched.load == 0  # the cancelled row left the child's batch
 
 
+def test_worker_events_read_on_the_loop_are_framed_as_connection_sends_them():
+    """The loop-side reader takes whatever a non-blocking read returns (a part of a message,
+    several at once) and decodes exactly what `Connection.send` framed, in order."""
+    import pickle
+    import select
+    import socket
+    import struct
+    from multiprocessing.connection import Connection
+
+    from aigc.serve.worker import ProcessScheduler
+
+    a, b = socket.socketpair()
+    sender, raw = Connection(a.detach()), b
+    messages = [[(k, "delta", 0, "x" * (k * 97 % 700))] for k in range(40)]
+    for m in messages:
+        sender.send(m)
+    stream = b""
+    while select.select([raw], [], [], 0.5)[0]:
+        stream += raw.recv(1 << 20)
+        if len(stream) >= sum(4 + len(pickle.dumps(m)) for m in messages):
+            break
+    big = pickle.dumps([(99, "delta", 0, "y" * 300)])  # the 8-byte length form, as for > 2 GiB
+    stream += struct.pack("!i", -1) + struct.pack("!Q", len(big)) + big
+    sched = ProcessScheduler.__new__(ProcessScheduler)
+    sched._buf, got = bytearray(), []
+    sched._dispatch = got.append
+    for at in range(0, len(stream), 333):  # reads of any size
+        sched._buf += stream[at : at + 333]
+        sched._messages()
+    assert got == [*messages, pickle.loads(big)] and not sched._buf
+    sender.close()
+    raw.close()
+
+
 def test_worker_process_that_cannot_load_says_so(tmp_path):
     from aigc.errors import AigcError
     from aigc.serve.worker import ProcessScheduler
@@ -374,6 +408,7 @@ def test_server_with_worker_process_streams_and_frees_slots(tmp_path, monkeypatc
         assert int(re.search(tokens, client.get("/metrics").text).group(1)) - before < 4096
         # a worker that dies is replaced on the next request
         [lm] = app.state.registry.loaded.values()
+        assert lm.scheduler.thread is None  # the child's events were read on the server's loop
         lm.scheduler.proc.kill()
         lm.scheduler.proc.wait()
         r = client.post("/v1/completions", json={**body, "stream": False})

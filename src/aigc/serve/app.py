@@ -11,6 +11,7 @@ too large, 422 malformed JSON / wrong type (naming the field), 429 too many requ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -230,6 +231,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        registry.loop = asyncio.get_running_loop()  # worker processes' events are read on it
         yield
         if hasattr(app.state, "train"):
             app.state.train.close()  # stop a running training subprocess

@@ -16,6 +16,7 @@ ones exceed the memory budget, the least recently used idle ones are unloaded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -106,6 +107,8 @@ class ModelRegistry:
         self.lock = threading.RLock()
         self.load_locks: dict[tuple, threading.Lock] = {}
         self._scanned = 0.0
+        # the server's event loop (set by the app): a worker process's events are read on it
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.scan(force=True)
 
     # ------------------------------------------------------------------ the table
@@ -263,7 +266,9 @@ class ModelRegistry:
         if s.worker_process:  # decoding off this process's GIL; the child loads its own copy
             from aigc.serve.worker import ProcessScheduler
 
-            sched = ProcessScheduler(gen, entry.spec, dtype, s.max_batch, s.max_queue, self.metrics)
+            sched = ProcessScheduler(
+                gen, entry.spec, dtype, s.max_batch, s.max_queue, self.metrics, self.loop
+            )
         else:
             sched = Scheduler(gen, max_batch=s.max_batch, max_rows=s.max_queue, metrics=self.metrics)
         return LoadedModel(entry, gen, sched)

@@ -38,6 +38,7 @@ class LoopWaker:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.thread = threading.get_ident()  # made on the loop (`of` is called there)
         self.lock = threading.Lock()
         self.pending: list[Any] = []
 
@@ -57,8 +58,11 @@ class LoopWaker:
         with self.lock:
             first = not self.pending
             self.pending.append(fn)
-        if first:
-            self.loop.call_soon_threadsafe(self._run)
+        if first:  # from the loop itself (a worker process's events are read there): no self-pipe write
+            if threading.get_ident() == self.thread:
+                self.loop.call_soon(self._run)
+            else:
+                self.loop.call_soon_threadsafe(self._run)
 
     def _run(self) -> None:
         with self.lock:

@@ -350,6 +350,51 @@ def test_worker_events_read_on_the_loop_are_framed_as_connection_sends_them():
     raw.close()
 
 
+@pytest.mark.slow
+def test_worker_process_read_on_a_loop_closes_from_any_thread(tmp_path):
+    """Events read on an event loop: rows get their results; `close` waits for the child's last
+    events whether it runs on another thread (the loop reads them) or on the loop itself (it reads
+    them there), and the child exits."""
+    import asyncio
+
+    from aigc.serve.worker import ProcessScheduler
+
+    run_dir = write_text_run(tmp_path / "gpt")
+    gen = load_generator(run_dir)
+    gen.model_id = "gpt"
+    [ref] = gen.generate("soft", max_new_tokens=30, seed=4, ignore_eos=True)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        for on_loop in (False, True):
+            sched = ProcessScheduler(gen, str(run_dir), loop=loop)
+            got, done = [], threading.Event()
+
+            def emit(kind, i, payload, got=got, done=done):
+                got.append(payload)
+                if kind != "delta":
+                    done.set()
+
+            sched.submit("soft", make_params(max_new_tokens=30, seed=4, ignore_eos=True), emit)
+            assert sched.thread is None  # no reader thread: the loop reads
+            if on_loop:  # close on the loop's own thread, the rows still running
+                asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result()  # (attached by now)
+                assert sched._attached
+                asyncio.run_coroutine_threadsafe(_call(sched.close), loop).result(timeout=60)
+            else:
+                assert done.wait(30)
+                sched.close()
+            assert done.is_set() and got[-1].text == ref.text and sched.proc.poll() is not None
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+async def _call(fn):
+    return fn()
+
+
 def test_worker_process_that_cannot_load_says_so(tmp_path):
     from aigc.errors import AigcError
     from aigc.serve.worker import ProcessScheduler

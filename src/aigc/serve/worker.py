@@ -86,7 +86,7 @@ class ProcessScheduler:
         self._next = 0
         self.loop, self.thread = loop, None
         self._buf = bytearray()  # event bytes read on the loop, not yet a whole message
-        self._loop_thread: int | None = None  # the loop's thread, once the reader is attached
+        self._attached = False  # the loop watches the events socket
         self._ended = threading.Event()  # the child's event stream ended and was handled
         if loop is None:
             self.thread = threading.Thread(
@@ -141,9 +141,9 @@ class ProcessScheduler:
 
     def _attach(self) -> None:
         """On the loop: read the events there from now on."""
-        self._loop_thread = threading.get_ident()
-        if not self._ended.is_set():
+        if not self._ended.is_set():  # (not drained by a `close` before this ran)
             self.loop.add_reader(self.events.fileno(), self._readable)
+            self._attached = True
 
     def _readable(self) -> None:
         """On the loop: take what the socket holds, hand over every whole message in it."""
@@ -162,6 +162,7 @@ class ProcessScheduler:
         self._messages()
         if eof:
             self.loop.remove_reader(self.events.fileno())
+            self._attached = False
             self._end()
 
     def _messages(self) -> None:
@@ -211,13 +212,17 @@ class ProcessScheduler:
         if self.thread is not None:
             self.thread.join(timeout=30)
             return
-        if self._loop_thread != threading.get_ident() and self.loop.is_running():
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop and self.loop.is_running():
             self._ended.wait(timeout=30)
             return
         if self._ended.is_set():
             return
         fd = self.events.fileno()
-        if self._loop_thread is not None:
+        if self._attached:
             self.loop.remove_reader(fd)
         os.set_blocking(fd, True)
         while True:

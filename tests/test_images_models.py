@@ -165,6 +165,43 @@ def test_classifier_free_guidance_formula():
     assert not torch.allclose(guided, cond, atol=1e-3) and not torch.allclose(cond, uncond, atol=1e-3)
 
 
+def test_ddim_steps_from_the_clipped_x0_and_its_implied_noise():
+    """With clip_sample, a DDIM step goes from the clipped x0 along the noise that x0 implies
+    (x_prev = sqrt(a') x0c + sqrt(1 - a') (x - sqrt(a) x0c) / sqrt(1 - a)), not along the model's
+    unclipped noise: the two disagree whenever x0 is clipped, and 100 steps compound it."""
+    from types import SimpleNamespace
+
+    cfg = DiffusionConfig(**TINY_UNET)
+    sched = make_scheduler(cfg, "ddim")
+
+    def eps_at(t) -> torch.Tensor:  # the first (noisiest) step predicts an x0 far out of range
+        return torch.full((1, 1, 4, 4), -3.0 if int(t) > 600 else 0.2)
+
+    class Fake:
+        config = SimpleNamespace(in_channels=1, sample_size=4)
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def __call__(self, x, t, class_labels=None):
+            return SimpleNamespace(sample=eps_at(t))
+
+    x_T = torch.full((1, 1, 4, 4), 0.5)
+    got = denoise(Fake(), sched, 1, 3, torch.Generator(), x_T=x_T)
+
+    def by_hand(implied: bool) -> torch.Tensor:
+        ac, ts, x = sched.alphas_cumprod, [int(t) for t in sched.timesteps], x_T
+        for k, t in enumerate(ts):
+            a, a_prev = ac[t], ac[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0)
+            eps = eps_at(t)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            if implied:
+                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return x.clamp(-1, 1)
+
+    assert len(sched.timesteps) == 3 and not torch.allclose(by_hand(True), by_hand(False), atol=1e-2)
+    torch.testing.assert_close(got, by_hand(True), atol=1e-5, rtol=0)
+
+
 def test_sampler_names_map_to_diffusers_schedulers():
     cfg = DiffusionConfig(**TINY_UNET)
     assert make_scheduler(cfg, "dpm").config.algorithm_type == "dpmsolver++"

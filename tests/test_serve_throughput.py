@@ -369,17 +369,19 @@ def test_worker_process_read_on_a_loop_closes_from_any_thread(tmp_path):
     try:
         for on_loop in (False, True):
             sched = ProcessScheduler(gen, str(run_dir), loop=loop)
-            got, done = [], threading.Event()
+            got, started, done = [], threading.Event(), threading.Event()
 
-            def emit(kind, i, payload, got=got, done=done):
+            def emit(kind, i, payload, got=got, started=started, done=done):
                 got.append(payload)
+                started.set()
                 if kind != "delta":
                     done.set()
 
             sched.submit("soft", make_params(max_new_tokens=30, seed=4, ignore_eos=True), emit)
             assert sched.thread is None  # no reader thread: the loop reads
             if on_loop:  # close on the loop's own thread, the rows still running
-                asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result()  # (attached by now)
+                # (once the row has started: a row still waiting when close arrives gets an error)
+                assert started.wait(30)
                 assert sched._attached
                 asyncio.run_coroutine_threadsafe(_call(sched.close), loop).result(timeout=60)
             else:

@@ -57,11 +57,11 @@ def main() -> None:
             out = torch.empty(B, H, D)
             mask = (torch.arange(s)[None, :] <= positions[:, None])[:, None, None, :]
 
-            def ours() -> torch.Tensor:
+            def ours(qk=qk, kv=kv, lens=lens, out=out) -> torch.Tensor:
                 kernel(qk, kv, lens, out)
                 return out
 
-            def sdpa() -> torch.Tensor:
+            def sdpa(qk=qk, kv=kv, s=s, mask=mask) -> torch.Tensor:
                 return F.scaled_dot_product_attention(
                     qk[:, :H, None], kv[:, :K, :s], kv[:, K:, :s], attn_mask=mask, enable_gqa=K != H
                 )[:, :, 0]

@@ -82,12 +82,19 @@ def main() -> None:
     ap.add_argument("--dtypes", default="auto", help="sampling precisions to compare: auto, bf16, fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise-seed", type=int, default=None, help="rerun every sampler with this seed too")
-    ap.add_argument("--seeds", default=None,
-                    help="seeds to pool (0-3 or 0,2,5): each seed's rows, then every sampler's n x seeds "
-                         "images scored together, with a leave-one-seed-out jackknife interval of the ratio")
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="seeds to pool (0-3 or 0,2,5): each seed's rows, then every sampler's n x seeds "
+        "images scored together, with a leave-one-seed-out jackknife interval of the ratio",
+    )
     ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's)")
-    ap.add_argument("--real", type=int, default=None,
-                    help="held-out images for the reference statistics (default: n; more = less noise)")
+    ap.add_argument(
+        "--real",
+        type=int,
+        default=None,
+        help="held-out images for the reference statistics (default: n; more = less noise)",
+    )
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--estimate", action="store_true", help="time one batch of each, print the projection")
@@ -156,7 +163,9 @@ def main() -> None:
     f_held = extract_features(net, held[np.sort(rng.choice(len(held), m, replace=False))])
     f_train = extract_features(net, train.images[np.sort(rng.choice(len(train.images), n, replace=False))])
     floor = frechet_distance(f_train, f_held)
-    print(f"feature network {info['hash']} (test accuracy {info['test_accuracy']:.3f}); n = {n}, {m} held-out images")
+    print(
+        f"feature network {info['hash']} (test accuracy {info['test_accuracy']:.3f}); n = {n}, {m} held-out images"
+    )
     print(f"floor: real (training) vs real (held out): FD {floor:.3f}")
     print(
         "| sampler | steps | dtype | seed | FD vs held-out | ratio to first | label accuracy | CPU s | wall s |"
@@ -182,7 +191,9 @@ def main() -> None:
         ]
         m_train = min(len(feats[0]), len(train.images))  # a small training set: all of it
         pooled_floor = frechet_distance(
-            extract_features(net, train.images[np.sort(rng.choice(len(train.images), m_train, replace=False))]),
+            extract_features(
+                net, train.images[np.sort(rng.choice(len(train.images), m_train, replace=False))]
+            ),
             f_held,
         )
         report_pooled(names, feats, f_held, pool, pooled_floor)
@@ -218,9 +229,10 @@ def report_pooled(
           f"floor real vs real at that n: FD {floor:.3f}; ratio +- 1.645 jackknife SE (90 %)")  # fmt: skip
     print("| sampler | FD vs held-out | ratio to first | 90 % interval of the ratio |")
     print("| --- | --- | --- | --- |")
-    for name, fd, e in zip(names, fds, se):
+    for name, fd, e in zip(names, fds, se, strict=True):
         r = fd / fds[0]
         print(f"| {name} | {fd:.3f} | {r:.3f} | {r - 1.645 * e:.3f} - {r + 1.645 * e:.3f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -271,7 +271,11 @@ def scheduler_round(sched, clients: int, n: int, seconds: float, seed: int) -> f
         while time.perf_counter() - t0 < seconds:
             finished = threading.Event()
             params = make_params(max_new_tokens=n, ignore_eos=True, seed=seed + 1000 * i + k)
-            sched.submit(PROMPT, params, lambda kind, idx, payload: kind == "done" and finished.set())
+            sched.submit(
+                PROMPT,
+                params,
+                lambda kind, idx, payload, finished=finished: kind == "done" and finished.set(),
+            )
             if not finished.wait(60):
                 raise RuntimeError("a request did not finish")
             k += 1
@@ -307,7 +311,7 @@ def scheduler_only(args, run_dir: Path) -> None:
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"1 client              {med(one):9.1f} tokens/s")
     print(f"{args.clients} clients            {med(many):9.1f} tokens/s  = {med(many) / med(one):.1f}x one client "
-          f"(rounds: {', '.join(f'{m / o:.1f}' for o, m in zip(one, many))})")  # fmt: skip
+          f"(rounds: {', '.join(f'{m / o:.1f}' for o, m in zip(one, many, strict=True))})")  # fmt: skip
 
 
 def report(args, name: str, base: dict, m: dict) -> None:

@@ -11,7 +11,9 @@ from aigc.generation.attention_kernel import decode_attention_kernel
 from aigc.generation.decoders import GPTDecoder
 from aigc.models.gpt import GPT, GPTConfig
 
-pytestmark = pytest.mark.skipif(decode_attention_kernel(32) is None, reason="no C compiler to build the kernel")
+pytestmark = pytest.mark.skipif(
+    decode_attention_kernel(32) is None, reason="no C compiler to build the kernel"
+)
 
 
 def _sdpa(qk, kv, lens, H):
@@ -44,7 +46,12 @@ def test_kernel_equals_sdpa(B, H, K, D, S):
 
 def test_kernel_refuses_layouts_it_cannot_read():
     fn = decode_attention_kernel(32)
-    qk, kv, lens, out = torch.randn(2, 12, 32), torch.randn(2, 8, 10, 32), torch.tensor([3, 4]), torch.empty(2, 4, 32)
+    qk, kv, lens, out = (
+        torch.randn(2, 12, 32),
+        torch.randn(2, 8, 10, 32),
+        torch.tensor([3, 4]),
+        torch.empty(2, 4, 32),
+    )
     with pytest.raises(ValueError, match="contiguous"):
         fn(qk, kv[:, :, :5], lens, out)
     with pytest.raises(ValueError, match="float32"):
@@ -64,7 +71,9 @@ def test_decoder_steps_equal_with_and_without_the_kernel():
     positions = torch.tensor([3, 5, 1])
     for _ in range(20):
         tokens = torch.randint(0, 40, (3,))
-        torch.testing.assert_close(fast.step(tokens, positions), ref.step(tokens, positions), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            fast.step(tokens, positions), ref.step(tokens, positions), atol=1e-5, rtol=1e-5
+        )
         positions = positions + 1
 
 

@@ -34,7 +34,11 @@ def make_run(path, family: str, model_cfg, state: dict, classes: list[str]):
 def make_uncond_run(tmp_path, prediction_type: str = "epsilon"):
     torch.manual_seed(0)
     cfg = DiffusionConfig(
-        image_size=8, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, prediction_type=prediction_type
+        image_size=8,
+        block_out_channels=(8, 16),
+        attention_levels=(1,),
+        norm_num_groups=4,
+        prediction_type=prediction_type,
     )
     unet = build_unet(cfg)
     run = make_run(tmp_path / "uncond", "diffusion", cfg, unet.state_dict(), [])

@@ -21,9 +21,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -79,7 +79,9 @@ def _build(cc: str, head_dim: int) -> Path:
             if done.returncode == 0:
                 break
         if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+            raise RuntimeError(
+                done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed"
+            )
         os.replace(out, lib)  # atomic: a concurrent builder finds a whole file or none
     return lib
 
@@ -112,7 +114,9 @@ def _check(qk: torch.Tensor, kv: torch.Tensor, lens: torch.Tensor, out: torch.Te
     if not (qk.is_contiguous() and kv.is_contiguous() and out.is_contiguous() and lens.is_contiguous()):
         raise ValueError("decode_attention: qk, kv, lens and out must be contiguous")
     if qk.shape[0] != B or qk.shape[1] < H or qk.shape[2] != D or kv.shape[0] != B or kv.shape[3] != D:
-        raise ValueError(f"decode_attention: shapes qk {tuple(qk.shape)}, kv {tuple(kv.shape)}, out {tuple(out.shape)}")
+        raise ValueError(
+            f"decode_attention: shapes qk {tuple(qk.shape)}, kv {tuple(kv.shape)}, out {tuple(out.shape)}"
+        )
     if H % K or lens.shape != (B,) or lens.dtype != torch.int64:
         raise ValueError("decode_attention: H must be a multiple of K and lens int64 (B,)")
     if not qk.dtype == kv.dtype == out.dtype == torch.float32:

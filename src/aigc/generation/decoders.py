@@ -428,7 +428,9 @@ class GPTDecoder:
             lens = positions + 1
             y = torch.empty(B, H, D, dtype=self.dtype, device=self.device)  # every layer's output
         elif not same:  # SDPA over S slots: mask each row's future (unwritten) slots
-            mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]  # (B,1,1,S)
+            mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[
+                :, None, None, :
+            ]  # (B,1,1,S)
         at = slice(p_max, p_max + 1) if same else positions  # table index: (1, ...) or (B, ...)
         x = F.embedding(tokens, self.emb)  # (B, C)
         kvs = self._stacked()

@@ -51,6 +51,7 @@ def settle_gc() -> None:
     _, g1, g2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, g1, g2)
 
+
 # training jobs (POST /v1/train) and the model page
 MAX_TRAIN_TIME_S = 3600.0  # default server cap on one job's max_time (--max-train-time)
 DEFAULT_TRAIN_TIME_S = 300.0  # a job that gives neither max_steps nor max_time

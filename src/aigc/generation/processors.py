@@ -200,10 +200,18 @@ class RowParams:
 
     @classmethod
     def from_params(cls, params: Sequence[GenerationParams], vocab_size: int) -> RowParams:
-        def f(name: str) -> torch.Tensor:
-            return torch.tensor([float(getattr(p, name)) for p in params])
-
-        sample = torch.tensor([p.sampling for p in params])
+        sampling = [p.sampling for p in params]
+        # the float parameters of every row in one tensor (one `torch.tensor` call, not one per
+        # parameter: rows join the server's batch every few steps), then one contiguous row each
+        cols = torch.tensor(
+            [
+                [p.temperature if s else 1.0, p.top_p, p.min_p, p.typical_p, p.repetition_penalty,
+                 p.presence_penalty, p.frequency_penalty]
+                for p, s in zip(params, sampling, strict=True)
+            ],
+            dtype=torch.float32,
+        ).reshape(len(params), 7).t().contiguous()  # fmt: skip
+        temperature, top_p, min_p, typical_p, rep, presence, frequency = cols.unbind()
         bias = None
         if any(p.logit_bias for p in params):
             bias = torch.zeros(len(params), vocab_size)
@@ -218,15 +226,15 @@ class RowParams:
             cfg = load_config()
             wm = [cfg if p.watermark else None for p in params]
         return cls(
-            sample=sample,
-            temperature=torch.where(sample, f("temperature"), torch.ones(len(params))),
+            sample=torch.tensor(sampling, dtype=torch.bool),
+            temperature=temperature,
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
-            top_p=f("top_p"),
-            min_p=f("min_p"),
-            typical_p=f("typical_p"),
-            repetition_penalty=f("repetition_penalty"),
-            presence_penalty=f("presence_penalty"),
-            frequency_penalty=f("frequency_penalty"),
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repetition_penalty=rep,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
             logit_bias=bias,
             ngram=[p.no_repeat_ngram_size for p in params],
             bad_words_ids=[p.bad_words_ids for p in params],

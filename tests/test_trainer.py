@@ -428,3 +428,35 @@ def test_init_from_a_non_llama_transformers_folder_is_refused(tmp_path):
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(AigcError, match="is a gpt2 transformers model; only Llama-shaped models"):
         train(tmp_path, "ft", steps=1, init_from=tmp_path / "gpt2")
+
+
+@pytest.mark.parametrize("speedup", [0.0, 0.6, 4.5])
+def test_auto_precision_takes_bf16_only_where_it_is_faster(monkeypatch, tmp_path, speedup):
+    """ "auto" = bf16 autocast on a CPU only where its bf16 matmul beats fp32 (some CPUs report bf16
+    kernels that run slower than fp32); training and diffusion sampling follow the same rule, and
+    the training log says what was chosen and why."""
+    from aigc.generation.image import _autocast_dtype
+    from aigc.training import trainer as T
+
+    monkeypatch.setattr(T, "cpu_bf16_speedup", lambda: speedup)
+    want = torch.bfloat16 if speedup >= T.AUTO_BF16_MIN_SPEEDUP else None
+    cpu = torch.device("cpu")
+    assert T.autocast_dtype("auto", cpu) == want and _autocast_dtype("auto") == want
+    assert T.autocast_dtype("fp32", cpu) is None and _autocast_dtype("fp32") is None
+    lines = []
+    cfg = toy_cfg(precision="auto", max_steps=2)
+    trainer = Trainer(
+        Regression(cfg), cfg, tmp_path / "r", {"family": "toy"}, progress=False, log=lines.append
+    )
+    trainer.fit()
+    assert trainer.amp_dtype == want
+    [note] = [m for m in lines if m.startswith("precision auto:")]
+    assert ("no bf16 kernels" in note) if speedup == 0 else (f"{speedup:.1f}x fp32" in note)
+    assert note.split(": ", 1)[1].startswith("bf16" if want else "fp32")
+
+
+def test_cpu_bf16_speedup_is_measured_once():
+    from aigc.training import trainer as T
+
+    x = T.cpu_bf16_speedup()
+    assert x == T.cpu_bf16_speedup() and (x > 0) == T.bf16_supported(torch.device("cpu"))

@@ -588,7 +588,7 @@ def generate_image(
     dtype: Annotated[
         str,
         typer.Option(
-            "--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32."
+            "--dtype", help="Diffusion sampling precision: auto (bf16 where it is faster), bf16, fp32."
         ),
     ] = "auto",
     scale: Annotated[int, typer.Option("--scale", help="Enlarge outputs N x (nearest) for viewing.")] = 1,
@@ -953,7 +953,7 @@ def eval_cmd(
     dtype: Annotated[
         str,
         typer.Option(
-            "--dtype", help="Diffusion sampling precision: auto (bf16 where supported), bf16, fp32."
+            "--dtype", help="Diffusion sampling precision: auto (bf16 where it is faster), bf16, fp32."
         ),
     ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,

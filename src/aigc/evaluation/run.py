@@ -67,7 +67,7 @@ def evaluate(
     `classifier`: a sentiment classifier run, adds the positive share of text samples.
     Text/music: `max_new_tokens`, `temperature`, `top_k`, `top_p`. Images: `sampler`, `steps`,
     `guidance` (diffusion), `batch_size`, `dtype` (diffusion sampling precision: auto = bf16
-    autocast where supported, or fp32; recorded in the protocol); `feature_cfg`
+    autocast where it beats fp32 on this CPU, or fp32; recorded in the protocol); `feature_cfg`
     (`images.FeatureTrainConfig`) for the feature network. Warnings (e.g. a capped `n`) are listed in `report["warnings"]`.
     """
     from aigc.evaluation.report import link_in_card, write_report

@@ -30,11 +30,8 @@ HF_PREFIX = "hf:"
 # at 20 steps (log-SNR / Karras / exponential / beta spacing, lambda clipping, leading spacing,
 # sigma_min final step, Euler final step, Heun update, order 1 or 3, thresholding ratio).
 SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {}
-DTYPES = (
-    "auto",
-    "bf16",
-    "fp32",
-)  # sampling precision of our diffusion models; auto = bf16 where it beats fp32
+# sampling precision of our diffusion models; auto = bf16 where it beats fp32
+DTYPES = ("auto", "bf16", "fp32")
 
 
 def _autocast_dtype(dtype: str) -> torch.dtype | None:

@@ -101,7 +101,7 @@ AUTO_BF16_MIN_SPEEDUP = 1.2
 @functools.cache
 def cpu_bf16_speedup() -> float:
     """fp32 matmul time / bf16 matmul time on this CPU with the current thread count (measured once
-    per process, ~20 ms; 0 when the CPU has no bf16 kernels)."""
+    per process, ~50 ms; 0 when the CPU has no bf16 kernels)."""
     if not bf16_supported(torch.device("cpu")):
         return 0.0
     g = torch.Generator().manual_seed(0)

@@ -122,22 +122,10 @@ def base_run(tmp_path_factory) -> Path:
     prepare_text(str(root / "corpus.txt"), root / "data", overrides={"blocks": True})
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    train_text(
-        "gpt",
-        root / "data",
-        root / "run",
-        preset="tiny",
-        max_steps=300,
-        progress=False,
-        overrides=[
-            "model.n_layer=1",
-            "model.n_embd=32",
-            "model.block_size=32",
-            "train.eval_interval=0",
-            "train.ckpt_interval=0",
-            "train.precision=fp32",
-        ],
-    )  # fmt: skip  (the same base model on every CPU)
+    # fp32, not precision=auto: the same base model on every CPU
+    train_text("gpt", root / "data", root / "run", preset="tiny", max_steps=300, progress=False,
+               overrides=["model.n_layer=1", "model.n_embd=32", "model.block_size=32",
+                          "train.eval_interval=0", "train.ckpt_interval=0", "train.precision=fp32"])  # fmt: skip
     torch.set_num_threads(n)
     return root / "run"
 

@@ -291,6 +291,8 @@ def denoise(
     Classifier-free guidance when `labels` is given and guidance != 1: the batch is doubled
     (conditional, null label) and eps = eps_uncond + w * (eps_cond - eps_uncond).
     """
+    from diffusers import DDIMScheduler
+
     if steps < 1:
         raise AigcError(f"steps must be >= 1, got {steps}")
     c, s = unet.config.in_channels, unet.config.sample_size
@@ -305,7 +307,7 @@ def denoise(
     # DDIM with clip_sample: take the noise implied by the clipped x0 for the step's direction too;
     # diffusers' default keeps the unclipped one, and the mismatch compounds over many steps (on a
     # linear-schedule MNIST model, 100 DDIM steps: FD 2.41 by default, 0.51 with this)
-    step_kw = {"use_clipped_model_output": True} if type(scheduler).__name__ == "DDIMScheduler" else {}
+    step_kw = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
     guided = labels is not None and guidance != 1.0
     if guided:
         assert null_label is not None

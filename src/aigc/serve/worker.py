@@ -145,20 +145,23 @@ class ProcessScheduler:
             self.loop.add_reader(self.events.fileno(), self._readable)
             self._attached = True
 
-    def _readable(self) -> None:
-        """On the loop: take what the socket holds, hand over every whole message in it."""
-        eof = False
+    def _pull(self) -> bool:
+        """Read the events socket into the buffer until it has nothing more (non-blocking) or ends
+        (blocking: the child exited) -> True at its end."""
         while True:
             try:
                 data = os.read(self.events.fileno(), 1 << 18)
             except BlockingIOError:
-                break
+                return False
             except OSError:
                 data = b""
             if not data:
-                eof = True
-                break
+                return True
             self._buf += data
+
+    def _readable(self) -> None:
+        """On the loop: take what the socket holds, hand over every whole message in it."""
+        eof = self._pull()
         self._messages()
         if eof:
             self.loop.remove_reader(self.events.fileno())
@@ -225,15 +228,8 @@ class ProcessScheduler:
         if self._attached:
             self.loop.remove_reader(fd)
         os.set_blocking(fd, True)
-        while True:
-            try:
-                data = os.read(fd, 1 << 18)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            self._buf += data
-            self._messages()
+        self._pull()  # blocking: until the child exits
+        self._messages()
         self._end()
 
     def close(self) -> None:

@@ -171,3 +171,48 @@ def test_settle_gc_freezes_start_up_objects_and_collects_less_often():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_scheduler_with_an_inbox_reads_it_between_steps_in_the_callers_thread(runs):
+    """`Scheduler(inbox=...)` (the worker process): no thread of its own; `run` calls the inbox
+    before every step (idle only when nothing waits or runs), so a request that arrives during a
+    decode joins at the very next step; `close` from the inbox ends `run` after the running rows
+    and fails the waiting ones."""
+    gen = load_generator(runs["gpt"])
+    col = Collector()
+    col.expected = 2
+    calls, joined = [], {}
+
+    def track(key):
+        inner = col.emit_for(key)
+
+        def emit(kind, index, payload):
+            if kind == "delta" and key not in joined:
+                joined[key] = sched.steps  # steps done before this row's first token
+            inner(kind, index, payload)
+
+        return emit
+
+    def inbox(idle):
+        calls.append((idle, sched.steps, threading.get_ident()))
+        if len(calls) == 1:
+            assert idle
+            sched.submit("the ", make_params(max_new_tokens=12, seed=1), track(0))
+        elif sched.steps == 5 and 1 not in joined and len(col.results) < 1:
+            sched.submit("and ", make_params(max_new_tokens=4, seed=2), track(1))
+        elif sched.steps == 7:
+            sched.submit("to ", make_params(max_new_tokens=4, seed=3), track(2))  # waits: closed below
+            sched.close()
+
+    sched = Scheduler(gen, inbox=inbox)
+    assert sched.thread is None
+    sched.run()  # returns once closed and the running rows are done
+    assert {t for _, _, t in calls} == {threading.get_ident()}
+    assert [idle for idle, _, _ in calls].count(True) == 1  # idle only before the first request
+    assert joined[1] == 5  # submitted after step 5: its first token comes from step 6
+    assert col.results[(0, 0)].usage["completion_tokens"] == 12  # running rows finish after close
+    assert col.results[(1, 0)].usage["completion_tokens"] == 4
+    assert col.errors == ["the model was unloaded; retry the request"]  # the one still waiting
+    for k, prompt, seed, n in ((0, "the ", 1, 12), (1, "and ", 2, 4)):
+        [want] = gen.generate(prompt, max_new_tokens=n, seed=seed)
+        assert col.results[(k, 0)].tokens == want.tokens

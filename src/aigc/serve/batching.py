@@ -114,6 +114,7 @@ class Scheduler:
         max_rows: int = 256,
         metrics: Any = None,
         emit_interval: float = EMIT_INTERVAL_S,
+        inbox: Callable[[bool], None] | None = None,
     ) -> None:
         self.gen = gen
         self.emit_interval = emit_interval
@@ -136,8 +137,13 @@ class Scheduler:
         self._positions: torch.Tensor | None = None  # (B,) where each row's next token goes
         self._dirty = True  # batch membership changed: rebuild per-row tensors
         self.after_step: Callable[[], None] | None = None  # called by the worker after each step
-        self.thread = threading.Thread(target=self._loop, name=f"aigc-batch-{gen.model_id}", daemon=True)
-        self.thread.start()
+        # inbox(idle): called between steps by `run` in the caller's thread (the worker process's
+        # commands): it may block only when `idle` (nothing waiting or running)
+        self.inbox = inbox
+        self.thread = None
+        if inbox is None:
+            self.thread = threading.Thread(target=self._loop, name=f"aigc-batch-{gen.model_id}", daemon=True)
+            self.thread.start()
 
     # ------------------------------------------------------------------ asyncio side
 
@@ -165,17 +171,27 @@ class Scheduler:
         return Ticket(rows)
 
     def close(self) -> None:
-        """Stop the worker after the running rows; rows still waiting get an error."""
+        """Stop the worker after the running rows; rows still waiting get an error. (With an
+        inbox, the inbox calls this from `run`, which then returns after those rows.)"""
         with self.cv:
             self.closed = True
             self.cv.notify()
-        self.thread.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
 
     # ------------------------------------------------------------------ worker thread
+
+    def run(self) -> None:
+        """Decode in the calling thread until closed, reading the inbox between steps (a scheduler
+        made with `inbox`: the worker process, where a second thread receiving commands had to win
+        the GIL from this one, and waited up to milliseconds each time)."""
+        self._loop()
 
     def _loop(self) -> None:
         inherit_torch_threads()
         while True:
+            if self.inbox is not None:
+                self.inbox(not (self.pending or self.rows or self.closed))
             with self.cv:
                 while not self.pending and not self.rows and not self.closed:
                     self.cv.wait()

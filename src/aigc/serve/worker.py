@@ -263,19 +263,19 @@ class _RemoteTicket(Ticket):
 
 
 class _Outbox:
-    """The child's side: events and metrics of one step, sent to the parent as one message."""
+    """The child's side: events and metrics of one step, sent to the parent as one message. (Used
+    by the scheduler's one thread only.)"""
 
     def __init__(self, conn: Any) -> None:
-        self.conn, self.items, self.lock = conn, [], threading.Lock()
+        self.conn, self.items = conn, []
         self.events = 0  # text / result / error items among `items`
 
     def emit_for(self, rid: int, rows: int, done: Callable[[int], None]) -> Emit:
         left = [rows]
 
         def emit(kind: str, index: int, payload: Any) -> None:
-            with self.lock:
-                self.items.append((rid, kind, index, payload))
-                self.events += 1
+            self.items.append((rid, kind, index, payload))
+            self.events += 1
             if kind != "delta":
                 left[0] -= 1
                 if not left[0]:
@@ -284,8 +284,7 @@ class _Outbox:
         return emit
 
     def _metric(self, name: str, *args: Any) -> None:
-        with self.lock:
-            self.items.append((None, "metric", name, args))
+        self.items.append((None, "metric", name, args))
 
     def observe_wait(self, seconds: float) -> None:
         self._metric("observe_wait", seconds)
@@ -299,10 +298,9 @@ class _Outbox:
     def flush(self, force: bool = False) -> None:
         """Send what the step produced; metrics alone wait for the next events, 256 of them or the
         batch going idle (`force`), so a step that hands over no text costs no message."""
-        with self.lock:
-            if not self.items or not (self.events or force or len(self.items) >= 256):
-                return
-            items, self.items, self.events = self.items, [], 0
+        if not self.items or not (self.events or force or len(self.items) >= 256):
+            return
+        items, self.items, self.events = self.items, [], 0
         self.conn.send(items)
 
 
@@ -324,27 +322,35 @@ def worker_main() -> None:
         return
     settle_gc()  # the model is loaded: its objects are start-up state
     out = _Outbox(events)
-    sched = Scheduler(gen, max_batch=max_batch, max_rows=1 << 30, metrics=out)  # the parent bounds
-    sched.after_step = lambda: out.flush(force=not sched.rows and not sched.pending)
     tickets: dict[int, Ticket] = {}
+
+    def inbox(idle: bool) -> None:
+        """The parent's commands so far (waiting for one when idle), between two steps."""
+        while not sched.closed and (idle or conn.poll()):
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = ("close",)
+            if msg[0] == "submit":
+                _, rid, prompt, ids, row_params, submitted = msg
+                emit = out.emit_for(rid, len(row_params), lambda r: tickets.pop(r, None))
+                rows = [Row(prompt, ids, p, k, emit, submitted) for k, p in enumerate(row_params)]
+                tickets[rid] = sched.enqueue(rows)
+            elif msg[0] == "cancel":
+                t = tickets.pop(msg[1], None)
+                if t is not None:
+                    t.cancel()
+            else:  # "close": the running rows end, the waiting ones get an error
+                sched.close()
+            idle = not (sched.pending or sched.rows)  # (a cancel of a finished request)
+
+    # one thread: the scheduler reads the commands itself between steps (`Scheduler.run`)
+    sched = Scheduler(
+        gen, max_batch=max_batch, max_rows=1 << 30, metrics=out, inbox=inbox
+    )  # the parent bounds
+    sched.after_step = lambda: out.flush(force=not sched.rows and not sched.pending)
     events.send([(None, "ready", 0, None)])
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            break
-        if msg[0] == "submit":
-            _, rid, prompt, ids, row_params, submitted = msg
-            emit = out.emit_for(rid, len(row_params), lambda r: tickets.pop(r, None))
-            rows = [Row(prompt, ids, p, k, emit, submitted) for k, p in enumerate(row_params)]
-            tickets[rid] = sched.enqueue(rows)
-        elif msg[0] == "cancel":
-            t = tickets.pop(msg[1], None)
-            if t is not None:
-                t.cancel()
-        else:  # "close"
-            break
-    sched.close()
+    sched.run()
     out.flush(force=True)
     conn.close()
     events.close()

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import select
 import struct
 import threading
 from collections.abc import Callable
@@ -323,10 +324,12 @@ def worker_main() -> None:
     settle_gc()  # the model is loaded: its objects are start-up state
     out = _Outbox(events)
     tickets: dict[int, Ticket] = {}
+    poller = select.poll()  # once per step: 0.4 us; Connection.poll builds a selector each call, 3.8
+    poller.register(conn.fileno(), select.POLLIN)
 
     def inbox(idle: bool) -> None:
         """The parent's commands so far (waiting for one when idle), between two steps."""
-        while not sched.closed and (idle or conn.poll()):
+        while not sched.closed and (idle or poller.poll(0)):
             try:
                 msg = conn.recv()
             except (EOFError, OSError):

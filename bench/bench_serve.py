@@ -18,7 +18,9 @@ for HTTP: the server's process tree, so a worker process is counted) and the loa
   in-process   tokens/s of `TextGenerator.stream`, one request at a time (no server)
   1 client     tokens/s of one streaming HTTP client (target: >= 80% of in-process)
   16 clients   aggregate tokens/s of 16 concurrent streaming clients (target: >= 8x one client)
-               and the p50 / p90 time to first token
+               and the p50 / p90 time to first token; and a round's anatomy (lean client): when
+               the server had accepted the last of the 16 requests (its response headers arrive
+               once the rows are submitted), when the first and the last stream ended
 
 `--scheduler` measures what the HTTP figures are bounded by: the continuous-batching scheduler
 alone (`aigc.serve.batching.Scheduler`, in this process), fed by 1 or 16 closed-loop client
@@ -104,6 +106,7 @@ class LeanClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.idle_since = 0.0
+        self.accepted = None  # seconds from sending the last request to its response's headers
 
     async def stream(self, n: int, seed: int) -> tuple[float, float, int]:
         """(time to first token, total time, completion tokens) of one streaming completion."""
@@ -120,6 +123,7 @@ class LeanClient:
         self.writer.write(head + body)
         r = self.reader
         headers = await r.readuntil(b"\r\n\r\n")
+        self.accepted = time.perf_counter() - t0  # the server sends them once the rows are submitted
         if not headers.startswith(b"HTTP/1.1 200") or b"chunked" not in headers.lower():
             raise RuntimeError(f"bad response: {headers[:200]!r}")
         ttft, buf = None, bytearray()
@@ -146,6 +150,7 @@ class HttpxClient:
 
     def __init__(self, client) -> None:
         self.client = client
+        self.accepted = None  # (not measured)
 
     async def stream(self, n: int, seed: int) -> tuple[float, float, int]:
         t0 = time.perf_counter()
@@ -164,12 +169,20 @@ class HttpxClient:
         return ttft, time.perf_counter() - t0, usage["completion_tokens"]
 
 
-async def http_round(clients: list, n: int, seed: int) -> tuple[float, list[float]]:
-    """Aggregate tokens/s and the times to first token of concurrent streams (one per client)."""
+async def http_round(
+    clients: list, n: int, seed: int, anatomy: list | None = None
+) -> tuple[float, list[float]]:
+    """Aggregate tokens/s and the times to first token of concurrent streams (one per client).
+
+    anatomy: gets the round's (last request accepted, first stream done, last stream done) in
+    seconds from its start (lean client)."""
     t = time.perf_counter()
     res = await asyncio.gather(*(c.stream(n, seed + i) for i, c in enumerate(clients)))
     wall = time.perf_counter() - t
     assert all(tokens == n for _, _, tokens in res), "a stream's usage is not N completion tokens"
+    if anatomy is not None and all(c.accepted is not None for c in clients):
+        ends = [total for _, total, _ in res]
+        anatomy.append((max(c.accepted for c in clients), min(ends), max(ends)))
     return len(clients) * n / wall, [ttft for ttft, _, _ in res]
 
 
@@ -231,7 +244,7 @@ async def run(args, run_dir: Path, servers: list[tuple[str, str, int]]) -> tuple
         await http_round(clients[name][:1], n, 0)
     in_process(0)
     base = {"tps": [], "cpu": [], "load": []}
-    out = {name: {k: [] for k in ("single", "many", "ttft", "single_srv", "single_cli", "many_srv", "many_cli")}
+    out = {name: {k: [] for k in ("single", "many", "ttft", "single_srv", "single_cli", "many_srv", "many_cli", "anatomy")}
            for name, _, _ in servers}  # fmt: skip
     reps = 10  # single-stream measurements per round (each is short; 480 tokens: 21 us/token CPU ticks)
     for r in range(args.rounds):
@@ -247,7 +260,7 @@ async def run(args, run_dir: Path, servers: list[tuple[str, str, int]]) -> tuple
             m["single_cli"].append((time.process_time() - c0) / (reps * n))
             s0, c0 = process_cpu(pid), time.process_time()
             for k in range(3):  # 3 x 16 streams: enough tokens for the 10 ms CPU-time ticks
-                tps, ttfts = await http_round(cl, n, 1000 * (3 * r + k + 1))
+                tps, ttfts = await http_round(cl, n, 1000 * (3 * r + k + 1), m["anatomy"])
                 m["many"].append(tps)
                 m["ttft"] += ttfts
             m["many_srv"].append((process_cpu(pid) - s0) / (3 * args.clients * n))
@@ -325,6 +338,10 @@ def report(args, name: str, base: dict, m: dict) -> None:
           f"  CPU server {med(m['many_srv']) * us:.1f} + client {med(m['many_cli']) * us:.1f} us/token")  # fmt: skip
     print(f"time to first token   p50 {med(m['ttft']) * 1000:.1f} ms, p90 {q[-1] * 1000:.1f} ms "
           f"({args.clients} concurrent clients)")  # fmt: skip
+    if m["anatomy"]:  # where a round's time goes: taking the requests in, decoding, the stragglers
+        acc, first, last = (med(x) * 1000 for x in zip(*m["anatomy"], strict=True))
+        print(f"{args.clients}-client round      last request accepted at {acc:.1f} ms, first stream done "
+              f"{first:.1f} ms, last {last:.1f} ms (medians)")  # fmt: skip
     # on a loaded machine wall times follow the neighbours; CPU per token much less so
     one_cpu = med(m["single_srv"]) + med(m["single_cli"])
     many_cpu = med(m["many_srv"]) + med(m["many_cli"])

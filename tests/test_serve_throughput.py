@@ -214,13 +214,17 @@ def test_lean_bench_client_reads_a_real_stream(tmp_path, monkeypatch):
 
     write_text_run(tmp_path / "models" / "tiny")
     with LiveServer(create_app(Settings(models_dirs=[tmp_path / "models"]))) as live:
+        anatomy = []
 
         async def main():
             clients = [bench_serve.LeanClient(live.url) for _ in range(3)]
-            return [await bench_serve.http_round(clients, 9, seed) for seed in (1, 2)]  # keep-alive reuse
+            # keep-alive reuse
+            return [await bench_serve.http_round(clients, 9, seed, anatomy) for seed in (1, 2)]
 
         for tps, ttfts in asyncio.run(main()):
             assert tps > 0 and len(ttfts) == 3 and all(t > 0 for t in ttfts)
+        assert len(anatomy) == 2  # accepted (headers) <= first stream done <= last stream done
+        assert all(0 < acc <= first <= last for acc, first, last in anatomy)
     sys.modules.pop("bench_serve", None)
 
 

@@ -15,6 +15,10 @@ Messages go over two socket pairs, commands one way and events the other
 (`multiprocessing.connection.Connection` framing, pickled; our own objects between our own
 processes, nothing read from disk). Unix only: the sockets are passed by file descriptor.
 
+The child runs one thread: its scheduler reads the commands itself between two steps
+(`Scheduler(inbox=...).run()`). With a second thread receiving them, that thread had to win the
+GIL from the decoding one and a request waited up to ~10 ms to join the batch.
+
 Given the server's event loop, the parent reads events on the loop itself (`loop.add_reader`, a
 non-blocking socket): no reader thread taking the GIL from the loop ~1,500 times a second under 16
 streams, and the rows' callbacks wake their streams without a cross-thread hop. Without a loop (the

@@ -351,10 +351,9 @@ def worker_main() -> None:
                 sched.close()
             idle = not (sched.pending or sched.rows)  # (a cancel of a finished request)
 
-    # one thread: the scheduler reads the commands itself between steps (`Scheduler.run`)
-    sched = Scheduler(
-        gen, max_batch=max_batch, max_rows=1 << 30, metrics=out, inbox=inbox
-    )  # the parent bounds
+    # one thread: the scheduler reads the commands itself between steps (`Scheduler.run`); the
+    # parent bounds the rows
+    sched = Scheduler(gen, max_batch=max_batch, max_rows=1 << 30, metrics=out, inbox=inbox)
     sched.after_step = lambda: out.flush(force=not sched.rows and not sched.pending)
     events.send([(None, "ready", 0, None)])
     sched.run()

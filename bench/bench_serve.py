@@ -25,7 +25,10 @@ for HTTP: the server's process tree, so a worker process is counted) and the loa
 `--scheduler` measures what the HTTP figures are bounded by: the continuous-batching scheduler
 alone (`aigc.serve.batching.Scheduler`, in this process), fed by 1 or 16 closed-loop client
 threads, each submitting its next request when the last one is done (so rows keep joining and
-leaving the batch, as under the HTTP load), rounds interleaved.
+leaving the batch, as under the HTTP load), rounds interleaved. Then the same scheduler driven
+from its own thread (its inbox submits: no client threads): 1 row, 16 rows that join and leave
+together, and 16 rows whose joins and leaves are spread over the steps (one starts every 3 steps):
+what rows joining and leaving one at a time cost the scheduler itself.
 
 The load generator runs on the same cores as the server, so its own CPU time is taken from what
 the server gets. The default `lean` client speaks HTTP/1.1 over plain asyncio streams (one
@@ -303,6 +306,57 @@ def scheduler_round(sched, clients: int, n: int, seconds: float, seed: int) -> f
     return done[0] * n / (time.perf_counter() - t0)
 
 
+def scheduler_driven(gen, rows: int, n: int, seconds: float, stagger: int) -> float:
+    """Tokens/s of `rows` n-token requests kept in one Scheduler from its own thread (its inbox: no
+    client threads, no GIL hand-offs): each finished request is replaced at the next step. With
+    `stagger` 0 the first rows start together, so all later ones join and leave together too;
+    with `stagger` k one starts every k steps, and joins and leaves stay spread over the steps (as
+    under independent clients)."""
+    import threading
+
+    from aigc.generation.params import make_params
+    from aigc.serve.batching import Row, Scheduler
+
+    state = {"started": 0, "done": 0, "replace": 0, "seed": 0, "stop": False}
+
+    def submit() -> None:
+        state["seed"] += 1
+        ids, params = gen._requests(
+            PROMPT, make_params(max_new_tokens=n, ignore_eos=True, seed=state["seed"])
+        )
+
+        def emit(kind: str, index: int, payload: object) -> None:
+            if kind == "done":
+                state["done"] += 1
+                state["replace"] += 1
+
+        sched.enqueue([Row(PROMPT, ids, p, k, emit) for k, p in enumerate(params)])
+
+    def inbox(idle: bool) -> None:
+        if state["stop"]:
+            sched.close()
+            return
+        while state["started"] < rows and (not stagger or sched.steps >= stagger * state["started"]):
+            state["started"] += 1
+            submit()
+            if stagger:
+                break
+        while state["replace"]:
+            state["replace"] -= 1
+            submit()
+
+    sched = Scheduler(gen, inbox=inbox)
+    worker = threading.Thread(target=sched.run)
+    worker.start()
+    time.sleep(seconds / 2)  # the first rows are in and spread
+    d0, t0 = state["done"], time.perf_counter()
+    time.sleep(seconds)
+    tps = (state["done"] - d0) * n / (time.perf_counter() - t0)
+    state["stop"] = True
+    worker.join()
+    return tps
+
+
 def scheduler_only(args, run_dir: Path) -> None:
     from aigc.generation import load_generator
     from aigc.serve.batching import Scheduler
@@ -325,6 +379,16 @@ def scheduler_only(args, run_dir: Path) -> None:
     print(f"1 client              {med(one):9.1f} tokens/s")
     print(f"{args.clients} clients            {med(many):9.1f} tokens/s  = {med(many) / med(one):.1f}x one client "
           f"(rounds: {', '.join(f'{m / o:.1f}' for o, m in zip(one, many, strict=True))})")  # fmt: skip
+    # the scheduler's own cost of rows joining and leaving: driven from its thread, together vs spread
+    single, together, spread = [], [], []
+    for _ in range(args.rounds):
+        single.append(scheduler_driven(gen, 1, args.tokens, seconds / 2, 0))
+        together.append(scheduler_driven(gen, args.clients, args.tokens, seconds / 2, 0))
+        spread.append(scheduler_driven(gen, args.clients, args.tokens, seconds / 2, 3))
+    print(f"driven from the scheduler's thread (no client threads): 1 row {med(single):.1f} tokens/s; "
+          f"{args.clients} rows joining and leaving together {med(together):.1f} = "
+          f"{med(together) / med(single):.1f}x, spread (one every 3 steps) {med(spread):.1f} = "
+          f"{med(spread) / med(single):.1f}x")  # fmt: skip
 
 
 def report(args, name: str, base: dict, m: dict) -> None:

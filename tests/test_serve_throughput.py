@@ -228,6 +228,20 @@ def test_lean_bench_client_reads_a_real_stream(tmp_path, monkeypatch):
     sys.modules.pop("bench_serve", None)
 
 
+def test_bench_scheduler_driven_from_its_thread_keeps_rows_in(tmp_path, monkeypatch):
+    """bench_serve's `--scheduler` drive: rows replaced from the scheduler's own thread, together or
+    spread over the steps; every request completes and the run stops cleanly."""
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import bench_serve
+
+    gen = load_generator(write_text_run(tmp_path / "tiny"))
+    for rows, stagger in ((1, 0), (3, 0), (3, 2)):
+        assert bench_serve.scheduler_driven(gen, rows, 6, 0.3, stagger) > 0
+    sys.modules.pop("bench_serve", None)
+
+
 def test_serve_dtype_reaches_the_decoder(tmp_path, run_cli):
     from aigc.serve.registry import ModelRegistry
     from aigc.serve.settings import Settings

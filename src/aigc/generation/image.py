@@ -36,20 +36,11 @@ DTYPES = ("auto", "bf16", "fp32")
 
 def _autocast_dtype(dtype: str) -> torch.dtype | None:
     """bf16 autocast for "bf16" (and "auto" on a CPU whose bf16 kernels beat fp32); None = plain fp32."""
-    from aigc.training.trainer import auto_bf16, bf16_supported
+    from aigc.training.trainer import autocast_dtype
 
     if dtype not in DTYPES:
         raise AigcError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if dtype == "fp32":
-        return None
-    cpu = torch.device("cpu")
-    if dtype == "bf16":
-        if not bf16_supported(cpu):
-            raise AigcError(
-                "--dtype bf16 needs a CPU with bf16 support (AVX-512 BF16 / AMX); use fp32 or auto"
-            )
-        return torch.bfloat16
-    return torch.bfloat16 if auto_bf16(cpu) else None
+    return autocast_dtype(dtype, torch.device("cpu"), option="--dtype")  # training's rule
 
 
 @dataclass

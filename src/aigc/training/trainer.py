@@ -136,17 +136,20 @@ def precision_note(device: torch.device) -> str:
     return f"{use} (a bf16 matmul runs {x:.1f}x fp32 on this CPU; train.precision=bf16|fp32 to choose)"
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on `device` (None = plain fp32)."""
+def autocast_dtype(
+    precision: str, device: torch.device, option: str = "train.precision"
+) -> torch.dtype | None:
+    """The autocast dtype for `precision` (fp32, fp16, bf16, auto) on `device` (None = plain fp32);
+    `option` names the setting in the errors (image sampling passes "--dtype")."""
     if precision == "fp32":
         return None
     if precision == "fp16":
         if device.type != "cuda":
-            raise AigcError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+            raise AigcError(f"{option}=fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
         return torch.float16
     if precision == "bf16":
         if not bf16_supported(device):
-            raise AigcError(f"train.precision=bf16 is not supported on {device}; use fp32 or auto")
+            raise AigcError(f"{option}=bf16 is not supported on {device}; use fp32 or auto")
         return torch.bfloat16
     return torch.bfloat16 if auto_bf16(device) else None  # auto
 

@@ -87,13 +87,20 @@ def _build(cc: str, head_dim: int) -> Path:
 
 
 def decode_attention_kernel(head_dim: int) -> Callable | None:
-    """`fn(qk, kv, lens, out)` for float32 CPU tensors, or None when it cannot be built here.
+    """`fn(qk, kv, lens, out, new=None, rows=None)` for float32 CPU tensors, or None when it cannot
+    be built here.
 
-    qk (B, >= H, D) contiguous, its first H heads the queries; kv (B, 2K, S, D) contiguous, keys then
-    values (one layer of the decoder's cache); lens (B,) int64 contiguous, the slots each row attends
-    (its position + 1), each in [1, S]: the caller guarantees it (the decoder's cache write at that
-    position has already checked it); out (B, H, D) contiguous, written. `check=False` skips
-    the layout checks (for later calls on tensors laid out as an already checked call's).
+    qk (B, >= H, D), its first H heads the queries of B query rows; kv (R, 2K, S, D), keys then
+    values (one layer of the decoder's cache, R cache rows); lens (B,) int64, the slots each query
+    row attends (its position + 1), each in [1, S]; out (B, H, D), written. Query row b uses cache
+    row b, or rows[b] with `rows` (B,) int64. With `new` = (k_new, v_new), each (B, K, D) (views
+    allowed: rows strided, (K, D) contiguous), every row's new key and value are first written to
+    slot lens[b] - 1 of its cache row: the decode step's cache write, or, with several query rows
+    on one cache row at positions 0..T-1, a prompt's causal prefill. All tensors contiguous except
+    `new`. `check=False` skips the layout checks (for later calls on tensors laid out as an already
+    checked call's); `bounds=False` skips checking lens and rows against the cache (~3 us of tensor
+    reductions), for a caller that already did: out-of-range values would read and write outside
+    the cache.
     """
     if head_dim in _loaded:
         return _loaded[head_dim]
@@ -108,29 +115,81 @@ def decode_attention_kernel(head_dim: int) -> Callable | None:
     return fn
 
 
-def _check(qk: torch.Tensor, kv: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> None:
+def _check(
+    qk: torch.Tensor,
+    kv: torch.Tensor,
+    lens: torch.Tensor,
+    out: torch.Tensor,
+    new: tuple[torch.Tensor, torch.Tensor] | None,
+    rows: torch.Tensor | None,
+) -> None:
     B, H, D = out.shape
     K = kv.shape[1] // 2
     if not (qk.is_contiguous() and kv.is_contiguous() and out.is_contiguous() and lens.is_contiguous()):
         raise ValueError("decode_attention: qk, kv, lens and out must be contiguous")
-    if qk.shape[0] != B or qk.shape[1] < H or qk.shape[2] != D or kv.shape[0] != B or kv.shape[3] != D:
+    if qk.shape[0] != B or qk.shape[1] < H or qk.shape[2] != D or kv.shape[3] != D:
         raise ValueError(
             f"decode_attention: shapes qk {tuple(qk.shape)}, kv {tuple(kv.shape)}, out {tuple(out.shape)}"
         )
+    if rows is None and kv.shape[0] != B:
+        raise ValueError(f"decode_attention: {B} query rows but {kv.shape[0]} cache rows (pass rows)")
     if H % K or lens.shape != (B,) or lens.dtype != torch.int64:
         raise ValueError("decode_attention: H must be a multiple of K and lens int64 (B,)")
-    if not qk.dtype == kv.dtype == out.dtype == torch.float32:
+    if rows is not None and (rows.shape != (B,) or rows.dtype != torch.int64 or not rows.is_contiguous()):
+        raise ValueError("decode_attention: rows must be a contiguous int64 (B,)")
+    tensors = [qk, kv, out]
+    for t in new or ():
+        if t.shape != (B, K, D) or t.stride(1) != D or t.stride(2) != 1:
+            raise ValueError(
+                f"decode_attention: new k/v must be (B, K, D) with (K, D) contiguous, not {t.shape}"
+            )
+        tensors.append(t)
+    if not all(t.dtype == torch.float32 for t in tensors):
         raise ValueError("decode_attention: float32 tensors only")
+
+
+def _check_bounds(kv: torch.Tensor, lens: torch.Tensor, rows: torch.Tensor | None) -> None:
+    if len(lens) and (int(lens.min()) < 1 or int(lens.max()) > kv.shape[2]):
+        raise ValueError(f"decode_attention: lens must be in [1, {kv.shape[2]}]")
+    if rows is not None and len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= kv.shape[0]):
+        raise ValueError(f"decode_attention: rows must be in [0, {kv.shape[0]})")
 
 
 def _bind(lib: ctypes.CDLL) -> Callable:
     c = lib.aigc_decode_attention_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    c.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_float]
+    c.argtypes = [
+        ptr,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        i64,
+        ctypes.c_float,
+    ]
     c.restype = None
 
     def decode_attention(
-        qk: torch.Tensor, kv: torch.Tensor, lens: torch.Tensor, out: torch.Tensor, check: bool = True
+        qk: torch.Tensor,
+        kv: torch.Tensor,
+        lens: torch.Tensor,
+        out: torch.Tensor,
+        new: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rows: torch.Tensor | None = None,
+        check: bool = True,
+        bounds: bool = True,
     ) -> None:
         B, H, D = out.shape
         K = kv.shape[1] // 2
@@ -138,9 +197,16 @@ def _bind(lib: ctypes.CDLL) -> Callable:
         # call, so a caller making several calls on tensors of one layout (the decoder's layers)
         # checks the first only
         if check:
-            _check(qk, kv, lens, out)
+            _check(qk, kv, lens, out, new, rows)
+        if bounds:
+            _check_bounds(kv, lens, rows)
         S = kv.shape[2]
-        c(qk.data_ptr(), qk.shape[1] * D, D, kv.data_ptr(), kv.data_ptr() + K * S * D * 4, 2 * K * S * D, S * D, D,
-          lens.data_ptr(), out.data_ptr(), B, H, K, D**-0.5)  # fmt: skip
+        kn = vn = None
+        kn_sb = vn_sb = 0
+        if new is not None:
+            kn, vn, kn_sb, vn_sb = new[0].data_ptr(), new[1].data_ptr(), new[0].stride(0), new[1].stride(0)
+        c(qk.data_ptr(), qk.shape[1] * D, D, kn, kn_sb, vn, vn_sb, kv.data_ptr(), kv.data_ptr() + K * S * D * 4,
+          2 * K * S * D, S * D, D, None if rows is None else rows.data_ptr(), lens.data_ptr(), out.data_ptr(),
+          B, H, K, D**-0.5)  # fmt: skip
 
     return decode_attention

@@ -37,18 +37,33 @@ static inline float exp_nonpos(float x) {
     return p * s;
 }
 
-/* For every row b and query head h (its k/v head is h / (H / K)):
- *   out[b, h] = softmax(scale * q[b, h] . k[b, g, j] for j < lens[b]) @ v[b, g, :lens[b]]
- * q rows, k and v slots are addressed by element strides; the last dim (D) is contiguous, out is
- * a contiguous (B, H, D). Online softmax over blocks of BLK slots: no scratch beyond the stack. */
+/* For every query row b and query head h (its k/v head is h / (H / K)), in cache row
+ * r = rows ? rows[b] : b:
+ *   out[b, h] = softmax(scale * q[b, h] . k[r, g, j] for j < lens[b]) @ v[r, g, :lens[b]]
+ * With kn (not NULL), each row's new key and value (kn[b, g], vn[b, g]) are first written to slot
+ * lens[b] - 1 of its cache row, for every row before any row attends: several query rows may share
+ * a cache row (a prompt's tokens, rows[b] equal, lens 1..T), each attending the slots the earlier
+ * ones wrote, which is causal attention over the prompt. q rows, new k/v rows, cache rows and slots
+ * are addressed by element strides; the last dim (D) is contiguous, out is a contiguous (B, H, D).
+ * Online softmax over blocks of BLK slots: no scratch beyond the stack. */
 void aigc_decode_attention_f32(
     const float *q, int64_t q_sb, int64_t q_sh,
-    const float *k, const float *v, int64_t kv_sb, int64_t kv_sh, int64_t kv_ss,
-    const int64_t *lens, float *out, int64_t B, int64_t H, int64_t K, float scale)
+    const float *kn, int64_t kn_sb, const float *vn, int64_t vn_sb,
+    float *k, float *v, int64_t kv_sb, int64_t kv_sh, int64_t kv_ss,
+    const int64_t *rows, const int64_t *lens, float *out, int64_t B, int64_t H, int64_t K, float scale)
 {
     const int64_t G = H / K;
     int64_t work = 0; /* slots x heads: threads only pay for themselves on a few thousand */
     for (int64_t b = 0; b < B; b++) work += lens[b] * H;
+    if (kn) {
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t at = (rows ? rows[b] : b) * kv_sb + (lens[b] - 1) * kv_ss;
+            for (int64_t g = 0; g < K; g++) {
+                memcpy(k + at + g * kv_sh, kn + b * kn_sb + g * D, D * sizeof(float));
+                memcpy(v + at + g * kv_sh, vn + b * vn_sb + g * D, D * sizeof(float));
+            }
+        }
+    }
 #pragma omp parallel for collapse(2) schedule(static) if (work >= PARALLEL_WORK)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
@@ -56,8 +71,9 @@ void aigc_decode_attention_f32(
             float sc[BLK];
             float acc[D];
             const float *qp = q + b * q_sb + h * q_sh;
-            const float *kp = k + b * kv_sb + (h / G) * kv_sh;
-            const float *vp = v + b * kv_sb + (h / G) * kv_sh;
+            const int64_t r = rows ? rows[b] : b;
+            const float *kp = k + r * kv_sb + (h / G) * kv_sh;
+            const float *vp = v + r * kv_sb + (h / G) * kv_sh;
             float m = -1e30f, l = 0.0f;
             for (int d = 0; d < D; d++) acc[d] = 0.0f;
             for (int64_t j0 = 0; j0 < n; j0 += BLK) {

@@ -63,6 +63,10 @@ from aigc.utils.compile import can_compile
 
 log = logging.getLogger("aigc.generation")
 
+# prompts up to this many tokens are prefilled in one pass through the C attention kernel (see
+# `GPTDecoder._prefill_rows`); longer ones through SDPA, whose blocked kernel wins on long prompts
+FLAT_PREFILL_MAX = 256
+
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """(out, in) weight -> (int8 weight (out, in), bf16 scale (out,)); bf16 if `in` % 16 != 0."""
@@ -278,9 +282,28 @@ class GPTDecoder:
         running row's: 16 rows x 4 layers x 512 slots was 33 MB per join on the 4x128 model.
         Every row's cache spans the whole context (`max_len`), so rows of any age fit together.
         """
+        B = self.reserve_rows(len(prompts))
+        return self._prefill_rows(prompts, B)
+
+    @torch.inference_mode()
+    def step_and_add(
+        self, tokens: torch.Tensor, positions: torch.Tensor, prompts: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """`step` for the current rows and `add_rows(prompts)` in one pass -> logits (B + n, V).
+
+        A row joins a running batch for the cost of its prompt's tokens in the step's pass (with
+        the C attention kernel; else a step, then the prompts' prefill).
+        """
+        if self.attn_kernel is None:
+            return torch.cat([self.step(tokens, positions), self.add_rows(prompts)])
+        B = self.reserve_rows(len(prompts))
+        return self._prefill_and_step(prompts, B, tokens, positions)
+
+    def reserve_rows(self, n: int) -> int:
+        """Make room for n rows after the current ones -> the first new row's index."""
         if self.compile:
             raise AigcError("add_rows is for uncompiled decoders; join compiled batches by concatenation")
-        B, n = self.rows, len(prompts)
+        B = self.rows
         pool = self._pool if self._pool is not None else self.kv if B else None
         # a new pool when full, or when the rows came from a `prefill` with a shorter cache
         if pool is None or pool.shape[1] < B + n or pool.shape[3] != self.max_len:
@@ -291,7 +314,7 @@ class GPTDecoder:
                 new[:, :B, :, : self.kv.shape[3]] = self.kv
             pool = new
         self._pool, self.kv = pool, pool[:, : B + n]
-        return self._prefill_rows(prompts, B)
+        return B
 
     @torch.inference_mode()
     def drop_rows(self, keep: Sequence[int]) -> list[int]:
@@ -334,12 +357,18 @@ class GPTDecoder:
         """x (B, C) / sqrt(mean(x^2) + eps) * w."""
         return torch.addmm(self.eps_t, x * x, self.inv_c).rsqrt_().mul(x).mul_(w)
 
-    def _rope(self, qk: torch.Tensor, pos: torch.Tensor | slice) -> torch.Tensor:
-        """Rotate q/k (..., heads, D) by position; `pos` indexes the tables to (..., 1, D)."""
+    def _rope_tables(self, pos: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
+        """The rotation at positions `pos`, for `_rope` (looked up once per pass, not per layer)."""
+        if self.complex_rope:
+            return (self.cis[pos].unsqueeze(-2),)  # (..., 1, D/2) complex
+        return self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)  # (..., 1, D) each
+
+    def _rope(self, qk: torch.Tensor, rot: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Rotate q/k (..., heads, D) by the `_rope_tables` of their positions."""
         if self.complex_rope:
             z = torch.view_as_complex(qk.reshape(*qk.shape[:-1], self.D // 2, 2))  # (..., heads, D/2)
-            return torch.view_as_real(z * self.cis[pos].unsqueeze(-2)).flatten(-2)
-        cos, sin = self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)
+            return torch.view_as_real(z * rot[0]).flatten(-2)
+        cos, sin = rot
         return qk * cos + qk.roll(self.D // 2, dims=-1) * sin
 
     # ------------------------------------------------------------------ forward passes
@@ -353,24 +382,99 @@ class GPTDecoder:
 
     def _prefill_rows(self, prompts: Sequence[Sequence[int]], first: int) -> torch.Tensor:
         """Run prompt j as row first + j of the cache -> logits (n, V)."""
-        out = []
-        last: tuple[list[int], torch.Tensor] | None = None
-        for j, prompt in enumerate(prompts):
-            row = first + j
-            if last is not None and last[0] == list(prompt):  # n samples / beams: same prompt, copy
-                self.kv[:, row] = self.kv[:, row - 1]
-                out.append(last[1])
-                continue
-            logits = self._prefill_row(row, torch.tensor(prompt, dtype=torch.long, device=self.device))
-            out.append(logits)
-            last = (list(prompt), logits)
-        return torch.stack(out).float()
+        return self._prefill_and_step(prompts, first)
+
+    def _prefill_and_step(
+        self, prompts: Sequence[Sequence[int]], first: int, tokens: torch.Tensor | None = None, positions=None
+    ) -> torch.Tensor:
+        """Prefill prompt j as cache row first + j, with one decode step of rows 0..B-1 (`tokens`,
+        `positions`, as in `step`; with the kernel only) in the same pass -> logits (B + n, V): the
+        rows', then the prompts'.
+
+        A prompt equal to the one before it (n samples, beams) is run once and its cache row
+        copied. With the C attention kernel, prompts of up to FLAT_PREFILL_MAX tokens and the step
+        run as one pass over all their tokens (`_kernel_pass`: each token a query row on its
+        prompt's cache row); longer prompts, or without the kernel, one at a time through SDPA.
+        """
+        prompts = [list(p) for p in prompts]
+        S = self._stacked().shape[3]
+        if any(len(p) > S or not p for p in prompts):
+            raise AigcError(f"a prompt must have 1 to {S} tokens here; shorten it")
+        runs = [j for j, p in enumerate(prompts) if j == 0 or p != prompts[j - 1]]  # first of each run
+        flat = [j for j in runs if self.attn_kernel is not None and len(prompts[j]) <= FLAT_PREFILL_MAX]
+        logits: dict[int, torch.Tensor] = {}
+        for j in runs:  # the long ones first, alone
+            if j not in flat:
+                idx = torch.tensor(prompts[j], dtype=torch.long, device=self.device)
+                logits[j] = self._prefill_row(first + j, idx).float()
+        head = None
+        if flat or tokens is not None:  # (a step joins only with the kernel: `step_and_add`)
+            B = 0 if tokens is None else tokens.shape[0]
+            ids, pos, rows, take = [], [], [], list(range(B))
+            if B:
+                ids, pos, rows = tokens.tolist(), positions.tolist(), list(range(B))
+                self._check_positions(pos, S)
+            for j in flat:
+                n = len(prompts[j])
+                ids += prompts[j]
+                pos += range(n)
+                rows += [first + j] * n
+                take.append(len(ids) - 1)  # the prompt's last token
+            ipr = torch.tensor([ids, pos, rows], dtype=torch.long, device=self.device)
+            out = self._kernel_pass(ipr[0], ipr[1], self._rope_tables(ipr[1]), ipr[2], take)
+            head, logits = out[:B], logits | dict(zip(flat, out[B:], strict=True))
+        out, src = [], 0
+        for j in range(len(prompts)):
+            if j in logits:
+                src = j
+            else:  # the same prompt as row j - 1: copy its cache row
+                self.kv[:, first + j] = self.kv[:, first + src]
+            out.append(logits[src])
+        tail = torch.stack(out).float()
+        return tail if head is None else torch.cat([head, tail])
 
     @torch.inference_mode()
     def refill(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
         """Recompute one row's cache from `tokens` (its new, shorter context) -> logits (V,)."""
-        idx = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
-        return self._prefill_row(row, idx).float()
+        return self._prefill_rows([tokens], row)[0]
+
+    def _check_positions(self, pos: list[int], S: int) -> None:
+        if min(pos) < 0 or max(pos) >= S:
+            raise IndexError(f"decode positions must be in [0, {S}), not {min(pos)}..{max(pos)}")
+
+    def _kernel_pass(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor,
+        rot: tuple[torch.Tensor, ...],
+        cache_rows: torch.Tensor | None = None,
+        take: list[int] | None = None,
+    ) -> torch.Tensor:
+        """One pass through the C attention kernel -> logits (N, V), or of the query rows `take`.
+
+        Query row j is token idx[j] at positions[j] (rotated by `rot`) of cache row cache_rows[j]
+        (row j without): the kernel writes its k/v at that slot, then attends it over the slots up
+        to its own. A decode step is one query row per cache row; a prompt is one query row per
+        token on its cache row (causal attention over the prompt); both can share a pass, so a row
+        joining a running batch costs its tokens' share of one pass, not a pass of its own.
+        """
+        H, K, D = self.H, self.K, self.D
+        N = idx.shape[0]
+        lens = positions + 1
+        y = torch.empty(N, H, D, dtype=self.dtype, device=self.device)  # every layer's output
+        kvs = self._stacked()
+        x = F.embedding(idx, self.emb)  # (N, C)
+        for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
+            qkv = self.mm2(self._rms(x, an), qkv_w).view(N, H + 2 * K, D)  # (N, H+2K, D)
+            qk = self._rope(qkv[:, : H + K], rot)  # (N, H+K, D)
+            new = (qk[:, H:], qkv[:, H + K :])  # written at each query row's slot, then attended
+            self.attn_kernel(qk, kvs[i], lens, y, new, cache_rows, check=i == 0, bounds=False)
+            x = x + self.mm2(y.view(N, H * D), proj_w)  # (N, C)
+            gate, up = self.mm2(self._rms(x, mn), gu_w).chunk(2, dim=-1)
+            x = x + self.mm2(F.silu(gate) * up, down_w)
+        if take is not None:
+            x = x[take]
+        return self.mm2(self._rms(x, self.norm), self.head).float()  # (N, V)
 
     def _prefill_row(self, row: int, idx: torch.Tensor) -> torch.Tensor:
         """Run one prompt idx (T,) as row `row`, filling its cache slots 0..T-1 -> logits (V,).
@@ -382,9 +486,10 @@ class GPTDecoder:
         H, K, D = self.H, self.K, self.D
         kvs = self._stacked()
         x = self.emb[idx]  # (T, C)
+        rot = self._rope_tables(slice(0, T))
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             qkv = self.mm2(self._rms(x, an), qkv_w).view(T, H + 2 * K, D)  # (T, H+2K, D)
-            qk = self._rope(qkv[:, : H + K], slice(0, T)).transpose(0, 1)  # (H+K, T, D)
+            qk = self._rope(qkv[:, : H + K], rot).transpose(0, 1)  # (H+K, T, D)
             q, k = qk[None, :H], qk[None, H:]  # (1, H, T, D), (1, K, T, D)
             v = qkv[:, H + K :].transpose(0, 1)[None]  # (1, K, T, D)
             kvs[i, row, :K, :T] = k[0]
@@ -421,23 +526,22 @@ class GPTDecoder:
         pos = positions.tolist()
         p_max, same = max(pos), min(pos) == max(pos)
         S = p_max + 1  # attend over the cache up to the furthest row
+        kvs = self._stacked()
+        self._check_positions(pos, kvs.shape[3])
+        rot = self._rope_tables(slice(p_max, p_max + 1) if same else positions)  # (1, ...) or (B, ...)
+        if self.attn_kernel is not None:  # each row writes its k/v and attends its first pos + 1 slots
+            return self._kernel_pass(tokens, positions, rot)
         mask, rows = None, None
-        if not same:
+        if not same:  # SDPA over S slots: mask each row's future (unwritten) slots
             rows = torch.arange(B, device=self.device)
-        if self.attn_kernel is not None:  # each row attends its first position + 1 slots
-            lens = positions + 1
-            y = torch.empty(B, H, D, dtype=self.dtype, device=self.device)  # every layer's output
-        elif not same:  # SDPA over S slots: mask each row's future (unwritten) slots
             mask = (torch.arange(S, device=self.device)[None, :] <= positions[:, None])[
                 :, None, None, :
             ]  # (B,1,1,S)
-        at = slice(p_max, p_max + 1) if same else positions  # table index: (1, ...) or (B, ...)
         x = F.embedding(tokens, self.emb)  # (B, C)
-        kvs = self._stacked()
         for i, (an, qkv_w, proj_w, mn, gu_w, down_w) in enumerate(self.layers):
             h = self._rms(x, an)
             qkv = self.mm2(h, qkv_w).view(B, H + 2 * K, D)  # (B, H+2K, D)
-            qk = self._rope(qkv[:, : H + K], at)  # (B, H+K, D)
+            qk = self._rope(qkv[:, : H + K], rot)  # (B, H+K, D)
             kv = kvs[i]
             if same:  # one position for all rows: a plain strided copy
                 kv[:, :K, p_max] = qk[:, H:]
@@ -445,12 +549,9 @@ class GPTDecoder:
             else:
                 kv[:, :K][rows, :, positions] = qk[:, H:]  # (B, K, D) at each row's own position
                 kv[:, K:][rows, :, positions] = qkv[:, H + K :]
-            if self.attn_kernel is not None:
-                self.attn_kernel(qk, kv, lens, y, check=i == 0)  # (B, H, D); every layer's are alike
-            else:
-                y = F.scaled_dot_product_attention(
-                    qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H
-                )  # (B, H, 1, D)
+            y = F.scaled_dot_product_attention(
+                qk[:, :H, None], kv[:, :K, :S], kv[:, K:, :S], attn_mask=mask, enable_gqa=K != H
+            )  # (B, H, 1, D)
             x = x + self.mm2(y.reshape(B, H * D), proj_w)  # (B, C)
             h = self._rms(x, mn)
             gate, up = self.mm2(h, gu_w).chunk(2, dim=-1)

@@ -139,6 +139,10 @@ class GPTDecoder:
     complex multiply instead of roll + 2 mul + add (attention scores are unchanged: q and k are
     permuted alike); (2) keys and values of all layers share one cache tensor, (L, B, 2K, S, D);
     (3) uncompiled float32 steps on CPU attend through a C kernel (`attention_kernel`), SDPA else.
+    The kernel also writes each row's new k/v into the cache (no index_put per layer for rows at
+    distinct positions) and maps query rows to cache rows, so prompts prefill in one pass (each
+    token a query row on its prompt's row) and a decode step can carry joining prompts
+    (`step_and_add`).
     """
 
     def __init__(

@@ -209,7 +209,9 @@ def test_scheduler_with_an_inbox_reads_it_between_steps_in_the_callers_thread(ru
     sched.run()  # returns once closed and the running rows are done
     assert {t for _, _, t in calls} == {threading.get_ident()}
     assert [idle for idle, _, _ in calls].count(True) == 1  # idle only before the first request
-    assert joined[1] == 5  # submitted after step 5: its first token comes from step 6
+    # submitted after step 5: its prompt joins step 6's pass (`fold`), its first token comes from
+    # step 7 (without the C kernel: a prefill before step 6, which gives the first token)
+    assert joined[1] == (6 if sched.fold else 5)
     assert col.results[(0, 0)].usage["completion_tokens"] == 12  # running rows finish after close
     assert col.results[(1, 0)].usage["completion_tokens"] == 4
     assert col.errors == ["the model was unloaded; retry the request"]  # the one still waiting

@@ -162,12 +162,15 @@ def feed(
     positions: torch.Tensor,
     histories: Sequence[Sequence[int]],
     cache_len: int | None,
+    prompts: Sequence[Sequence[int]] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed one new token per row at its position -> (logits (B, V), next positions (B,)).
 
     With `cache_len`, a row whose next position is past the cache slides: it steps at a
     placeholder slot (0), then its last `cache_len - cache_len // 4` tokens of `histories[j]` are
-    run again as its whole context, overwriting that slot and giving its logits.
+    run again as its whole context, overwriting that slot and giving its logits. `prompts` join
+    as new rows after the B in the same pass (`GPTDecoder.step_and_add`): logits and positions
+    then have B + len(prompts) rows.
     """
     full = []
     if cache_len is not None and int(positions.max()) >= cache_len:  # (2 ops instead of 4: per-step cost)
@@ -175,13 +178,15 @@ def feed(
     if full:
         positions = positions.clone()
         positions[full] = 0
-    logits = dec.step(tokens, positions)  # (B, V)
+    logits = dec.step_and_add(tokens, positions, prompts) if prompts else dec.step(tokens, positions)
     if full:
         keep = cache_len - cache_len // 4
         logits = logits.clone()  # an inference tensor: copy before the in-place row updates
         for j in full:
             logits[j] = dec.refill(j, list(histories[j][-keep:]))
             positions[j] = keep - 1
+    if prompts:
+        return logits, torch.cat([positions + 1, torch.tensor([len(p) for p in prompts], dtype=torch.long)])
     return logits, positions + 1
 
 

@@ -5,8 +5,10 @@ running batch between steps (Orca / vLLM "iteration-level scheduling"), so this 
 the decoder protocol itself (`generation/decoders.py`):
 
   1. admit: prefill the new prompts and append them to the running rows (GPT: into spare rows
-     of the cache, `GPTDecoder.add_rows`; a compiled GPT step or the LSTM: prefill into fresh
-     state, then concatenate it with the running rows' along the batch axis)
+     of the cache, `GPTDecoder.add_rows`, and with the C attention kernel in the same pass as the
+     running rows' next step, `step_and_add` (4): a join costs its tokens' share of a pass, not a
+     pass of its own; a compiled GPT step or the LSTM: prefill into fresh state, then concatenate
+     it with the running rows' along the batch axis)
   2. process + sample every row at once with the engine's own pieces (`processors.process`,
      `sampling.sample_next`, one `torch.Generator` per row seeded from the request's seed)
   3. detokenize, watch stop strings, hand text deltas to each request's callback: a row with stop
@@ -126,9 +128,13 @@ class Scheduler:
         self.can_join = isinstance(self.decoder, (GPTDecoder, LSTMDecoder))
         # GPT rows join and leave without copying the running rows' caches (not compiled steps)
         self.pooled = isinstance(self.decoder, GPTDecoder) and not self.decoder.compile
+        # ... and, with the C attention kernel, join in the running rows' next step: their prompts
+        # are query rows of the step's pass (`step_and_add`), not a prefill pass of their own
+        self.fold = self.pooled and self.decoder.attn_kernel is not None
         self.cache_len = self.decoder.max_len if can_slide(self.decoder) else None  # rows slide past it
         self.pending: deque[Row] = deque()
         self._admitting: list[Row] = []  # taken from pending, not yet running (counted by `load`)
+        self._joining: list[Row] = []  # admitted, their prompts fed with the next step (`fold`)
         self.rows: list[Row] = []  # running, in decoder row order
         self.cv = threading.Condition()
         self.closed = False
@@ -150,7 +156,7 @@ class Scheduler:
     @property
     def load(self) -> int:
         """Rows waiting or running."""
-        return len(self.pending) + len(self._admitting) + len(self.rows)
+        return len(self.pending) + len(self._admitting) + len(self._joining) + len(self.rows)
 
     def submit(self, prompt: str, params: GenerationParams, emit: Emit) -> Ticket:
         """Queue a request (n rows); tokenizing errors raise AigcError here, in the caller."""
@@ -219,13 +225,22 @@ class Scheduler:
                     if not r.cancelled:
                         r.emit("error", r.index, f"internal error while generating: {type(e).__name__}")
                 self.rows, self._logits, self._positions, self._dirty = [], None, None, True
-                self._admitting = []
+                self._admitting, self._joining = [], []
                 self._drop_rows([])
             if self.after_step is not None:
                 self.after_step()
 
     def _admit(self, new: list[Row]) -> None:
-        """Prefill the new rows and append them to the running batch."""
+        """Prefill the new rows and append them to the running batch (or, with `fold`, to the rows
+        joining at the next step)."""
+        ready = self._prepare(new)
+        if ready and self.fold and self.rows:  # fed with the running rows' next step (`_step`)
+            self._joining.extend(ready)
+        elif ready:
+            self._join(ready)
+
+    def _prepare(self, new: list[Row]) -> list[Row]:
+        """Each new row's decoding state -> the rows with something to generate."""
         eng, dec = self.engine, self.decoder
         ready = []
         for r in new:
@@ -251,8 +266,11 @@ class Scheduler:
             r.detok = Detokenizer(self.gen.decode, prompt)
             r.matcher = StopMatcher(p.stop)
             ready.append(r)
-        if not ready:
-            return
+        return ready
+
+    def _join(self, ready: list[Row]) -> None:
+        """Prefill the rows' prompts now and append them to the running batch."""
+        dec = self.decoder
         prompts = [r.ids for r in ready]
         positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if self.pooled:
@@ -370,11 +388,14 @@ class Scheduler:
             self._counts[torch.arange(len(rows)), tokens] += 1
         # drop finished rows, then feed the new tokens at each row's position
         positions = self._positions
+        joining, self._joining = self._joining, []
         if len(keep) < len(rows):
             keep = self._drop_rows(keep)
             if not keep:
                 self.rows, self._logits, self._positions = [], None, None
                 self._dirty = True
+                if joining:  # nothing left to step with: a prefill pass of their own
+                    self._join(joining)
                 self._record(len(rows), time.perf_counter() - t0)
                 return
             idx = torch.tensor(keep, dtype=torch.long)
@@ -384,7 +405,13 @@ class Scheduler:
             self._counts = None if self._counts is None else self._counts[idx]
             tokens, positions = tokens[idx], positions[idx]
         histories = [r.history for r in self.rows]
-        self._logits, self._positions = feed(self.decoder, tokens, positions, histories, self.cache_len)
+        prompts = [r.ids for r in joining]
+        self._logits, self._positions = feed(
+            self.decoder, tokens, positions, histories, self.cache_len, prompts
+        )
+        if joining:
+            self.rows = self.rows + joining
+            self._dirty = True
         self._record(len(rows), time.perf_counter() - t0)
 
     def _drop_rows(self, keep: list[int]) -> list[int]:

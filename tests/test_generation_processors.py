@@ -243,3 +243,35 @@ def test_params_roundtrip_and_seed():
     assert r.stop == ["a"] and r.bad_words_ids == [[1, 2]]
     with pytest.raises(AigcError, match="unknown generation parameter"):
         GenerationParams.from_dict({"temprature": 1.0})
+
+
+def test_row_params_flags_follow_the_rows_a_select_keeps():
+    """Flags come from the rows' own values (warpers from sampling rows only), after every select,
+    and the tensors built on first use hold each row's values in row order."""
+    params = [
+        GenerationParams(temperature=0.0, top_k=5, repetition_penalty=1.3),  # greedy: top_k unused
+        GenerationParams(temperature=0.7, logit_bias={2: 5.0}),
+        GenerationParams(top_p=0.9, presence_penalty=0.5, no_repeat_ngram_size=2),
+    ]
+    rp = P.RowParams.from_params(params, V)
+    flags = (
+        "any_sample",
+        "all_sample",
+        "use_rep",
+        "use_pf",
+        "use_temp",
+        "use_top_k",
+        "use_top_p",
+        "use_ngram",
+    )
+    assert [getattr(rp, f) for f in flags] == [True, False, True, True, True, False, True, True]
+    assert rp.sample.tolist() == [False, True, True] and rp.top_k.tolist() == [5, 0, 0]
+    assert rp.temperature.tolist() == pytest.approx([1.0, 0.7, 1.0])  # greedy rows keep the raw logits
+    assert rp.logit_bias[1, 2] == 5.0 and rp.logit_bias.sum() == 5.0
+    only_greedy = rp.select(torch.tensor([0]))
+    assert [getattr(only_greedy, f) for f in flags] == [False, False, True, False, False, False, False, False]
+    assert only_greedy.logit_bias is None
+    last_two = rp.select(torch.tensor([2, 1]))
+    assert [getattr(last_two, f) for f in flags] == [True, True, False, True, True, False, True, True]
+    assert last_two.top_p.tolist() == pytest.approx([0.9, 1.0]) and last_two.ngram == [2, 0]
+    assert last_two.logit_bias[1, 2] == 5.0

@@ -17,8 +17,8 @@ and per-row token lists for the n-gram and bad-word rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -159,106 +159,95 @@ def typical_p(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- a batch of rows
 
 
-@dataclass
+FLOAT_PARAMS = (
+    "temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+)  # fmt: skip
+
+
 class RowParams:
-    """Per-row parameter tensors for a batch, plus flags that skip processors no row uses."""
+    """Per-row parameter tensors for a batch, plus flags that skip processors no row uses.
 
-    sample: torch.Tensor  # (B,) bool: sampling row (else greedy)
-    temperature: torch.Tensor  # (B,)
-    top_k: torch.Tensor  # (B,) long
-    top_p: torch.Tensor
-    min_p: torch.Tensor
-    typical_p: torch.Tensor
-    repetition_penalty: torch.Tensor
-    presence_penalty: torch.Tensor
-    frequency_penalty: torch.Tensor
-    logit_bias: torch.Tensor | None  # (B, V) or None
-    ngram: list[int]
-    bad_words_ids: list[list[list[int]]]
-    watermark: list | None = None  # per row: a safety.watermark_text.WatermarkConfig or None
+    The flags are computed from the rows' `GenerationParams` in Python; the tensors (`sample`,
+    `temperature`, `top_k`, ... `logit_bias`) are built on first use. Most batches use no processor
+    at all, and rows join and leave a server's batch every few steps: building a dozen tensors for
+    16 rows each time (and reading them back for the flags) was 45 us a join and 33 a leave.
+    """
 
-    def __post_init__(self) -> None:
-        # Python flags, computed once: checking tensors every step costs more than a tiny model's
-        # layer; computed from lists (one `tolist` per tensor), not tensor reductions (~3 ops per
-        # flag): rows join and leave the server's batch every few steps
-        s = self.sample.tolist()
+    def __init__(self, params: Sequence[GenerationParams], vocab_size: int) -> None:
+        self.params = list(params)
+        self.vocab_size = vocab_size
+        ps = self.params
+        s = [p.sampling for p in ps]
         self.any_sample, self.all_sample = any(s), all(s)
-
-        def used(t: torch.Tensor, active: Callable[[float], bool], sampling_only: bool = True) -> bool:
-            return any(active(v) and (x or not sampling_only) for v, x in zip(t.tolist(), s, strict=True))
-
-        self.use_rep = used(self.repetition_penalty, lambda v: v != 1, sampling_only=False)
-        self.use_pf = used(self.presence_penalty, bool, False) or used(self.frequency_penalty, bool, False)
-        self.use_temp = used(self.temperature, lambda v: v != 1)
-        self.use_top_k = used(self.top_k, lambda v: v > 0)
-        self.use_top_p = used(self.top_p, lambda v: v < 1)
-        self.use_min_p = used(self.min_p, lambda v: v > 0)
-        self.use_typical = used(self.typical_p, lambda v: v < 1)
+        sampling = [p for p, x in zip(ps, s, strict=True) if x]  # the warpers apply to these only
+        self.use_rep = any(p.repetition_penalty != 1 for p in ps)
+        self.use_pf = any(p.presence_penalty or p.frequency_penalty for p in ps)
+        self.use_temp = any(p.temperature != 1 for p in sampling)
+        self.use_top_k = any(p.top_k > 0 for p in sampling)
+        self.use_top_p = any(p.top_p < 1 for p in sampling)
+        self.use_min_p = any(p.min_p > 0 for p in sampling)
+        self.use_typical = any(p.typical_p < 1 for p in sampling)
+        self.ngram: list[int] = [p.no_repeat_ngram_size for p in ps]
+        self.bad_words_ids: list[list[list[int]]] = [p.bad_words_ids for p in ps]
         self.use_ngram = any(self.ngram)
         self.use_bad = any(self.bad_words_ids)
-        self.use_watermark = any(w is not None for w in self.watermark or ())
-
-    @classmethod
-    def from_params(cls, params: Sequence[GenerationParams], vocab_size: int) -> RowParams:
-        sampling = [p.sampling for p in params]
-        # the float parameters of every row in one tensor (one `torch.tensor` call, not one per
-        # parameter: rows join the server's batch every few steps), then one contiguous row each
-        cols = torch.tensor(
-            [
-                [p.temperature if s else 1.0, p.top_p, p.min_p, p.typical_p, p.repetition_penalty,
-                 p.presence_penalty, p.frequency_penalty]
-                for p, s in zip(params, sampling, strict=True)
-            ],
-            dtype=torch.float32,
-        ).reshape(len(params), 7).t().contiguous()  # fmt: skip
-        temperature, top_p, min_p, typical_p, rep, presence, frequency = cols.unbind()
-        bias = None
-        if any(p.logit_bias for p in params):
-            bias = torch.zeros(len(params), vocab_size)
-            for r, p in enumerate(params):
-                for t, b in p.logit_bias.items():
-                    if t < vocab_size:
-                        bias[r, t] = b
-        wm = None
-        if any(p.watermark for p in params):
+        self.watermark: list | None = None  # per row: a safety.watermark_text.WatermarkConfig or None
+        if any(p.watermark for p in ps):
             from aigc.safety.watermark_text import load_config  # a leaf module: imports nothing above utils
 
             cfg = load_config()
-            wm = [cfg if p.watermark else None for p in params]
-        return cls(
-            sample=torch.tensor(sampling, dtype=torch.bool),
-            temperature=temperature,
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repetition_penalty=rep,
-            presence_penalty=presence,
-            frequency_penalty=frequency,
-            logit_bias=bias,
-            ngram=[p.no_repeat_ngram_size for p in params],
-            bad_words_ids=[p.bad_words_ids for p in params],
-            watermark=wm,
-        )
+            self.watermark = [cfg if p.watermark else None for p in ps]
+        self.use_watermark = self.watermark is not None
+
+    @classmethod
+    def from_params(cls, params: Sequence[GenerationParams], vocab_size: int) -> RowParams:
+        return cls(params, vocab_size)
 
     def select(self, rows: torch.Tensor) -> RowParams:
         """The parameters of a subset of rows (when finished rows leave the batch)."""
-        r = rows.tolist()
-        return RowParams(
-            sample=self.sample[rows],
-            temperature=self.temperature[rows],
-            top_k=self.top_k[rows],
-            top_p=self.top_p[rows],
-            min_p=self.min_p[rows],
-            typical_p=self.typical_p[rows],
-            repetition_penalty=self.repetition_penalty[rows],
-            presence_penalty=self.presence_penalty[rows],
-            frequency_penalty=self.frequency_penalty[rows],
-            logit_bias=None if self.logit_bias is None else self.logit_bias[rows],
-            ngram=[self.ngram[i] for i in r],
-            bad_words_ids=[self.bad_words_ids[i] for i in r],
-            watermark=None if self.watermark is None else [self.watermark[i] for i in r],
-        )
+        return RowParams([self.params[i] for i in rows.tolist()], self.vocab_size)
+
+    @functools.cached_property
+    def sample(self) -> torch.Tensor:
+        """(B,) bool: sampling row (else greedy)."""
+        return torch.tensor([p.sampling for p in self.params], dtype=torch.bool)
+
+    @functools.cached_property
+    def top_k(self) -> torch.Tensor:
+        return torch.tensor([p.top_k for p in self.params], dtype=torch.long)
+
+    @functools.cached_property
+    def _floats(self) -> dict[str, torch.Tensor]:
+        # every float parameter of every row in one tensor (one `torch.tensor` call), one
+        # contiguous row per parameter; a greedy row's temperature is 1 (it keeps the raw logits)
+        cols = torch.tensor(
+            [
+                [p.temperature if p.sampling else 1.0] + [getattr(p, name) for name in FLOAT_PARAMS[1:]]
+                for p in self.params
+            ],
+            dtype=torch.float32,
+        ).reshape(len(self.params), len(FLOAT_PARAMS))
+        return dict(zip(FLOAT_PARAMS, cols.t().contiguous().unbind(), strict=True))
+
+    temperature = property(lambda self: self._floats["temperature"])
+    top_p = property(lambda self: self._floats["top_p"])
+    min_p = property(lambda self: self._floats["min_p"])
+    typical_p = property(lambda self: self._floats["typical_p"])
+    repetition_penalty = property(lambda self: self._floats["repetition_penalty"])
+    presence_penalty = property(lambda self: self._floats["presence_penalty"])
+    frequency_penalty = property(lambda self: self._floats["frequency_penalty"])
+
+    @functools.cached_property
+    def logit_bias(self) -> torch.Tensor | None:
+        """(B, V) added to the logits, or None when no row has a bias."""
+        if not any(p.logit_bias for p in self.params):
+            return None
+        bias = torch.zeros(len(self.params), self.vocab_size)
+        for r, p in enumerate(self.params):
+            for t, b in p.logit_bias.items():
+                if t < self.vocab_size:
+                    bias[r, t] = b
+        return bias
 
 
 def process(

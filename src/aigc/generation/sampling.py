@@ -47,7 +47,7 @@ def make_generator(seed: int) -> RowRandom:
 
 def sample_next(
     logits: torch.Tensor,
-    sample: torch.Tensor,
+    sample: torch.Tensor | None,
     generators: Sequence[RowRandom | None],
     any_sample: bool | None = None,
     all_sample: bool | None = None,
@@ -56,7 +56,8 @@ def sample_next(
 
     Args:
         logits: (B, V) processed logits (-inf where filtered).
-        sample: (B,) bool, True for sampling rows.
+        sample: (B,) bool, True for sampling rows (may be None when `any_sample` and `all_sample`
+            are given and not mixed: it is read only when some rows sample and others not).
         generators: one `make_generator` stream per row (None allowed for greedy rows).
         any_sample, all_sample: precomputed `sample.any()`, `sample.all()` (save a sync per step).
     Returns:
@@ -78,13 +79,13 @@ def sample_next(
 
 def _draw(logits: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
     """logits (S, V), one uniform number per row -> (S,) tokens by inverse-CDF sampling."""
-    probs = torch.softmax(logits.double(), dim=-1)  # (S, V); float64: exact enough for the CDF
-    cdf = probs.cumsum_(dim=-1)  # (S, V)
+    V = logits.shape[-1]
+    cdf = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(dim=-1)  # (S, V); float64: exact enough
     # scaled by the total so a rounding shortfall of cdf[-1] below 1 can never select past the end
     # or a zero-probability token
-    u = torch.tensor(uniforms, dtype=torch.float64)  # (S,)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # first cdf > u
-    return picked.clamp_(max=logits.shape[-1] - 1)
+    u = torch.tensor([[x] for x in uniforms], dtype=torch.float64)  # (S, 1)
+    picked = torch.searchsorted(cdf, cdf.narrow(1, V - 1, 1) * u, right=True)  # (S, 1): first cdf > u
+    return picked.view(-1).clamp_(max=V - 1)
 
 
 def token_logprobs(

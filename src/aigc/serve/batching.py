@@ -342,7 +342,8 @@ class Scheduler:
             histories=[r.history for r in rows],
             ngrams=[r.ngram for r in rows],
         )
-        tokens = sample_next(scores, rp.sample, [r.gen for r in rows], rp.any_sample, rp.all_sample)  # (B,)
+        sample = rp.sample if rp.any_sample and not rp.all_sample else None  # (built only if mixed)
+        tokens = sample_next(scores, sample, [r.gen for r in rows], rp.any_sample, rp.all_sample)  # (B,)
         tok_list = tokens.tolist()
         if any(r.params.logprobs for r in rows):
             lp, top = token_logprobs(logits, tokens, self._top_n)

@@ -187,6 +187,7 @@ class RowParams:
         self.use_top_p = any(p.top_p < 1 for p in sampling)
         self.use_min_p = any(p.min_p > 0 for p in sampling)
         self.use_typical = any(p.typical_p < 1 for p in sampling)
+        self.use_bias = any(p.logit_bias for p in ps)
         self.ngram: list[int] = [p.no_repeat_ngram_size for p in ps]
         self.bad_words_ids: list[list[list[int]]] = [p.bad_words_ids for p in ps]
         self.use_ngram = any(self.ngram)
@@ -240,7 +241,7 @@ class RowParams:
     @functools.cached_property
     def logit_bias(self) -> torch.Tensor | None:
         """(B, V) added to the logits, or None when no row has a bias."""
-        if not any(p.logit_bias for p in self.params):
+        if not self.use_bias:
             return None
         bias = torch.zeros(len(self.params), self.vocab_size)
         for r, p in enumerate(self.params):
@@ -260,7 +261,7 @@ def process(
 ) -> torch.Tensor:
     """All processors in transformers' order; skips each one no row uses (per-step overhead matters)."""
     # 1. penalties and bans: they change what greedy picks too
-    if rp.logit_bias is not None:
+    if rp.use_bias:
         logits = logits + rp.logit_bias
     if seen is not None and rp.use_rep:
         logits = repetition_penalty(logits, seen, rp.repetition_penalty)
@@ -274,6 +275,8 @@ def process(
         )
     # 2. warpers: reshape the distribution of sampling rows only (greedy rows keep temperature 1)
     if not rp.any_sample:
+        return _watermark(logits, rp, histories)
+    if not (rp.use_temp or rp.use_top_k or rp.use_top_p or rp.use_min_p or rp.use_typical):
         return _watermark(logits, rp, histories)
     s = rp.sample
     if rp.use_temp:

@@ -2,10 +2,17 @@
 
     python bench/bench_attention.py                 # tiny GPT shapes: 4 heads x 32 dims, batch 1 / 8 / 16
     python bench/bench_attention.py --threads 1
+    python bench/bench_attention.py --prefill       # one prompt's prefill: one kernel pass vs SDPA
 
 One query per row over a (B, 2K, S, D) float32 cache, rows at different positions (SDPA gets the
 boolean mask the decoder gives it), both sides on the same tensors, interleaved round by round;
 medians in µs per call and the ratio. The outputs are compared first (max abs difference).
+
+`--prefill` times `GPTDecoder.prefill` of 1 and 4 distinct T-token prompts both ways: one pass with
+every token a query row of the kernel (what the decoder does up to `decoders.FLAT_PREFILL_MAX`
+tokens; the limit raised to T here) vs each prompt through SDPA's causal kernel (the limit set
+to 0), on random GPTs 2x64 (4 heads of 16, the tiny preset's shape) and 2x768 (12 heads of 64,
+GPT-2 small's width); logits compared first. It is what the limit is set from.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from aigc.generation import decoders
 from aigc.generation.attention_kernel import decode_attention_kernel
+from aigc.models.gpt import GPT, GPTConfig
 
 
 def per_call(fn, n: int) -> float:
@@ -35,9 +44,12 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prefill", action="store_true", help="one prompt's prefill: a kernel pass vs SDPA")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prefill:
+        return prefill(args.rounds)
     H, D = args.heads, args.head_dim
     K = args.kv_heads or H
     kernel = decode_attention_kernel(D)
@@ -76,6 +88,45 @@ def main() -> None:
             ka, kb = statistics.median(a), statistics.median(b)
             print(f"batch {B:2d}, {s:3d} slots: kernel {ka:6.1f} µs | SDPA {kb:6.1f} µs | "
                   f"{kb / ka:4.1f}x | max diff {diff:.1e}")  # fmt: skip
+
+
+def prefill(rounds: int) -> None:
+    print(f"prefill, float32; {torch.get_num_threads()} torch threads; load {os.getloadavg()[0]:.1f}")
+    limit = decoders.FLAT_PREFILL_MAX
+    for name, shape, lengths in (
+        ("2x64", dict(n_head=4, n_embd=64, block_size=512), (7, 64, 128, 256, 511)),
+        ("2x768", dict(n_head=12, n_embd=768, block_size=1024), (64, 128, 256, 1024)),
+    ):
+        torch.manual_seed(0)
+        dec = decoders.GPTDecoder(GPT(GPTConfig(vocab_size=512, n_layer=2, **shape)).eval())
+        for T in lengths:
+            for P in (1, 4):  # distinct prompts of T tokens
+                prompts = [[(i + j) % 500 + 1 for i in range(T)] for j in range(P)]
+
+                def one_pass(prompts=prompts, dec=dec, T=T) -> torch.Tensor:
+                    decoders.FLAT_PREFILL_MAX = T  # the pass at any length
+                    try:
+                        return dec.prefill(prompts)
+                    finally:
+                        decoders.FLAT_PREFILL_MAX = limit
+
+                def sdpa(prompts=prompts, dec=dec) -> torch.Tensor:
+                    decoders.FLAT_PREFILL_MAX = 0
+                    try:
+                        return dec.prefill(prompts)
+                    finally:
+                        decoders.FLAT_PREFILL_MAX = limit
+
+                with torch.inference_mode():
+                    diff = (one_pass() - sdpa()).abs().max().item()
+                    n = max(3, 20_000 // (T * P * (1 if name == "2x64" else 30)))
+                    a, b = [], []
+                    for _ in range(rounds):
+                        a.append(per_call(one_pass, n))
+                        b.append(per_call(sdpa, n))
+                ka, kb = statistics.median(a), statistics.median(b)
+                print(f"{name}, {P} prompt(s) of {T:4d} tokens: one kernel pass {ka:9.0f} µs | SDPA {kb:9.0f} µs | "
+                      f"{kb / ka:4.2f}x | max diff {diff:.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -162,27 +162,7 @@ def _check_bounds(kv: torch.Tensor, lens: torch.Tensor, rows: torch.Tensor | Non
 def _bind(lib: ctypes.CDLL) -> Callable:
     c = lib.aigc_decode_attention_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    c.argtypes = [
-        ptr,
-        i64,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        i64,
-        ptr,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        i64,
-        ctypes.c_float,
-    ]
+    c.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float]  # fmt: skip
     c.restype = None
 
     def decode_attention(

@@ -64,8 +64,11 @@ from aigc.utils.compile import can_compile
 log = logging.getLogger("aigc.generation")
 
 # prompts up to this many tokens are prefilled in one pass through the C attention kernel (see
-# `GPTDecoder._prefill_rows`); longer ones through SDPA, whose blocked kernel wins on long prompts
-FLAT_PREFILL_MAX = 256
+# `GPTDecoder._prefill_and_step`), longer ones through SDPA, whose blocked kernel wins on long
+# prompts (`python bench/bench_attention.py --prefill --threads 1`): 4 prompts of 128 tokens
+# 1.15-1.24x SDPA's speed, of 256 tokens 0.76-0.95x; one 1024-token prompt at GPT-2 small's
+# width 0.59x; one prompt alone up to 256 tokens about the same either way (0.89-1.02x)
+FLAT_PREFILL_MAX = 128
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
@@ -389,7 +392,11 @@ class GPTDecoder:
         return self._prefill_and_step(prompts, first)
 
     def _prefill_and_step(
-        self, prompts: Sequence[Sequence[int]], first: int, tokens: torch.Tensor | None = None, positions=None
+        self,
+        prompts: Sequence[Sequence[int]],
+        first: int,
+        tokens: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prefill prompt j as cache row first + j, with one decode step of rows 0..B-1 (`tokens`,
         `positions`, as in `step`; with the kernel only) in the same pass -> logits (B + n, V): the

@@ -19,8 +19,8 @@ for HTTP: the server's process tree, so a worker process is counted) and the loa
   1 client     tokens/s of one streaming HTTP client (target: >= 80% of in-process)
   16 clients   aggregate tokens/s of 16 concurrent streaming clients (target: >= 8x one client)
                and the p50 / p90 time to first token; and a round's anatomy (lean client): when
-               the server had accepted the last of the 16 requests (its response headers arrive
-               once the rows are submitted), when the first and the last stream ended
+               the last of the 16 streams started (its response headers arrive with its first
+               tokens), when the first and the last stream ended
 
 `--scheduler` measures what the HTTP figures are bounded by: the continuous-batching scheduler
 alone (`aigc.serve.batching.Scheduler`, in this process), fed by 1 or 16 closed-loop client
@@ -126,7 +126,7 @@ class LeanClient:
         self.writer.write(head + body)
         r = self.reader
         headers = await r.readuntil(b"\r\n\r\n")
-        self.accepted = time.perf_counter() - t0  # the server sends them once the rows are submitted
+        self.accepted = time.perf_counter() - t0  # the server sends them with the first tokens
         if not headers.startswith(b"HTTP/1.1 200") or b"chunked" not in headers.lower():
             raise RuntimeError(f"bad response: {headers[:200]!r}")
         ttft, buf = None, bytearray()
@@ -177,7 +177,7 @@ async def http_round(
 ) -> tuple[float, list[float]]:
     """Aggregate tokens/s and the times to first token of concurrent streams (one per client).
 
-    anatomy: gets the round's (last request accepted, first stream done, last stream done) in
+    anatomy: gets the round's (last stream started, first stream done, last stream done) in
     seconds from its start (lean client)."""
     t = time.perf_counter()
     res = await asyncio.gather(*(c.stream(n, seed + i) for i, c in enumerate(clients)))
@@ -404,7 +404,7 @@ def report(args, name: str, base: dict, m: dict) -> None:
           f"({args.clients} concurrent clients)")  # fmt: skip
     if m["anatomy"]:  # where a round's time goes: taking the requests in, decoding, the stragglers
         acc, first, last = (med(x) * 1000 for x in zip(*m["anatomy"], strict=True))
-        print(f"{args.clients}-client round      last request accepted at {acc:.1f} ms, first stream done "
+        print(f"{args.clients}-client round      last stream started at {acc:.1f} ms, first stream done "
               f"{first:.1f} ms, last {last:.1f} ms (medians)")  # fmt: skip
     # on a loaded machine wall times follow the neighbours; CPU per token much less so
     one_cpu = med(m["single_srv"]) + med(m["single_cli"])

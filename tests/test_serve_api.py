@@ -325,6 +325,27 @@ def test_hf_models_from_config_batch_without_joining(tmp_path, root):
         create_app(Settings(models_dirs=[], models_config=bad))
 
 
+def test_a_stream_failing_before_its_first_chunk_is_an_http_error(root, monkeypatch):
+    """A stream's headers go with its first chunk, so rows that time out before they produce
+    anything (here: rows that never run) give a 504 with its detail, not a 200 and a cut stream."""
+    from aigc.serve.batching import Row, Ticket
+    from aigc.serve.streaming import TextCall
+
+    def held(self, prompt, params):  # rows queued forever: their scheduler never starts them
+        ticket = Ticket([Row(prompt, [0], params, 0, lambda *a: None)])
+        self.tickets.append(ticket)
+        self.n += 1
+        return ticket
+
+    with TestClient(create_app(Settings(models_dirs=[root], request_timeout_s=0.2))) as c:
+        monkeypatch.setattr(TextCall, "add", held)
+        r = c.post(
+            "/v1/completions", json={"model": "rnn", "prompt": "soft", "max_tokens": 4, "stream": True}
+        )
+        assert r.status_code == 504 and "limit" in r.json()["detail"]
+        assert r.headers["content-type"].startswith("application/json")
+
+
 def test_request_timeout_cancels(root):
     with TestClient(create_app(Settings(models_dirs=[root], request_timeout_s=0.05))) as c:
         body = {"model": "rnn", "prompt": "soft", "max_tokens": S.MAX_TOKENS, "ignore_eos": True}

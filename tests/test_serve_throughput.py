@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -87,9 +88,9 @@ class FakeCall:
         self.cancelled += 1
 
 
-def asgi(response, messages_in):
-    """Run an ASGI response; -> the messages it sent."""
-    sent = []
+def asgi(response, messages_in, sent=None):
+    """Run an ASGI response; -> the messages it sent (appended to `sent` as they go)."""
+    sent = [] if sent is None else sent
 
     async def main():
         queue = list(messages_in)
@@ -124,6 +125,73 @@ def test_sse_response_ends_with_the_terminator_in_the_last_write():
         (b"data: 2\n\ndata: [DONE]\n\n", False),  # one write: the last events + the end of the body
     ]
     assert released == [1] and call.cancelled
+
+
+def test_sse_response_sends_the_headers_with_the_first_chunk():
+    """Nothing is written before the first chunk (headers and chunk: one wake-up of the client); an
+    empty string (no event within HEADERS_WITHIN_S) sends the headers alone."""
+    sent = []
+
+    async def events():
+        await asyncio.sleep(0.01)
+        assert sent == []  # still nothing written while the first event is awaited
+        yield "data: 1\n\n"
+        yield "data: 2\n\n" + SSE_DONE
+
+    asgi(SSEResponse(events, FakeCall(), lambda: None), [], sent)
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
+    assert sent[1]["body"] == b"data: 1\n\n"
+
+    async def slow():
+        yield ""  # what sse_batches yields when the first event is late
+        assert [m["type"] for m in sent] == ["http.response.start"]
+        yield SSE_DONE
+
+    sent.clear()
+    asgi(SSEResponse(slow, FakeCall(), lambda: None), [], sent)
+    assert [(m["type"], m.get("body")) for m in sent] == [
+        ("http.response.start", None),
+        ("http.response.body", SSE_DONE.encode()),
+    ]
+
+
+def test_sse_batches_open_with_the_head_at_the_first_event_or_the_headers_deadline(monkeypatch):
+    """`head` goes with the first event's chunks; if no event comes within HEADERS_WITHIN_S it is
+    yielded alone then (or "" without a head), and the events follow as they come."""
+    import aigc.serve.streaming as S
+    from aigc.serve.batching import Row, Ticket
+
+    monkeypatch.setattr(S, "HEADERS_WITHIN_S", 0.05)
+
+    class Held:  # a scheduler whose rows emit only when the test says
+        def submit(self, prompt, params, emit):
+            self.emit = emit
+            return Ticket([Row(prompt, [0], params, 0, emit)])
+
+    async def render(kind, idx, payload):
+        return [f"data: {kind} {payload}\n\n"]
+
+    async def stream(head, first_event_after):
+        sched, out, times = Held(), [], []
+        call = S.TextCall(sched, timeout_s=10)
+        call.add("p", make_params(max_new_tokens=1))
+        asyncio.get_running_loop().call_later(first_event_after, sched.emit, "delta", 0, "a")
+        t0 = time.monotonic()
+        chunks = S.sse_batches(call, render, lambda: [], head)
+        async for text in chunks:
+            out.append(text)
+            times.append(time.monotonic() - t0)
+            if len(out) == 2 or (len(out) == 1 and first_event_after < 0.05):
+                sched.emit("done", 0, "end")
+        return out, times
+
+    out, times = asyncio.run(stream("data: head\n\n", 0.0))
+    assert out == ["data: head\n\ndata: delta a\n\n", "data: done end\n\n" + SSE_DONE]
+    out, times = asyncio.run(stream("data: head\n\n", 0.3))
+    assert out[0] == "data: head\n\n" and 0.04 < times[0] < 0.25
+    assert out[1:] == ["data: delta a\n\n", "data: done end\n\n" + SSE_DONE] and times[1] >= 0.29
+    out, _ = asyncio.run(stream("", 0.3))
+    assert out == ["", "data: delta a\n\n", "data: done end\n\n" + SSE_DONE]
 
 
 def test_sse_response_stops_when_the_client_goes_away():

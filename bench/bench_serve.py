@@ -109,7 +109,7 @@ class LeanClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.idle_since = 0.0
-        self.accepted = None  # seconds from sending the last request to its response's headers
+        self.started = None  # seconds from sending the last request to its response's headers
 
     async def stream(self, n: int, seed: int) -> tuple[float, float, int]:
         """(time to first token, total time, completion tokens) of one streaming completion."""
@@ -126,7 +126,7 @@ class LeanClient:
         self.writer.write(head + body)
         r = self.reader
         headers = await r.readuntil(b"\r\n\r\n")
-        self.accepted = time.perf_counter() - t0  # the server sends them with the first tokens
+        self.started = time.perf_counter() - t0  # the server sends them with the first tokens
         if not headers.startswith(b"HTTP/1.1 200") or b"chunked" not in headers.lower():
             raise RuntimeError(f"bad response: {headers[:200]!r}")
         ttft, buf = None, bytearray()
@@ -153,7 +153,7 @@ class HttpxClient:
 
     def __init__(self, client) -> None:
         self.client = client
-        self.accepted = None  # (not measured)
+        self.started = None  # (not measured)
 
     async def stream(self, n: int, seed: int) -> tuple[float, float, int]:
         t0 = time.perf_counter()
@@ -183,9 +183,9 @@ async def http_round(
     res = await asyncio.gather(*(c.stream(n, seed + i) for i, c in enumerate(clients)))
     wall = time.perf_counter() - t
     assert all(tokens == n for _, _, tokens in res), "a stream's usage is not N completion tokens"
-    if anatomy is not None and all(c.accepted is not None for c in clients):
+    if anatomy is not None and all(c.started is not None for c in clients):
         ends = [total for _, total, _ in res]
-        anatomy.append((max(c.accepted for c in clients), min(ends), max(ends)))
+        anatomy.append((max(c.started for c in clients), min(ends), max(ends)))
     return len(clients) * n / wall, [ttft for ttft, _, _ in res]
 
 
@@ -403,8 +403,8 @@ def report(args, name: str, base: dict, m: dict) -> None:
     print(f"time to first token   p50 {med(m['ttft']) * 1000:.1f} ms, p90 {q[-1] * 1000:.1f} ms "
           f"({args.clients} concurrent clients)")  # fmt: skip
     if m["anatomy"]:  # where a round's time goes: taking the requests in, decoding, the stragglers
-        acc, first, last = (med(x) * 1000 for x in zip(*m["anatomy"], strict=True))
-        print(f"{args.clients}-client round      last stream started at {acc:.1f} ms, first stream done "
+        started, first, last = (med(x) * 1000 for x in zip(*m["anatomy"], strict=True))
+        print(f"{args.clients}-client round      last stream started at {started:.1f} ms, first stream done "
               f"{first:.1f} ms, last {last:.1f} ms (medians)")  # fmt: skip
     # on a loaded machine wall times follow the neighbours; CPU per token much less so
     one_cpu = med(m["single_srv"]) + med(m["single_cli"])

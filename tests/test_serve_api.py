@@ -328,17 +328,13 @@ def test_hf_models_from_config_batch_without_joining(tmp_path, root):
 def test_a_stream_failing_before_its_first_chunk_is_an_http_error(root, monkeypatch):
     """A stream's headers go with its first chunk, so rows that time out before they produce
     anything (here: rows that never run) give a 504 with its detail, not a 200 and a cut stream."""
-    from aigc.serve.batching import Row, Ticket
-    from aigc.serve.streaming import TextCall
+    from aigc.serve.batching import Row, Scheduler, Ticket
 
-    def held(self, prompt, params):  # rows queued forever: their scheduler never starts them
-        ticket = Ticket([Row(prompt, [0], params, 0, lambda *a: None)])
-        self.tickets.append(ticket)
-        self.n += 1
-        return ticket
+    def held(self, prompt, params, emit):  # rows queued forever: the scheduler never starts them
+        return Ticket([Row(prompt, [0], params, 0, emit)])
 
     with TestClient(create_app(Settings(models_dirs=[root], request_timeout_s=0.2))) as c:
-        monkeypatch.setattr(TextCall, "add", held)
+        monkeypatch.setattr(Scheduler, "submit", held)
         r = c.post(
             "/v1/completions", json={"model": "rnn", "prompt": "soft", "max_tokens": 4, "stream": True}
         )

@@ -413,36 +413,39 @@ class GPTDecoder:
             raise AigcError(f"a prompt must have 1 to {S} tokens here; shorten it")
         runs = [j for j, p in enumerate(prompts) if j == 0 or p != prompts[j - 1]]  # first of each run
         flat = [j for j in runs if self.attn_kernel is not None and len(prompts[j]) <= FLAT_PREFILL_MAX]
-        logits: dict[int, torch.Tensor] = {}
-        for j in runs:  # the long ones first, alone
-            if j not in flat:
-                idx = torch.tensor(prompts[j], dtype=torch.long, device=self.device)
-                logits[j] = self._prefill_row(first + j, idx).float()
-        head = None
-        if flat or tokens is not None:  # (a step joins only with the kernel: `step_and_add`)
-            B = 0 if tokens is None else tokens.shape[0]
-            ids, pos, rows, take = [], [], [], list(range(B))
+        long = [j for j in runs if j not in flat]
+        parts = [self._prefill_row(first + j, torch.tensor(prompts[j], dtype=torch.long, device=self.device))[None]
+                 for j in long]  # fmt: skip
+        B = 0 if tokens is None else tokens.shape[0]
+        if flat or B:  # (a step joins only with the kernel: `step_and_add`)
+            ids, pos, rows = [], [], []
             if B:
                 ids, pos, rows = tokens.tolist(), positions.tolist(), list(range(B))
                 self._check_positions(pos, S)
+            take = list(range(B))  # query rows whose logits are wanted: the step's, each prompt's last
             for j in flat:
                 n = len(prompts[j])
                 ids += prompts[j]
                 pos += range(n)
                 rows += [first + j] * n
-                take.append(len(ids) - 1)  # the prompt's last token
-            ipr = torch.tensor([ids, pos, rows], dtype=torch.long, device=self.device)
-            out = self._kernel_pass(ipr[0], ipr[1], self._rope_tables(ipr[1]), ipr[2], take)
-            head, logits = out[:B], logits | dict(zip(flat, out[B:], strict=True))
-        out, src = [], 0
+                take.append(len(ids) - 1)
+            # one tensor for all four lists (take padded to the pass's length)
+            ipr = torch.tensor([ids, pos, rows, take + [0] * (len(ids) - len(take))], dtype=torch.long, device=self.device)
+            cut = None if len(take) == len(ids) else ipr[3, : len(take)]
+            parts.insert(0, self._kernel_pass(ipr[0], ipr[1], self._rope_tables(ipr[1]), ipr[2], cut))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B + flat + long, V) in that order
+        # each prompt's logits row in `out`; a prompt equal to the one before it copies its cache row
+        at = {j: B + k for k, j in enumerate(flat)} | {j: B + len(flat) + k for k, j in enumerate(long)}
+        index, src = list(range(B)), 0
         for j in range(len(prompts)):
-            if j in logits:
+            if j in at:
                 src = j
-            else:  # the same prompt as row j - 1: copy its cache row
+            else:
                 self.kv[:, first + j] = self.kv[:, first + src]
-            out.append(logits[src])
-        tail = torch.stack(out).float()
-        return tail if head is None else torch.cat([head, tail])
+            index.append(at[src])
+        if index != list(range(out.shape[0])):
+            out = out.index_select(0, torch.tensor(index, device=self.device))
+        return out.float()
 
     @torch.inference_mode()
     def refill(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
@@ -459,7 +462,7 @@ class GPTDecoder:
         positions: torch.Tensor,
         rot: tuple[torch.Tensor, ...],
         cache_rows: torch.Tensor | None = None,
-        take: list[int] | None = None,
+        take: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pass through the C attention kernel -> logits (N, V), or of the query rows `take`.
 
@@ -484,7 +487,7 @@ class GPTDecoder:
             gate, up = self.mm2(self._rms(x, mn), gu_w).chunk(2, dim=-1)
             x = x + self.mm2(F.silu(gate) * up, down_w)
         if take is not None:
-            x = x[take]
+            x = x.index_select(0, take)
         return self.mm2(self._rms(x, self.norm), self.head).float()  # (N, V)
 
     def _prefill_row(self, row: int, idx: torch.Tensor) -> torch.Tensor:

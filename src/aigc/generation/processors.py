@@ -164,49 +164,83 @@ FLOAT_PARAMS = (
 )  # fmt: skip
 
 
+# what a row needs (`row_flags`): one bit per processor, so a batch's flags are the OR of its rows'
+SAMPLE, REP, PF, TEMP, TOP_K, TOP_P, MIN_P, TYPICAL, BIAS, NGRAM, BAD, WATERMARK = (1 << i for i in range(12))
+
+
+def row_flags(p: GenerationParams) -> int:
+    """The processors one row's parameters use, as bits (the warpers only for sampling rows)."""
+    f = (
+        (REP if p.repetition_penalty != 1 else 0)
+        | (PF if p.presence_penalty or p.frequency_penalty else 0)
+        | (BIAS if p.logit_bias else 0)
+        | (NGRAM if p.no_repeat_ngram_size else 0)
+        | (BAD if p.bad_words_ids else 0)
+        | (WATERMARK if p.watermark else 0)
+    )
+    if p.sampling:
+        f |= (
+            SAMPLE
+            | (TEMP if p.temperature != 1 else 0)
+            | (TOP_K if p.top_k > 0 else 0)
+            | (TOP_P if p.top_p < 1 else 0)
+            | (MIN_P if p.min_p > 0 else 0)
+            | (TYPICAL if p.typical_p < 1 else 0)
+        )
+    return f
+
+
 class RowParams:
     """Per-row parameter tensors for a batch, plus flags that skip processors no row uses.
 
-    The flags are computed from the rows' `GenerationParams` in Python; the tensors (`sample`,
-    `temperature`, `top_k`, ... `logit_bias`) are built on first use. Most batches use no processor
-    at all, and rows join and leave a server's batch every few steps: building a dozen tensors for
-    16 rows each time (and reading them back for the flags) was 45 us a join and 33 a leave.
+    The flags are the OR of the rows' `row_flags` (a server keeps each row's and passes them as
+    `flags`, so a join or a leave costs one OR per row); the tensors (`sample`, `temperature`,
+    `top_k`, ... `logit_bias`) are built on first use. Most batches use no processor at all, and
+    rows join and leave a server's batch every few steps: building a dozen tensors for 16 rows each
+    time (and reading them back for the flags) was 45 us a join and 33 a leave.
     """
 
-    def __init__(self, params: Sequence[GenerationParams], vocab_size: int) -> None:
+    def __init__(
+        self, params: Sequence[GenerationParams], vocab_size: int, flags: Sequence[int] | None = None
+    ) -> None:
         self.params = list(params)
         self.vocab_size = vocab_size
-        ps = self.params
-        s = [p.sampling for p in ps]
-        self.any_sample, self.all_sample = any(s), all(s)
-        sampling = [p for p, x in zip(ps, s, strict=True) if x]  # the warpers apply to these only
-        self.use_rep = any(p.repetition_penalty != 1 for p in ps)
-        self.use_pf = any(p.presence_penalty or p.frequency_penalty for p in ps)
-        self.use_temp = any(p.temperature != 1 for p in sampling)
-        self.use_top_k = any(p.top_k > 0 for p in sampling)
-        self.use_top_p = any(p.top_p < 1 for p in sampling)
-        self.use_min_p = any(p.min_p > 0 for p in sampling)
-        self.use_typical = any(p.typical_p < 1 for p in sampling)
-        self.use_bias = any(p.logit_bias for p in ps)
-        self.ngram: list[int] = [p.no_repeat_ngram_size for p in ps]
-        self.bad_words_ids: list[list[list[int]]] = [p.bad_words_ids for p in ps]
-        self.use_ngram = any(self.ngram)
-        self.use_bad = any(self.bad_words_ids)
+        self.flags = [row_flags(p) for p in self.params] if flags is None else list(flags)
+        every, some = -1, 0
+        for f in self.flags:
+            every &= f
+            some |= f
+        self.any_sample, self.all_sample = bool(some & SAMPLE), bool(every & SAMPLE)
+        self.use_rep = bool(some & REP)
+        self.use_pf = bool(some & PF)
+        self.use_temp = bool(some & TEMP)
+        self.use_top_k = bool(some & TOP_K)
+        self.use_top_p = bool(some & TOP_P)
+        self.use_min_p = bool(some & MIN_P)
+        self.use_typical = bool(some & TYPICAL)
+        self.use_bias = bool(some & BIAS)
+        self.use_ngram = bool(some & NGRAM)
+        self.use_bad = bool(some & BAD)
+        self.ngram: list[int] = [p.no_repeat_ngram_size for p in self.params]
+        self.bad_words_ids: list[list[list[int]]] = [p.bad_words_ids for p in self.params]
         self.watermark: list | None = None  # per row: a safety.watermark_text.WatermarkConfig or None
-        if any(p.watermark for p in ps):
+        if some & WATERMARK:
             from aigc.safety.watermark_text import load_config  # a leaf module: imports nothing above utils
 
             cfg = load_config()
-            self.watermark = [cfg if p.watermark else None for p in ps]
+            self.watermark = [cfg if p.watermark else None for p in self.params]
         self.use_watermark = self.watermark is not None
 
     @classmethod
-    def from_params(cls, params: Sequence[GenerationParams], vocab_size: int) -> RowParams:
-        return cls(params, vocab_size)
+    def from_params(
+        cls, params: Sequence[GenerationParams], vocab_size: int, flags: Sequence[int] | None = None
+    ) -> RowParams:
+        return cls(params, vocab_size, flags)
 
     def select(self, rows: torch.Tensor) -> RowParams:
         """The parameters of a subset of rows (when finished rows leave the batch)."""
-        return RowParams([self.params[i] for i in rows.tolist()], self.vocab_size)
+        idx = rows.tolist()
+        return RowParams([self.params[i] for i in idx], self.vocab_size, [self.flags[i] for i in idx])
 
     @functools.cached_property
     def sample(self) -> torch.Tensor:

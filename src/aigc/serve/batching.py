@@ -92,6 +92,7 @@ class Row:
     matcher: StopMatcher | None = None
     limit: int = 0  # total length (prompt + generated) at which the row ends with "length"
     plen: int = 0
+    flags: int = 0  # processors.row_flags(params)
     emitted_at: float = 0.0  # perf_counter of the last text hand-over
 
 
@@ -260,6 +261,7 @@ class Scheduler:
             r.history = list(prompt)
             r.gen = make_generator(p.seed) if p.sampling else None
             r.stops = set(eng.stop_ids(p))
+            r.flags = P.row_flags(p)
             r.ngram = P.NGramIndex(p.no_repeat_ngram_size, prompt) if p.no_repeat_ngram_size else None
             if self.metrics is not None:
                 self.metrics.observe_wait(time.perf_counter() - r.submitted)
@@ -310,7 +312,7 @@ class Scheduler:
         """Per-row tensors the processors read, from each row's own history (after joins/leaves)."""
         V = self.decoder.vocab_size
         rows = self.rows
-        self._rp = P.RowParams.from_params([r.params for r in rows], V)
+        self._rp = P.RowParams.from_params([r.params for r in rows], V, [r.flags for r in rows])
         self._seen = self._counts = None
         if self._rp.use_rep:
             self._seen = torch.zeros(len(rows), V, dtype=torch.bool)

@@ -430,7 +430,9 @@ class GPTDecoder:
                 rows += [first + j] * n
                 take.append(len(ids) - 1)
             # one tensor for all four lists (take padded to the pass's length)
-            ipr = torch.tensor([ids, pos, rows, take + [0] * (len(ids) - len(take))], dtype=torch.long, device=self.device)
+            ipr = torch.tensor(
+                [ids, pos, rows, take + [0] * (len(ids) - len(take))], dtype=torch.long, device=self.device
+            )
             cut = None if len(take) == len(ids) else ipr[3, : len(take)]
             parts.insert(0, self._kernel_pass(ipr[0], ipr[1], self._rope_tables(ipr[1]), ipr[2], cut))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B + flat + long, V) in that order

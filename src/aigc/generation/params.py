@@ -161,9 +161,13 @@ class GenerationParams:
 
     def resolved(self, seed: int | None = None) -> GenerationParams:
         """A copy with a concrete seed (given, own, or fresh random) so the result can be reproduced."""
+        return dataclasses.replace(self, seed=self.resolved_seed(seed))
+
+    def resolved_seed(self, seed: int | None = None) -> int:
+        """The seed `resolved` gives: `seed`, else the own one, else a fresh random one."""
         if seed is None:
             seed = self.seed if self.seed is not None else secrets.randbits(63)
-        return dataclasses.replace(self, seed=int(seed))
+        return int(seed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict for provenance (logit_bias keys become strings, as in JSON)."""

@@ -16,6 +16,7 @@ from aigc.generation import load_generator
 from aigc.generation.params import make_params
 from aigc.generation.stream import Detokenizer
 from aigc.serve.batching import Scheduler
+from aigc.serve.settings import EMIT_EACH_FIRST
 from aigc.serve.streaming import SSE_DONE, SSEResponse
 from serve_helpers import CORPUS, write_text_run
 
@@ -65,8 +66,9 @@ def run(sched: Scheduler, prompt: str, **kw):
 
 
 def test_rows_hand_over_text_at_most_every_emit_interval(gpt):
-    """Without stop strings a row's text goes out at its first token and then at most every
-    emit_interval (here: never before the end); the text is generate()'s either way."""
+    """Without stop strings a row's text goes out at each of its first EMIT_EACH_FIRST tokens and
+    then at most every emit_interval (here: never before the end); the text is generate()'s either
+    way."""
     sched = Scheduler(gpt, emit_interval=1e9)
     try:
         deltas, res = run(sched, "ROMEO:", max_new_tokens=30, seed=4, ignore_eos=True)
@@ -76,7 +78,9 @@ def test_rows_hand_over_text_at_most_every_emit_interval(gpt):
         sched.close()
     [ref] = gpt.generate("ROMEO:", max_new_tokens=30, seed=4, ignore_eos=True)
     assert res.text == stop_res.text == ref.text and res.tokens == ref.tokens
-    assert len(deltas) == 2 and "".join(deltas) == ref.text  # the first token, then the rest at the end
+    # (the char tokenizer: one character per token) the first tokens one by one, then the rest at the end
+    assert len(deltas) == EMIT_EACH_FIRST + 1 and "".join(deltas) == ref.text
+    assert all(len(d) == 1 for d in deltas[:EMIT_EACH_FIRST])
     assert len(stop_deltas) > 2 and "".join(stop_deltas) == ref.text
 
 
@@ -192,6 +196,46 @@ def test_sse_batches_open_with_the_head_at_the_first_event_or_the_headers_deadli
     assert out[1:] == ["data: delta a\n\n", "data: done end\n\n" + SSE_DONE] and times[1] >= 0.29
     out, _ = asyncio.run(stream("", 0.3))
     assert out == ["", "data: delta a\n\n", "data: done end\n\n" + SSE_DONE]
+
+
+def test_a_stream_whose_text_was_all_held_back_takes_the_next_text_at_once(monkeypatch):
+    """After a batch the route sent none of (its text held back by a guard), the next batch goes out
+    as soon as it comes; after one it sent, it waits STREAM_INTERVAL_S as always."""
+    import aigc.serve.streaming as S
+    from aigc.serve.batching import Row, Ticket
+
+    monkeypatch.setattr(S, "STREAM_INTERVAL_S", 0.5)
+
+    class Held:
+        def submit(self, prompt, params, emit):
+            self.emit = emit
+            return Ticket([Row(prompt, [0], params, 0, emit)])
+
+    async def stream(hold_first):
+        sched, out = Held(), []
+        call = S.TextCall(sched, timeout_s=10)
+        call.add("p", make_params(max_new_tokens=3))
+        first = [True]
+
+        async def render(kind, idx, payload):
+            if first[0] and hold_first:  # a guard holding back the first character
+                first[0] = False
+                return []
+            return [f"{kind} {payload};"]
+
+        loop = asyncio.get_running_loop()
+        loop.call_soon(sched.emit, "delta", 0, "a")
+        loop.call_later(0.05, sched.emit, "delta", 0, "b")
+        loop.call_later(0.7, sched.emit, "done", 0, "end")  # (a row's end would flush at once)
+        t0 = time.monotonic()
+        async for text in S.sse_batches(call, render, lambda: []):
+            out.append((text, time.monotonic() - t0))
+        return out
+
+    out = asyncio.run(stream(hold_first=True))
+    assert out[0][0] == "delta b;" and 0.04 < out[0][1] < 0.3  # not after the 0.5 s interval
+    out = asyncio.run(stream(hold_first=False))
+    assert out[0][0] == "delta a;" and out[1][0] == "delta b;" and 0.45 <= out[1][1] < 0.65
 
 
 def test_sse_response_stops_when_the_client_goes_away():

@@ -13,7 +13,7 @@ the decoder protocol itself (`generation/decoders.py`):
      `sampling.sample_next`, one `torch.Generator` per row seeded from the request's seed)
   3. detokenize, watch stop strings, hand text deltas to each request's callback: a row with stop
      strings every token (it must end at the exact token), others at most every EMIT_INTERVAL_S
-     and at their first and last token (the event loop sends a stream's text at most every
+     and at each of their first EMIT_EACH_FIRST tokens and their last (the event loop sends a stream's text at most every
      STREAM_INTERVAL_S anyway; decoding, stop matching and the hand-over per token were a third of
      the worker's time at 16 rows)
   4. drop finished / cancelled rows (GPT: `drop_rows` moves rows from the end into the freed
@@ -48,7 +48,7 @@ from aigc.generation.engine import Completion, can_slide, feed
 from aigc.generation.params import GenerationParams
 from aigc.generation.sampling import make_generator, sample_next, token_logprobs
 from aigc.generation.stream import Detokenizer, StopMatcher
-from aigc.serve.settings import EMIT_INTERVAL_S
+from aigc.serve.settings import EMIT_EACH_FIRST, EMIT_INTERVAL_S
 
 log = logging.getLogger("aigc.serve")
 
@@ -370,7 +370,7 @@ class Scheduler:
             else:
                 r.detok.add(t)
                 m = r.matcher
-                if m.stops or len(c.tokens) == 1 or r.emitted_at < due:  # else: text at a later step
+                if m.stops or len(c.tokens) <= EMIT_EACH_FIRST or r.emitted_at < due:  # else: later
                     r.emitted_at = t0
                     shown = m.feed(r.detok.take())
                     if shown and not r.cancelled:

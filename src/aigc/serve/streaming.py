@@ -8,7 +8,8 @@ Events waiting together are merged (consecutive deltas of one choice become one)
 delta the next batch is awaited at least STREAM_INTERVAL_S later: a fast model's tokens reach the
 client in a few larger SSE chunks per 10 ms instead of one HTTP write each (the per-chunk cost,
 not the model, bounded single-client throughput), never lost or reordered text, and the first
-token is not delayed. The routes write each batch as one HTTP chunk (`sse_batches`, `SSEResponse`):
+token is not delayed (nor is the first text a route could show: when it sends none of a batch's
+text, held back by a guard, the next batch goes out as soon as it comes). The routes write each batch as one HTTP chunk (`sse_batches`, `SSEResponse`):
 a stream's response headers go with its first batch, and its last batch carries its final chunks,
 the usage and [DONE] in one write. Leaving the events loop early (client gone, timeout) cancels
 the rows, which frees their batch slots at the next step. `TextRecorder` writes the outputs of
@@ -95,6 +96,7 @@ class TextCall:
         self.tickets: list[Ticket] = []
         self.n = 0
         self.remaining = 0  # rows not done yet (set when events start)
+        self.shown = True  # the consumer sent some of the last batch's text (see `batches`)
         self.cancelled = False
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
@@ -215,8 +217,11 @@ class TextCall:
                     else:
                         merged.append([kind, idx, payload])
                 self.remaining -= sum(1 for kind, _, _ in merged if kind == "done")
+                self.shown = True
                 yield [tuple(e) for e in merged]
-                next_flush = time.monotonic() + STREAM_INTERVAL_S
+                # the consumer sets `shown` False when it sent none of the batch's text (all held back
+                # by a guard): the next text then goes out as soon as it comes
+                next_flush = time.monotonic() + STREAM_INTERVAL_S if self.shown else 0.0
         finally:
             if self.remaining:
                 self.cancel()  # client gone, timeout or error: free the slots
@@ -241,8 +246,10 @@ async def sse_batches(
         async for batch in batches:
             out = [head] if head else []
             head = ""
+            n = len(out)
             for kind, idx, payload in batch:
                 out += await render(kind, idx, payload)
+            call.shown = len(out) > n or not batch
             if not call.remaining:  # the last batch
                 out += [*tail(), SSE_DONE]
             if out or not batch:  # (an empty batch: no event within HEADERS_WITHIN_S)

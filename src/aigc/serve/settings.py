@@ -35,7 +35,7 @@ STREAM_INTERVAL_S = 0.01  # a stream sends at most one batch of deltas per 10 ms
 EMIT_INTERVAL_S = STREAM_INTERVAL_S  # the batch worker hands a row's text over at most this often
 # ... except its first tokens, each at once: a stream's first text can be held back (a possible stop
 # string or blocked phrase) until the next characters come, and should not wait EMIT_INTERVAL_S
-EMIT_EACH_FIRST = 4
+EMIT_EACH_FIRST = 2
 HEADERS_WITHIN_S = 1.0  # a stream's response headers go with its first chunk, or after this long without one
 RESCAN_INTERVAL_S = 1.0  # model dirs are listed again at most this often (new versions appear)
 GC_GEN0_THRESHOLD = 10_000  # allocations between young-generation collections (Python's default: 700)

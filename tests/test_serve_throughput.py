@@ -159,18 +159,22 @@ def test_sse_response_sends_the_headers_with_the_first_chunk():
     ]
 
 
+class Held:
+    """A scheduler whose one row emits only when the test calls `emit`."""
+
+    def submit(self, prompt, params, emit):
+        from aigc.serve.batching import Row, Ticket
+
+        self.emit = emit
+        return Ticket([Row(prompt, [0], params, 0, emit)])
+
+
 def test_sse_batches_open_with_the_head_at_the_first_event_or_the_headers_deadline(monkeypatch):
     """`head` goes with the first event's chunks; if no event comes within HEADERS_WITHIN_S it is
     yielded alone then (or "" without a head), and the events follow as they come."""
     import aigc.serve.streaming as S
-    from aigc.serve.batching import Row, Ticket
 
     monkeypatch.setattr(S, "HEADERS_WITHIN_S", 0.05)
-
-    class Held:  # a scheduler whose rows emit only when the test says
-        def submit(self, prompt, params, emit):
-            self.emit = emit
-            return Ticket([Row(prompt, [0], params, 0, emit)])
 
     async def render(kind, idx, payload):
         return [f"data: {kind} {payload}\n\n"]
@@ -202,14 +206,8 @@ def test_a_stream_whose_text_was_all_held_back_takes_the_next_text_at_once(monke
     """After a batch the route sent none of (its text held back by a guard), the next batch goes out
     as soon as it comes; after one it sent, it waits STREAM_INTERVAL_S as always."""
     import aigc.serve.streaming as S
-    from aigc.serve.batching import Row, Ticket
 
     monkeypatch.setattr(S, "STREAM_INTERVAL_S", 0.5)
-
-    class Held:
-        def submit(self, prompt, params, emit):
-            self.emit = emit
-            return Ticket([Row(prompt, [0], params, 0, emit)])
 
     async def stream(hold_first):
         sched, out = Held(), []

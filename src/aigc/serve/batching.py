@@ -13,9 +13,9 @@ the decoder protocol itself (`generation/decoders.py`):
      `sampling.sample_next`, one `torch.Generator` per row seeded from the request's seed)
   3. detokenize, watch stop strings, hand text deltas to each request's callback: a row with stop
      strings every token (it must end at the exact token), others at most every EMIT_INTERVAL_S
-     and at each of their first EMIT_EACH_FIRST tokens and their last (the event loop sends a stream's text at most every
-     STREAM_INTERVAL_S anyway; decoding, stop matching and the hand-over per token were a third of
-     the worker's time at 16 rows)
+     and at each of their first EMIT_EACH_FIRST tokens and their last (the event loop sends a
+     stream's text at most every STREAM_INTERVAL_S anyway; decoding, stop matching and the
+     hand-over per token were a third of the worker's time at 16 rows)
   4. drop finished / cancelled rows (GPT: `drop_rows` moves rows from the end into the freed
      slots, copying only theirs; else `decoder.reorder`), then `decoder.step` the rest
 

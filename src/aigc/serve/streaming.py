@@ -9,11 +9,12 @@ delta the next batch is awaited at least STREAM_INTERVAL_S later: a fast model's
 client in a few larger SSE chunks per 10 ms instead of one HTTP write each (the per-chunk cost,
 not the model, bounded single-client throughput), never lost or reordered text, and the first
 token is not delayed (nor is the first text a route could show: when it sends none of a batch's
-text, held back by a guard, the next batch goes out as soon as it comes). The routes write each batch as one HTTP chunk (`sse_batches`, `SSEResponse`):
-a stream's response headers go with its first batch, and its last batch carries its final chunks,
-the usage and [DONE] in one write. Leaving the events loop early (client gone, timeout) cancels
-the rows, which frees their batch slots at the next step. `TextRecorder` writes the outputs of
-requests that end together in one transaction.
+text, held back by a guard, the next batch goes out as soon as it comes). The routes write each
+batch as one HTTP chunk (`sse_batches`, `SSEResponse`): a stream's response headers go with its
+first batch, and its last batch carries its final chunks, the usage and [DONE] in one write.
+Leaving the events loop early (client gone, timeout) cancels the rows, which frees their batch
+slots at the next step. `TextRecorder` writes the outputs of requests that end together in one
+transaction.
 """
 
 from __future__ import annotations

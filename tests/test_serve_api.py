@@ -342,6 +342,68 @@ def test_a_stream_failing_before_its_first_chunk_is_an_http_error(root, monkeypa
         assert r.headers["content-type"].startswith("application/json")
 
 
+def test_streamed_text_requests_take_the_lane_and_answer_as_the_fastapi_routes(tmp_path, root, monkeypatch):
+    """Streamed completions and chats skip FastAPI's routing (serve/lane.py); what is not streamed,
+    or does not validate, goes on to the FastAPI route. Both check the key, count in /metrics and
+    answer errors the same way."""
+    from aigc.serve.lane import StreamLane
+
+    passed = []
+    orig = StreamLane._pass
+
+    async def counting_pass(self, scope, raw, receive, send):
+        passed.append(self.path)
+        return await orig(self, scope, raw, receive, send)
+
+    monkeypatch.setattr(StreamLane, "_pass", counting_pass)
+    keys = tmp_path / "keys"
+    keys.write_text(f"{hash_key('s3cret')}\n")
+    auth = {"Authorization": "Bearer s3cret"}
+    body = {"model": "tiny", "prompt": "soft", "max_tokens": 8, "seed": 3}
+
+    def streamed(c, path, b, headers=auth):
+        with c.stream("POST", path, json={**b, "stream": True}, headers=headers) as r:
+            return r.status_code, r.headers["content-type"], "".join(r.iter_text())
+
+    with TestClient(create_app(Settings(models_dirs=[root], api_keys_file=keys))) as c:
+        # no key, a wrong key: 401 from the lane as from the routes
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            status, ctype, text = streamed(c, "/v1/completions", body, headers)
+            assert (
+                status == 401 and ctype.startswith("application/json") and "key" in json.loads(text)["detail"]
+            )
+        assert passed == []
+        status, ctype, text = streamed(c, "/v1/completions", body)
+        assert status == 200 and ctype.startswith("text/event-stream") and passed == []
+        chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        full = c.post("/v1/completions", json=body, headers=auth)  # not streamed: the FastAPI route
+        assert passed == ["/v1/completions"] and full.status_code == 200
+        assert "".join(ch["text"] for x in chunks for ch in x["choices"]) == full.json()["choices"][0]["text"]
+        assert text.endswith("data: [DONE]\n\n")
+        # chat, streamed through the lane
+        msgs = {
+            "model": "story",
+            "messages": [{"role": "user", "content": "soft"}],
+            "max_tokens": 5,
+            "seed": 1,
+        }
+        status, _, text = streamed(c, "/v1/chat/completions", msgs)
+        assert status == 200 and '"chat.completion.chunk"' in text and passed == ["/v1/completions"]
+        # errors: raised by the endpoint in the lane (404, 400) or by validation on the route (400, 422)
+        status, _, text = streamed(c, "/v1/completions", {**body, "model": "nope"})
+        assert status == 404 and "tiny" in json.loads(text)["detail"]
+        status, _, text = streamed(c, "/v1/completions", {**body, "logprobs": 1})
+        assert status == 400 and "logprobs" in json.loads(text)["detail"]
+        status, _, text = streamed(c, "/v1/completions", {**body, "max_tokens": S.MAX_TOKENS + 1})
+        assert status == 400 and str(S.MAX_TOKENS) in json.loads(text)["detail"]
+        status, _, text = streamed(c, "/v1/chat/completions", {**msgs, "messages": "hi"})
+        assert status == 422 and "messages" in json.loads(text)["detail"]
+        assert passed == ["/v1/completions", "/v1/completions", "/v1/chat/completions"]
+        metrics = c.get("/metrics", headers=auth).text
+        assert 'method="POST",route="/v1/completions",status="200"} 2' in metrics
+        assert 'method="POST",route="/v1/chat/completions",status="422"} 1' in metrics
+
+
 def test_request_timeout_cancels(root):
     with TestClient(create_app(Settings(models_dirs=[root], request_timeout_s=0.05))) as c:
         body = {"model": "rnn", "prompt": "soft", "max_tokens": S.MAX_TOKENS, "ignore_eos": True}

@@ -308,6 +308,16 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.include_router(health.router)
     for r in (models, model_details, completions, chat, images, music, jobs, moderations, presets, train):
         app.include_router(r.router, dependencies=auth)
+    # streamed text requests skip FastAPI's per-request machinery (see serve/lane.py); the routes
+    # above stay for the rest, and the lanes check the key with the same `identity`
+    from aigc.serve.lane import StreamLane
+    from aigc.serve.schemas import ChatRequest, CompletionRequest
+
+    for path, endpoint, body in (
+        ("/v1/completions", completions.completions, CompletionRequest),
+        ("/v1/chat/completions", chat.chat_completions, ChatRequest),
+    ):
+        app.router.routes.insert(0, StreamLane(app.router, path, endpoint, body, identity))
     app.include_router(feedback_routes.router, dependencies=auth)
     app.include_router(watermark.router, dependencies=auth)  # detection + verify (aigc.safety)
     _mount_studio(app)

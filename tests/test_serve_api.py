@@ -399,6 +399,10 @@ def test_streamed_text_requests_take_the_lane_and_answer_as_the_fastapi_routes(t
         status, _, text = streamed(c, "/v1/chat/completions", {**msgs, "messages": "hi"})
         assert status == 422 and "messages" in json.loads(text)["detail"]
         assert passed == ["/v1/completions", "/v1/completions", "/v1/chat/completions"]
+        # a JSON body sent as text/plain (what a cross-site form can send) is FastAPI's to refuse
+        r = c.post("/v1/completions", content=json.dumps({**body, "stream": True}),
+                   headers={**auth, "content-type": "text/plain"})  # fmt: skip
+        assert r.status_code == 422 and passed[-1] == "/v1/completions" and len(passed) == 4
         metrics = c.get("/metrics", headers=auth).text
         assert 'method="POST",route="/v1/completions",status="200"} 2' in metrics
         assert 'method="POST",route="/v1/chat/completions",status="422"} 1' in metrics

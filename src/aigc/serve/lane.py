@@ -9,7 +9,8 @@ the model ~1.6 ms later, and every stream's HTTP process CPU was ~30 % higher.
 A `StreamLane` is a route placed first in the app, for one POST path. It runs the same endpoint
 function with the same body model and the same API-key check, for the requests it can take whole:
 
-- the body is read and validated with the route's pydantic model;
+- the body is read and validated with the route's pydantic model, if its content type is one
+  FastAPI reads as JSON;
 - a body that does not validate, or a request that is not streamed, goes on to the FastAPI route
   unchanged (its body replayed): errors and non-streamed responses keep FastAPI's shapes;
 - the caller is `identity(request)`, the one dependency of these routes (`create_app` includes
@@ -20,6 +21,7 @@ function with the same body model and the same API-key check, for the requests i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +30,15 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 
 _PASSED = "aigc.lane_passed"  # scope key: this request goes to the FastAPI route
+
+
+def _json_content(content_type: str | None) -> bool:
+    """Whether FastAPI would read the body as JSON: no content type, application/json or
+    application/*+json. (Not text/plain: a browser sends that cross-site without asking first.)"""
+    if content_type is None:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 class StreamLane(BaseRoute):
@@ -57,10 +68,10 @@ class StreamLane(BaseRoute):
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)
         raw = await request.body()
-        try:
-            body = self.body_model.model_validate_json(raw)
-        except ValidationError:
-            body = None
+        body = None
+        if _json_content(request.headers.get("content-type")):
+            with contextlib.suppress(ValidationError):  # (FastAPI's route answers it)
+                body = self.body_model.model_validate_json(raw)
         if body is None or not getattr(body, "stream", False):
             return await self._pass(scope, raw, receive, send)
         key = await self.auth(request)

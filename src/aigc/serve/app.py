@@ -129,12 +129,17 @@ class BodyLimit:
             chunks.append(msg.get("body", b""))
             if not msg.get("more_body", False):
                 break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        await self.app(scope, replaying(b"".join(chunks), receive), send)
 
-        async def replay_receive():
-            return replay.pop() if replay else await receive()
 
-        await self.app(scope, replay_receive, send)
+def replaying(body: bytes, receive: Any) -> Any:
+    """An ASGI `receive` that gives `body` (already read) as one message, then `receive`'s."""
+    replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay_receive():
+        return replay.pop() if replay else await receive()
+
+    return replay_receive
 
 
 class RequestCounter:

@@ -4,7 +4,7 @@ FastAPI's per-request machinery (matching across the included routers, solving t
 reading and validating the body, its per-request wrappers) took ~90 of the ~200 us a streamed
 completion spent in the server before its rows were submitted (hot, on the 2-core box). With 16
 clients arriving together that work is serial on the event loop: the last request's rows reached
-the model ~1.6 ms later, and every stream's HTTP process CPU was ~30 % higher.
+the model ~1.8 ms later, and every stream's HTTP process CPU was ~30 % higher.
 
 A `StreamLane` is a route placed first in the app, for one POST path. It runs the same endpoint
 function with the same body model and the same API-key check, for the requests it can take whole:
@@ -28,6 +28,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
+
+from aigc.serve.app import replaying
 
 _PASSED = "aigc.lane_passed"  # scope key: this request goes to the FastAPI route
 
@@ -80,10 +82,5 @@ class StreamLane(BaseRoute):
 
     async def _pass(self, scope: Any, raw: bytes, receive: Any, send: Any) -> None:
         """The request as it came, to the routes after this one (the FastAPI route)."""
-        replay = [{"type": "http.request", "body": raw, "more_body": False}]
-
-        async def replay_receive() -> Any:
-            return replay.pop() if replay else await receive()
-
         scope[_PASSED] = True
-        await self.router.app(scope, replay_receive, send)
+        await self.router.app(scope, replaying(raw, receive), send)

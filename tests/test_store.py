@@ -240,6 +240,45 @@ def test_generation_roundtrip_and_validation(store):
         gen(store, output_ref="../../etc/passwd")
 
 
+def test_sqlite_driver_insert_stores_what_the_core_insert_stores(store, tmp_path):
+    """`add_generations` on SQLite goes in through the driver; the rows (every column as stored,
+    JSON text included) and their ids are the Core INSERT's, and a lock timeout leaves as
+    SQLAlchemy's OperationalError with nothing written and the store still usable."""
+    from aigc.feedback.store import _GENERATION_INSERT, _generation_values
+
+    rows = [
+        dict(kind="text", model="m@1", prompt="héllo 诗", params={"t": 0.5, "stop": ["\n", "é"]}, seed=2**40,
+             output_text="out 月", duration=0.25, model_hash="h", moderation="flagged:x", created=1.5e9),
+        dict(kind="image", model="d@2", prompt="", output_ref="0" * 64 + ".png"),
+        dict(kind="music", model="m@1", prompt="p", params={}, output_text=None),
+    ]  # fmt: skip
+    with store._write.begin() as conn:  # the Core path, as on PostgreSQL
+        core_ids = list(conn.scalars(_GENERATION_INSERT, [_generation_values(**r) for r in rows]))
+    ids = store.add_generations(rows)
+    assert ids == [core_ids[-1] + 1 + i for i in range(len(rows))]
+    db = sqlite3.connect(tmp_path / "aigc.db")
+    stored = {i: r[1:] for r in db.execute("SELECT * FROM generations") for i in [r[0]]}
+    for core_id, gid in zip(core_ids, ids, strict=True):
+        core, new = store.get_generation(core_id), store.get_generation(gid)
+        assert new | {"id": 0, "created": 0} == core | {"id": 0, "created": 0}
+        assert stored[gid][1:] == stored[core_id][1:]  # the same text in every column but `created`
+    assert stored[ids[0]][0] == 1.5e9
+
+    busy = Store.open(str(tmp_path / "aigc.db"), lock_timeout=0.05)
+    holder = sqlite3.connect(tmp_path / "aigc.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="locked"):
+            busy.add_generations(rows)
+        holder.execute("ROLLBACK")
+        assert busy.add_generations(rows[:1]) == [ids[-1] + 1]  # no transaction was left open
+    finally:
+        busy.close()
+        holder.close()
+    assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 2 * len(rows) + 1
+    db.close()
+
+
 def test_list_filters_and_keyset_paging(store):
     ids = []
     for i in range(25):

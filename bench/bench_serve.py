@@ -83,10 +83,20 @@ def write_tiny_run(out: Path, shape: str = "preset") -> None:
 
 
 def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its children, e.g. a worker (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for task in Path(f"/proc/{pid}/task").iterdir():  # children started by any of its threads
+    """CPU seconds of a process's threads and its children's, e.g. a worker (Linux /proc).
+
+    Each thread's `schedstat` (time on a CPU, in ns): `stat`'s user + system times count in 10 ms
+    ticks, too coarse for a round of a few hundred ms (two servers then showed the same count).
+    Threads that have exited are not in `task/`; the server's live as long as it does. A kernel
+    without schedstats (or a thread exiting meanwhile): the process's ticks.
+    """
+    root = Path(f"/proc/{pid}")
+    try:
+        total = sum(int((t / "schedstat").read_text().split()[0]) for t in (root / "task").iterdir()) / 1e9
+    except FileNotFoundError:
+        fields = (root / "stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in (root / "task").iterdir():  # children started by any of its threads
         total += sum(process_cpu(int(c)) for c in (task / "children").read_text().split())
     return total
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -592,3 +594,37 @@ def test_server_with_worker_process_streams_and_frees_slots(tmp_path, monkeypatc
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
         [lm2] = app.state.registry.loaded.values()
         assert lm2 is not lm and lm2.alive and not lm.alive
+
+
+def test_bench_process_cpu_counts_children_finer_than_ticks(monkeypatch):
+    """bench_serve's server CPU figure: a process's threads and its children (a worker process),
+    to well under the 10 ms ticks of /proc/<pid>/stat."""
+    import subprocess
+
+    from conftest import REPO
+
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux /proc")
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import bench_serve
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.137: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        t0 = time.process_time()
+        c0 = bench_serve.process_cpu(os.getpid()) - bench_serve.process_cpu(child.pid)
+        while time.process_time() - t0 < 0.053:  # this process: not a whole number of ticks
+            pass
+        c1 = bench_serve.process_cpu(os.getpid()) - bench_serve.process_cpu(child.pid)
+        assert abs((c1 - c0) - (time.process_time() - t0)) < 0.003
+        deadline = time.monotonic() + 20
+        while bench_serve.process_cpu(child.pid) < 0.137 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.1)  # the child sleeps now
+        own = bench_serve.process_cpu(child.pid)
+        assert 0.137 <= own < 0.137 + 0.1  # its interpreter's start-up included
+        assert bench_serve.process_cpu(os.getpid()) >= own + c1
+    finally:
+        child.kill()
+        child.wait()
+    sys.modules.pop("bench_serve", None)

@@ -385,7 +385,7 @@ class Store:
                 ids = []
                 for v in values:
                     v["params"] = json.dumps(v["params"])
-                    ids.append(db.execute(_GENERATION_SQLITE, tuple(v.values())).lastrowid)
+                    ids.append(db.execute(_GENERATION_SQLITE, [v[c] for c in _GENERATION_COLUMNS]).lastrowid)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:

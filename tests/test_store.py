@@ -257,7 +257,7 @@ def test_sqlite_driver_insert_stores_what_the_core_insert_stores(store, tmp_path
     ids = store.add_generations(rows)
     assert ids == [core_ids[-1] + 1 + i for i in range(len(rows))]
     db = sqlite3.connect(tmp_path / "aigc.db")
-    stored = {i: r[1:] for r in db.execute("SELECT * FROM generations") for i in [r[0]]}
+    stored = {r[0]: r[1:] for r in db.execute("SELECT * FROM generations")}
     for core_id, gid in zip(core_ids, ids, strict=True):
         core, new = store.get_generation(core_id), store.get_generation(gid)
         assert new | {"id": 0, "created": 0} == core | {"id": 0, "created": 0}

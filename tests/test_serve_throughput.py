@@ -529,6 +529,61 @@ async def _call(fn):
     return fn()
 
 
+def test_worker_process_sends_a_loop_turns_submits_as_one_command(tmp_path):
+    """Requests submitted on the event loop in one turn reach the child as one command (they join
+    the batch together); a cancel in the same turn goes after its submit; each row still gets
+    generate()'s text."""
+    from aigc.serve.worker import ProcessScheduler
+
+    run_dir = write_text_run(tmp_path / "gpt")
+    gen = load_generator(run_dir)
+    gen.model_id = "gpt"
+    prompts = ["ROMEO:", "soft", "w", "User: 春眠"]
+    refs = [
+        gen.generate(p, max_new_tokens=12, seed=k, temperature=0.9)[0].text for k, p in enumerate(prompts)
+    ]
+
+    async def scenario(sched):
+        sent, send = [], sched.conn.send
+        sched.conn.send = lambda msg: (sent.append(msg), send(msg))[1]
+        loop, got, left = asyncio.get_running_loop(), {}, [len(prompts)]
+        done = loop.create_future()
+
+        def emit_for(k):
+            def emit(kind, index, payload):  # (on the loop: its events are read there)
+                if kind != "delta":
+                    got[k] = payload
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set_result(None)
+
+            return emit
+
+        for k, p in enumerate(prompts):  # one turn: no await between the submits
+            sched.submit(p, make_params(max_new_tokens=12, seed=k, temperature=0.9), emit_for(k))
+        assert sent == []  # held until the turn ends
+        await asyncio.sleep(0)
+        assert [(m[0], len(m[1])) for m in sent] == [("submit", len(prompts))]
+        gone = sched.submit("so", make_params(max_new_tokens=50, seed=9), emit_for("gone"))
+        gone.cancel()  # sends the held submit first
+        await asyncio.wait_for(done, 30)
+        return list(sent), got
+
+    async def main():
+        sched = ProcessScheduler(gen, str(run_dir), loop=asyncio.get_running_loop())
+        try:
+            return sched, await scenario(sched)
+        finally:
+            await asyncio.to_thread(sched.close)
+
+    sched, (sent, got) = asyncio.run(main())
+    assert [m[0] for m in sent] == ["submit", "submit", "cancel"]
+    assert [item[1] for m in sent[:2] for item in m[1]] == [*prompts, "so"]
+    assert sent[2][1] == sent[1][1][0][0]  # the cancelled request's id
+    assert "gone" not in got and sched.load == 0
+    assert [got[k].text for k in range(len(prompts))] == refs
+
+
 def test_worker_process_that_cannot_load_says_so(tmp_path):
     from aigc.errors import AigcError
     from aigc.serve.worker import ProcessScheduler

@@ -218,3 +218,44 @@ def test_scheduler_with_an_inbox_reads_it_between_steps_in_the_callers_thread(ru
     for k, prompt, seed, n in ((0, "the ", 1, 12), (1, "and ", 2, 4)):
         [want] = gen.generate(prompt, max_new_tokens=n, seed=seed)
         assert col.results[(k, 0)].tokens == want.tokens
+
+
+def test_rows_enqueued_on_an_event_loop_wait_for_the_end_of_its_turn(runs):
+    """Requests submitted on an event loop in one turn reach the batch together (at the turn's
+    end); they count in `load` meanwhile, so the row bound holds; `close` before the turn ends
+    fails them as waiting rows instead of losing them; each row still gets generate()'s text."""
+    import asyncio
+
+    gen = load_generator(runs["gpt"])
+    prompts = ["the ", "and ", "to "]
+
+    async def one_turn(sched, col):
+        for k, p in enumerate(prompts):
+            sched.submit(p, make_params(max_new_tokens=6, seed=k), col.emit_for(k))
+        held = (len(sched.pending), sched.load)
+        with pytest.raises(QueueFull):  # 3 held + 2 more > max_rows
+            sched.submit("the ", make_params(n=2), col.emit_for(9))
+        await asyncio.sleep(0)  # the turn ends
+        return held, len(sched.pending) + len(sched.rows) + len(sched._admitting) + len(sched._joining)
+
+    sched = Scheduler(gen, max_rows=4)
+    try:
+        col = Collector()
+        col.expected = len(prompts)
+        held, after = asyncio.run(one_turn(sched, col))
+        assert held == (0, 3) and after == 3
+        assert col.done.wait(30) and not col.errors
+        for k, p in enumerate(prompts):
+            [want] = gen.generate(p, max_new_tokens=6, seed=k)
+            assert col.results[(k, 0)].tokens == want.tokens
+    finally:
+        sched.close()
+
+    async def closed_in_the_turn(sched, col):
+        sched.submit("the ", make_params(max_new_tokens=6, seed=1), col.emit_for(0))
+        sched.close()
+
+    sched = Scheduler(gen)
+    col = Collector()
+    asyncio.run(closed_in_the_turn(sched, col))
+    assert col.done.wait(10) and col.errors == ["the model was unloaded; retry the request"]

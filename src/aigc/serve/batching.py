@@ -31,6 +31,7 @@ from the loop and results come back through the callback (which must be thread-s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -54,6 +55,14 @@ log = logging.getLogger("aigc.serve")
 
 # emit(kind, choice_index, payload): kind "delta" (str), "done" (GenerationResult), "error" (str)
 Emit = Callable[[str, int, Any], None]
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def inherit_torch_threads() -> None:
@@ -134,6 +143,7 @@ class Scheduler:
         self.fold = self.pooled and self.decoder.attn_kernel is not None
         self.cache_len = self.decoder.max_len if can_slide(self.decoder) else None  # rows slide past it
         self.pending: deque[Row] = deque()
+        self._held: list[Row] = []  # enqueued on an event loop, pending at the end of its turn
         self._admitting: list[Row] = []  # taken from pending, not yet running (counted by `load`)
         self._joining: list[Row] = []  # admitted, their prompts fed with the next step (`fold`)
         self.rows: list[Row] = []  # running, in decoder row order
@@ -157,7 +167,9 @@ class Scheduler:
     @property
     def load(self) -> int:
         """Rows waiting or running."""
-        return len(self.pending) + len(self._admitting) + len(self._joining) + len(self.rows)
+        return (
+            len(self._held) + len(self.pending) + len(self._admitting) + len(self._joining) + len(self.rows)
+        )
 
     def submit(self, prompt: str, params: GenerationParams, emit: Emit) -> Ticket:
         """Queue a request (n rows); tokenizing errors raise AigcError here, in the caller."""
@@ -169,19 +181,37 @@ class Scheduler:
         return self.enqueue([Row(prompt, ids, p, k, emit) for k, p in enumerate(row_params)])
 
     def enqueue(self, rows: list[Row]) -> Ticket:
-        """Queue rows already tokenized and resolved (what `submit` does after `_requests`)."""
+        """Queue rows already tokenized and resolved (what `submit` does after `_requests`).
+
+        Called on an event loop (the server's routes), the rows wait for the end of that loop
+        turn (`_release_held`): the requests the loop takes in together join the batch together,
+        as `worker.ProcessScheduler` sends them to its child."""
         with self.cv:
             if self.closed or self.load + len(rows) > self.max_rows:
                 raise QueueFull
-            self.pending.extend(rows)
-            self.cv.notify()
+            loop = running_loop() if self.inbox is None else None
+            if loop is not None:
+                if not self._held:
+                    loop.call_soon(self._release_held)
+                self._held.extend(rows)
+            else:
+                self.pending.extend(rows)
+                self.cv.notify()
         return Ticket(rows)
+
+    def _release_held(self) -> None:
+        with self.cv:
+            self.pending.extend(self._held)
+            self._held.clear()
+            self.cv.notify()
 
     def close(self) -> None:
         """Stop the worker after the running rows; rows still waiting get an error. (With an
         inbox, the inbox calls this from `run`, which then returns after those rows.)"""
         with self.cv:
             self.closed = True
+            self.pending.extend(self._held)  # (they get the waiting rows' error)
+            self._held.clear()
             self.cv.notify()
         if self.thread is not None:
             self.thread.join(timeout=30)

@@ -41,7 +41,7 @@ import torch
 
 from aigc.errors import AigcError
 from aigc.generation.params import GenerationParams
-from aigc.serve.batching import Emit, QueueFull, Row, Scheduler, Ticket
+from aigc.serve.batching import Emit, QueueFull, Row, Scheduler, Ticket, running_loop
 from aigc.serve.settings import settle_gc
 
 
@@ -125,21 +125,13 @@ class ProcessScheduler:
             # perf_counter is CLOCK_MONOTONIC on Linux, one clock for both processes: the child's
             # wait and time-to-first-token metrics count from here
             msg = (rid, prompt, ids, row_params, rows[0].submitted)
-            if self._on_loop():  # with the requests the loop takes in this turn: see `_send_held`
+            if self.loop is not None and running_loop() is self.loop:  # see `_send_held`
                 if not self._held:
                     self.loop.call_soon(self._send_held)
                 self._held.append(msg)
             else:
                 self._send(("submit", [msg]))
         return _RemoteTicket(self, rid, rows)
-
-    def _on_loop(self) -> bool:
-        if self.loop is None:
-            return False
-        try:
-            return asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            return False
 
     def _send(self, command: tuple) -> None:
         """Send a command (holding the lock), after the submits held for this loop turn."""

@@ -149,7 +149,7 @@ class ProcessScheduler:
         first alone and took the others in one or two at a time, each join slowing a step; sent
         together they join in one step and run in step. The first request waits for the rest of
         its turn (~40 us alone; the 16-client bench: 1-2 ms for 13-15 requests, which it repays):
-        16 clients +5 %, one client unchanged (bench/bench_serve.py, docs/benchmarks.md)."""
+        16 clients +7.5 %, one client within noise (bench/bench_serve.py, docs/benchmarks.md)."""
         with self.lock:
             if not self._held or self.closed:  # (`close` sent them before its own command)
                 return

@@ -229,20 +229,20 @@ def test_rows_enqueued_on_an_event_loop_wait_for_the_end_of_its_turn(runs):
     gen = load_generator(runs["gpt"])
     prompts = ["the ", "and ", "to "]
 
-    async def one_turn(sched, col):
+    async def one_turn(col):
+        sched = Scheduler(gen, max_rows=4, loop=asyncio.get_running_loop())
         for k, p in enumerate(prompts):
             sched.submit(p, make_params(max_new_tokens=6, seed=k), col.emit_for(k))
         held = (len(sched.pending), sched.load)
         with pytest.raises(QueueFull):  # 3 held + 2 more > max_rows
             sched.submit("the ", make_params(n=2), col.emit_for(9))
         await asyncio.sleep(0)  # the turn ends
-        return held, len(sched.pending) + len(sched.rows) + len(sched._admitting) + len(sched._joining)
+        return sched, held, len(sched.pending) + len(sched.rows) + len(sched._admitting) + len(sched._joining)
 
-    sched = Scheduler(gen, max_rows=4)
+    col = Collector()
+    col.expected = len(prompts)
+    sched, held, after = asyncio.run(one_turn(col))
     try:
-        col = Collector()
-        col.expected = len(prompts)
-        held, after = asyncio.run(one_turn(sched, col))
         assert held == (0, 3) and after == 3
         assert col.done.wait(30) and not col.errors
         for k, p in enumerate(prompts):
@@ -251,11 +251,24 @@ def test_rows_enqueued_on_an_event_loop_wait_for_the_end_of_its_turn(runs):
     finally:
         sched.close()
 
-    async def closed_in_the_turn(sched, col):
+    async def closed_in_the_turn(col):
+        sched = Scheduler(gen, loop=asyncio.get_running_loop())
         sched.submit("the ", make_params(max_new_tokens=6, seed=1), col.emit_for(0))
         sched.close()
 
-    sched = Scheduler(gen)
     col = Collector()
-    asyncio.run(closed_in_the_turn(sched, col))
+    asyncio.run(closed_in_the_turn(col))
     assert col.done.wait(10) and col.errors == ["the model was unloaded; retry the request"]
+
+    async def on_another_loop(col):  # not the scheduler's loop: queued at once, as from a thread
+        sched.submit("the ", make_params(max_new_tokens=6, seed=1), col.emit_for(0))
+        return sched.load, len(sched._held)
+
+    sched = Scheduler(load_generator(runs["gpt"]))  # (a decoder generate() has not used)
+    try:
+        col = Collector()
+        col.expected = 1
+        assert asyncio.run(on_another_loop(col)) == (1, 0)
+        assert col.done.wait(30) and not col.errors
+    finally:
+        sched.close()

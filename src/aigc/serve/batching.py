@@ -127,8 +127,10 @@ class Scheduler:
         metrics: Any = None,
         emit_interval: float = EMIT_INTERVAL_S,
         inbox: Callable[[bool], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.gen = gen
+        self.loop = loop  # the server's event loop: rows enqueued on it wait for its turn's end
         self.emit_interval = emit_interval
         self.engine = gen.engine
         self.decoder = gen.decoder
@@ -183,16 +185,16 @@ class Scheduler:
     def enqueue(self, rows: list[Row]) -> Ticket:
         """Queue rows already tokenized and resolved (what `submit` does after `_requests`).
 
-        Called on an event loop (the server's routes), the rows wait for the end of that loop
-        turn (`_release_held`): the requests the loop takes in together join the batch together,
-        as `worker.ProcessScheduler` sends them to its child."""
+        Called on the scheduler's `loop` (the server's routes), the rows wait for the end of that
+        loop turn (`_release_held`): the requests the loop takes in together join the batch
+        together, as `worker.ProcessScheduler` sends them to its child. (Only on that loop: a caller
+        on another one, e.g. a notebook's, may block it waiting for its rows.)"""
         with self.cv:
             if self.closed or self.load + len(rows) > self.max_rows:
                 raise QueueFull
-            loop = running_loop() if self.inbox is None else None
-            if loop is not None:
+            if self.loop is not None and running_loop() is self.loop:
                 if not self._held:
-                    loop.call_soon(self._release_held)
+                    self.loop.call_soon(self._release_held)
                 self._held.extend(rows)
             else:
                 self.pending.extend(rows)

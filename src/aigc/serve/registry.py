@@ -270,7 +270,9 @@ class ModelRegistry:
                 gen, entry.spec, dtype, s.max_batch, s.max_queue, self.metrics, self.loop
             )
         else:
-            sched = Scheduler(gen, max_batch=s.max_batch, max_rows=s.max_queue, metrics=self.metrics)
+            sched = Scheduler(
+                gen, max_batch=s.max_batch, max_rows=s.max_queue, metrics=self.metrics, loop=self.loop
+            )
         return LoadedModel(entry, gen, sched)
 
     def _evict(self, keep: tuple) -> list[LoadedModel]:

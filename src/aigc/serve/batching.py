@@ -57,12 +57,28 @@ log = logging.getLogger("aigc.serve")
 Emit = Callable[[str, int, Any], None]
 
 
-def running_loop() -> asyncio.AbstractEventLoop | None:
-    """The event loop running in this thread, if any."""
+def on_loop(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Whether the caller runs on `loop` (the event loop running in this thread)."""
+    if loop is None:
+        return False
     try:
-        return asyncio.get_running_loop()
+        return asyncio.get_running_loop() is loop
     except RuntimeError:
-        return None
+        return False
+
+
+def hold_for_turn(
+    loop: asyncio.AbstractEventLoop | None, held: list, items: list, release: Callable[[], None]
+) -> bool:
+    """Called on `loop`: add `items` to `held`, the first ones of a loop turn scheduling `release`
+    for the turn's end (the requests a loop takes in together then join the batch together) ->
+    True. Elsewhere -> False: the caller queues them at once."""
+    if not on_loop(loop):
+        return False
+    if not held:
+        loop.call_soon(release)
+    held.extend(items)
+    return True
 
 
 def inherit_torch_threads() -> None:
@@ -192,11 +208,7 @@ class Scheduler:
         with self.cv:
             if self.closed or self.load + len(rows) > self.max_rows:
                 raise QueueFull
-            if self.loop is not None and running_loop() is self.loop:
-                if not self._held:
-                    self.loop.call_soon(self._release_held)
-                self._held.extend(rows)
-            else:
+            if not hold_for_turn(self.loop, self._held, rows, self._release_held):
                 self.pending.extend(rows)
                 self.cv.notify()
         return Ticket(rows)

@@ -41,7 +41,7 @@ import torch
 
 from aigc.errors import AigcError
 from aigc.generation.params import GenerationParams
-from aigc.serve.batching import Emit, QueueFull, Row, Scheduler, Ticket, running_loop
+from aigc.serve.batching import Emit, QueueFull, Row, Scheduler, Ticket, hold_for_turn, on_loop
 from aigc.serve.settings import settle_gc
 
 
@@ -125,11 +125,7 @@ class ProcessScheduler:
             # perf_counter is CLOCK_MONOTONIC on Linux, one clock for both processes: the child's
             # wait and time-to-first-token metrics count from here
             msg = (rid, prompt, ids, row_params, rows[0].submitted)
-            if self.loop is not None and running_loop() is self.loop:  # see `_send_held`
-                if not self._held:
-                    self.loop.call_soon(self._send_held)
-                self._held.append(msg)
-            else:
+            if not hold_for_turn(self.loop, self._held, [msg], self._send_held):  # see `_send_held`
                 self._send(("submit", [msg]))
         return _RemoteTicket(self, rid, rows)
 
@@ -252,11 +248,7 @@ class ProcessScheduler:
         if self.thread is not None:
             self.thread.join(timeout=30)
             return
-        try:
-            on_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            on_loop = False
-        if not on_loop and self.loop.is_running():
+        if not on_loop(self.loop) and self.loop.is_running():
             self._ended.wait(timeout=30)
             return
         if self._ended.is_set():

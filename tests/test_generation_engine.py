@@ -10,7 +10,7 @@ import torch
 from aigc.errors import AigcError
 from aigc.generation.decoders import GPTDecoder
 from aigc.generation.engine import Engine, Request
-from aigc.generation.params import GenerationParams
+from aigc.generation.params import GenerationParams, make_params
 from aigc.generation.text import ChatSession, TextGenerator
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.models.lstm import LSTMLM, LSTMConfig
@@ -305,6 +305,20 @@ def test_n_samples_each_reproducible_from_its_seed(gen):
     assert [r.seed for r in rs] == [10, 11, 12, 10, 11, 12] and [r.index for r in rs] == list(range(6))
     [solo] = gen.generate("JULIET:", seed=11, max_new_tokens=15)
     assert solo.text == rs[4].text
+
+
+def test_row_params_are_the_copies_replace_makes(gen):
+    """A request's per-row copies of its params (not validated again) equal dataclasses.replace's."""
+    import dataclasses
+
+    p = make_params(n=3, seed=2**63 - 2, stop=["x"], logit_bias={"5": 1}, bad_words=["oo"], temperature=0.7)
+    _, rows = gen._requests("ROMEO:", p)
+    extra = {"bad_words_ids": p.bad_words_ids + gen.token_ids(p.bad_words)}
+    refs = [dataclasses.replace(p, n=1, seed=(p.seed + k) % 2**63, **extra) for k in range(3)]
+    assert rows == refs and [r.seed for r in rows] == [2**63 - 2, 2**63 - 1, 0]
+    assert extra["bad_words_ids"] and rows[0].bad_words_ids == extra["bad_words_ids"]
+    rows[0].logit_bias[7] = 2.0
+    assert p.logit_bias == rows[1].logit_bias == {5: 1.0}  # a dict per copy, as replace makes
 
 
 def test_stream_equals_generate(gen):

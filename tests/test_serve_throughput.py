@@ -204,6 +204,39 @@ def test_sse_batches_open_with_the_head_at_the_first_event_or_the_headers_deadli
     assert out == ["", "data: delta a\n\n", "data: done end\n\n" + SSE_DONE]
 
 
+def test_sse_batches_leave_a_rows_last_deltas_to_its_end():
+    """The deltas of a row that ends in the same batch are not rendered: render(done) sends the rest
+    from the whole text (a moderated stream checks it once, not twice). Other rows' deltas are."""
+    import aigc.serve.streaming as S
+
+    async def stream():
+        sched, rendered = Held(), []
+        call = S.TextCall(sched, timeout_s=10)
+        call.add("p", make_params(max_new_tokens=3))
+        first = sched.emit
+        call.add("q", make_params(max_new_tokens=3))
+
+        async def render(kind, idx, payload):
+            rendered.append((kind, idx, payload))
+            return [f"{kind}{idx} {payload};"]
+
+        first("delta", 0, "a")
+        out = []
+        async for text in S.sse_batches(call, render, lambda: []):
+            out.append(text)
+            if len(out) == 1:  # one batch: row 0's last delta and end, row 1's delta
+                first("delta", 0, "b")
+                sched.emit("delta", 0, "x")
+                first("done", 0, "ab")
+            elif len(out) == 2:
+                sched.emit("done", 0, "x")
+        return rendered, out
+
+    rendered, out = asyncio.run(stream())
+    assert rendered == [("delta", 0, "a"), ("delta", 1, "x"), ("done", 0, "ab"), ("done", 1, "x")]
+    assert out == ["delta0 a;", "delta1 x;done0 ab;", "done1 x;" + SSE_DONE]
+
+
 def test_a_stream_whose_text_was_all_held_back_takes_the_next_text_at_once(monkeypatch):
     """After a batch the route sent none of (its text held back by a guard), the next batch goes out
     as soon as it comes; after one it sent, it waits STREAM_INTERVAL_S as always."""
@@ -584,7 +617,38 @@ def test_worker_process_sends_a_loop_turns_submits_as_one_command(tmp_path):
     assert [got[k].text for k in range(len(prompts))] == refs
 
 
-def test_worker_process_that_cannot_load_says_so(tmp_path):
+def test_worker_process_death_is_seen_on_its_loop_without_polling(tmp_path, monkeypatch):
+    """`alive` (checked by the registry on every request): on the loop that reads the child's events,
+    no process poll (a syscall per request); the end of the events stream marks a dead child.
+    Elsewhere the process is polled."""
+    from aigc.serve.worker import ProcessScheduler
+
+    run_dir = write_text_run(tmp_path / "gpt")
+    gen = load_generator(run_dir)
+    gen.model_id = "gpt"
+
+    async def main():
+        sched = ProcessScheduler(gen, str(run_dir), loop=asyncio.get_running_loop())
+        polls, poll = [], sched.proc.poll
+        monkeypatch.setattr(sched.proc, "poll", lambda: polls.append(1) or poll())
+        try:
+            await asyncio.sleep(0)  # the loop watches the events socket
+            assert sched.alive and polls == []
+            assert await asyncio.to_thread(lambda: sched.alive) and polls == [1]
+            sched.proc.kill()  # (Popen polls here itself)
+            await asyncio.to_thread(sched.proc.wait)
+            n = len(polls)
+            # the loop read the socket's end before this task resumed
+            assert not sched.alive and len(polls) == n and sched.closed
+        finally:
+            await asyncio.to_thread(sched.close)
+
+    asyncio.run(main())
+
+
+def test_worker_process_that_cannot_load_says_so(tmp_path, monkeypatch):
+    import subprocess
+
     from aigc.errors import AigcError
     from aigc.serve.worker import ProcessScheduler
 
@@ -592,8 +656,12 @@ def test_worker_process_that_cannot_load_says_so(tmp_path):
     gen = load_generator(run_dir)
     gen.model_id = "gpt"
     (run_dir / "model.safetensors").write_bytes(b"not weights")  # the child's own load fails
+    spawned = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **kw: spawned.append(popen(*a, **kw)) or spawned[-1])
     with pytest.raises(AigcError, match="batch worker process could not load"):
         ProcessScheduler(gen, str(run_dir))
+    assert spawned[0].returncode is not None  # the child is gone, not left behind
 
 
 @pytest.mark.slow

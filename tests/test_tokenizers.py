@@ -66,10 +66,21 @@ def test_char_fast_path_matches_hf_tokenizers(char, text):
     assert char.decode(char.encode(text)) == text
 
 
+def test_char_long_texts_take_the_array_path_with_the_same_ids(char):
+    from aigc.tokenizers.char import SHORT_TEXT
+
+    text = "".join(CORPUS)  # past SHORT_TEXT: numpy, not the dict lookup
+    assert len(text) > SHORT_TEXT and char.encode(text) == char.hf.encode(text).ids
+    short = text[:SHORT_TEXT]
+    assert char.encode(short) == char.encode_array(short).tolist() == char.hf.encode(short).ids
+
+
 def test_char_unknown_error_names_the_character_and_position():
     tok = train_tokenizer("char", ["abc"])
     with pytest.raises(AigcError, match=r"'z' \(U\+007A\) at position 2 .*--unknown unk"):
         tok.encode("abz")
+    with pytest.raises(AigcError, match=r"'z' \(U\+007A\) at position 600 "):
+        tok.encode("a" * 600 + "z")
 
 
 def test_char_unknown_unk_maps_unseen_characters():

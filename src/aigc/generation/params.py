@@ -8,6 +8,7 @@ A value out of range raises `AigcError` naming the parameter and the allowed ran
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import secrets
@@ -163,6 +164,16 @@ class GenerationParams:
         """A copy with a concrete seed (given, own, or fresh random) so the result can be reproduced."""
         return dataclasses.replace(self, seed=self.resolved_seed(seed))
 
+    def replace_checked_by_caller(self, **changes: Any) -> GenerationParams:
+        """A copy with `changes` that the caller has made valid, not validated again: what
+        `dataclasses.replace` gives (~0.6 us against ~10 us; a server copies the parameters for
+        each row of every request). For values that did not come from a user."""
+        new = copy.copy(self)
+        new.__dict__.update(changes)
+        if "logit_bias" not in changes:  # (replace's __post_init__ makes a fresh dict)
+            new.logit_bias = dict(self.logit_bias)
+        return new
+
     def resolved_seed(self, seed: int | None = None) -> int:
         """The seed `resolved` gives: `seed`, else the own one, else a fresh random one."""
         if seed is None:
@@ -185,10 +196,10 @@ class GenerationParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
         """Build from a dict (e.g. a stored result); unknown keys are an error listing the valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
+        unknown = sorted(set(data).difference(_FIELD_NAMES))
         if unknown:
-            raise AigcError(f"unknown generation parameter {unknown[0]!r}; valid: {', '.join(sorted(valid))}")
+            valid = ", ".join(sorted(_FIELD_NAMES))
+            raise AigcError(f"unknown generation parameter {unknown[0]!r}; valid: {valid}")
         return cls(**data)
 
 

@@ -238,9 +238,12 @@ async def sse_batches(
     one opening with `head` (opening chunks).
 
     render(kind, index, payload) gives the chunks of one event; after the last event, tail()'s
-    chunks (usage) and [DONE] go out in that same write. If the first event takes longer than
-    HEADERS_WITHIN_S (a long queue or prompt), `head` or "" is yielded then: `SSEResponse` sends
-    the response headers with its first string.
+    chunks (usage) and [DONE] go out in that same write. A row's "done" payload (its
+    GenerationResult) has its whole text, and render sends what was not sent yet: the deltas of a
+    row that ends in the same batch are not rendered (for a moderated stream, one check of the
+    text fewer per request, on the loop while the batch's other streams wait to finish). If the
+    first event takes longer than HEADERS_WITHIN_S (a long queue or prompt), `head` or "" is
+    yielded then: `SSEResponse` sends the response headers with its first string.
     """
     batches = call.batches(first_within=HEADERS_WITHIN_S)
     try:
@@ -248,8 +251,10 @@ async def sse_batches(
             out = [head] if head else []
             head = ""
             n = len(out)
+            ending = {idx for kind, idx, _ in batch if kind == "done"}
             for kind, idx, payload in batch:
-                out += await render(kind, idx, payload)
+                if kind != "delta" or idx not in ending:
+                    out += await render(kind, idx, payload)
             call.shown = len(out) > n or not batch
             if not call.remaining:  # the last batch
                 out += [*tail(), SSE_DONE]

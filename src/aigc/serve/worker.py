@@ -83,6 +83,11 @@ class ProcessScheduler:
         if kind != "ready":
             self.conn.close()
             self.events.close()
+            try:  # reaped here, not left exiting (or a zombie) behind the error
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             raise AigcError(f"the batch worker process could not load {spec}: {detail}")
         self.lock = threading.Lock()  # calls, load, sends
         self.calls: dict[int, list] = {}  # request id -> [emit, rows not done]
@@ -105,8 +110,12 @@ class ProcessScheduler:
 
     @property
     def alive(self) -> bool:
-        """Whether the child still runs (False after `close` or a crash)."""
-        return not self.closed and self.proc.poll() is None
+        """Whether the child still runs (False after `close` or a crash). On the loop that reads
+        its events no process is polled (a wait syscall per request, and the GIL handed over under
+        load): a child that exits closes its events socket, and the loop reads that end (`_end`
+        marks the scheduler closed) in the turn it is seen, before it runs a request that came
+        after it."""
+        return not self.closed and (on_loop(self.loop) or self.proc.poll() is None)
 
     def submit(self, prompt: str, params: GenerationParams, emit: Emit) -> Ticket:
         """As `Scheduler.submit`."""

@@ -67,6 +67,8 @@ class Tokenizer:
         return np.asarray(self.hf.encode(text).ids, dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
+        if self._table is not None:
+            return self._table.encode_list(text)
         return self.encode_array(text).tolist()
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:

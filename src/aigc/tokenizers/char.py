@@ -26,6 +26,7 @@ UNK = "<unk>"
 # Any code point: `.` in Oniguruma skips newlines, a class of everything does not.
 CHAR_PATTERN = r"[\s\S]"
 UNKNOWN_POLICIES = ("error", "unk")
+SHORT_TEXT = 512  # characters up to which a dict lookup beats numpy (about 800 on x86-64)
 Unknown = Literal["error", "unk"]
 
 
@@ -76,6 +77,18 @@ class CharTable:
         self.unk_id = vocab.get(UNK)
         self.unknown: Unknown = "unk" if self.unk_id is not None else "error"
         self.specials = {t: vocab[t] for t in special_tokens}
+        self.lookup = {c: i for c, i in vocab.items() if len(c) == 1}  # the short-text path
+
+    def encode_list(self, text: str) -> list[int]:
+        """Ids of `text` as a list: what `encode(text).tolist()` gives. A short text (a served
+        prompt) is looked up char by char in a dict, ~10x faster than numpy's fixed cost below
+        SHORT_TEXT characters; an unseen character or a special token takes the array path."""
+        if len(text) <= SHORT_TEXT and not (self.specials and any(t in text for t in self.specials)):
+            try:
+                return list(map(self.lookup.__getitem__, text))
+            except KeyError:
+                pass  # the array path maps it to <unk> or names it in its error
+        return self.encode(text).tolist()
 
     def encode(self, text: str) -> np.ndarray:
         """Ids of `text` as an int64 array; special-token strings map to their single id (like HF)."""

@@ -418,3 +418,19 @@ def test_request_timeout_cancels(root):
         while c.app.state.registry.queue_depth()["rnn"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert c.app.state.registry.queue_depth()["rnn"] == 0  # the rows were cancelled
+
+
+def test_response_ids_are_unique_and_not_repeated_in_a_forked_child():
+    import os
+
+    from aigc.serve.routes.common import new_id
+
+    ids = {new_id("cmpl") for _ in range(2000)}
+    assert len(ids) == 2000 and all(re.fullmatch(r"cmpl-[0-9a-f]{24}", i) for i in ids)
+    r, w = os.pipe()
+    pid = os.fork()  # (uvicorn --workers forks too): the child's ids are its own
+    if pid == 0:
+        os.write(w, new_id("x").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(r, 100).decode() != new_id("x")

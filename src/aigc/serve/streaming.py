@@ -286,6 +286,7 @@ class SSEResponse(Response):
     """
 
     media_type = "text/event-stream"  # init_headers adds "; charset=utf-8"
+    _raw: list[tuple[bytes, bytes]] | None = None
 
     def __init__(
         self, events: Callable[[], AsyncIterator[str]], call: TextCall, release: Callable[[], None]
@@ -293,7 +294,10 @@ class SSEResponse(Response):
         # a Response subclass so FastAPI passes it through; its body is streamed, never rendered
         self.events, self.call, self.release = events, call, release
         self.status_code, self.background = 200, None
-        self.init_headers(SSE_HEADERS)
+        if SSEResponse._raw is None:  # the same for every stream: built once
+            self.init_headers(SSE_HEADERS)
+            SSEResponse._raw = self.raw_headers
+        self.raw_headers = list(SSEResponse._raw)  # (a middleware may add to a response's own list)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         task = asyncio.current_task()
@@ -392,7 +396,12 @@ class TextRecorder:
 
 def sse(obj: Any) -> str:
     """One server-sent event carrying a JSON object."""
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_JSON.encode(obj)}\n\n"
+
+
+# what json.dumps(obj, ensure_ascii=False, separators=(",", ":")) uses, made once (it makes one per
+# call when given options: ~1.5 us of the ~9 of a stream's last chunk)
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 SSE_DONE = "data: [DONE]\n\n"

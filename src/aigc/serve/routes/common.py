@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
+import os
+import random
 from typing import Any
 
 from fastapi import Request
@@ -35,7 +36,14 @@ async def load_text_model(request: Request, model: str) -> Any:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
+    """A response's id: unique, not a secret (nothing is looked up by it)."""
+    return f"{prefix}-{_IDS.getrandbits(96):024x}"
+
+
+# seeded from os.urandom, again in a forked child; `secrets` makes a getrandom call per id, which
+# hands the GIL over (under load, a wait to get it back)
+_IDS = random.Random()
+os.register_at_fork(after_in_child=_IDS.seed)
 
 
 async def collect(request: Request, call: TextCall) -> dict[int, Any]:

@@ -43,7 +43,8 @@ def new_id(prefix: str) -> str:
 # seeded from os.urandom, again in a forked child; `secrets` makes a getrandom call per id, which
 # hands the GIL over (under load, a wait to get it back)
 _IDS = random.Random()
-os.register_at_fork(after_in_child=_IDS.seed)
+if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
+    os.register_at_fork(after_in_child=_IDS.seed)
 
 
 async def collect(request: Request, call: TextCall) -> dict[int, Any]:

@@ -166,7 +166,7 @@ class GenerationParams:
 
     def replace_checked_by_caller(self, **changes: Any) -> GenerationParams:
         """A copy with `changes` that the caller has made valid, not validated again: what
-        `dataclasses.replace` gives (~0.6 us against ~10 us; a server copies the parameters for
+        `dataclasses.replace` gives (2.0 against 6.8 us, quiet; a server copies the parameters for
         each row of every request). For values that did not come from a user."""
         new = copy.copy(self)
         new.__dict__.update(changes)

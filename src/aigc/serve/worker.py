@@ -83,11 +83,7 @@ class ProcessScheduler:
         if kind != "ready":
             self.conn.close()
             self.events.close()
-            try:  # reaped here, not left exiting (or a zombie) behind the error
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self._reap()  # not left exiting (or a zombie) behind the error
             raise AigcError(f"the batch worker process could not load {spec}: {detail}")
         self.lock = threading.Lock()  # calls, load, sends
         self.calls: dict[int, list] = {}  # request id -> [emit, rows not done]
@@ -107,6 +103,16 @@ class ProcessScheduler:
         else:
             os.set_blocking(self.events.fileno(), False)
             loop.call_soon_threadsafe(self._attach)
+
+    def _reap(self) -> None:
+        """Wait for the child to exit (its commands closed or sent "close"); kill it after 30 s."""
+        import subprocess
+
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
     @property
     def alive(self) -> bool:
@@ -272,19 +278,13 @@ class ProcessScheduler:
 
     def close(self) -> None:
         """Stop the worker after its running rows (rows still waiting get an error)."""
-        import subprocess
-
         with self.lock:
             if not self.closed:
                 self.closed = True
                 with contextlib.suppress(OSError):  # the child may be gone already
                     self._send(("close",))
         self._drain()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self._reap()
         self.conn.close()
         if self._ended.is_set():  # (else the loop may still watch it: a 30 s drain timed out)
             self.events.close()

@@ -71,13 +71,13 @@ class CharTable:
     """Vectorised char -> id lookup, with the unknown-character policy and special tokens."""
 
     def __init__(self, vocab: dict[str, int], special_tokens: list[str]) -> None:
-        singles = sorted((ord(c), i) for c, i in vocab.items() if len(c) == 1)
+        self.lookup = {c: i for c, i in vocab.items() if len(c) == 1}  # (the short-text path)
+        singles = sorted((ord(c), i) for c, i in self.lookup.items())
         self.codepoints = np.array([cp for cp, _ in singles], dtype=np.uint32)  # sorted, for searchsorted
         self.ids = np.array([i for _, i in singles], dtype=np.int64)
         self.unk_id = vocab.get(UNK)
         self.unknown: Unknown = "unk" if self.unk_id is not None else "error"
         self.specials = {t: vocab[t] for t in special_tokens}
-        self.lookup = {c: i for c, i in vocab.items() if len(c) == 1}  # the short-text path
 
     def encode_list(self, text: str) -> list[int]:
         """Ids of `text` as a list: what `encode(text).tolist()` gives. A short text (a served

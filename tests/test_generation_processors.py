@@ -187,6 +187,15 @@ def test_sampling_never_picks_filtered_tokens_and_mixes_greedy_rows():
         assert t[0] == 0 and t[1] == 9 and t[2] == 5
 
 
+def test_draw_picks_the_first_token_whose_cdf_passes_each_rows_uniform():
+    from aigc.generation.sampling import _draw
+
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.0, 0.5]])
+    for u0, u1, want in ((0.05, 0.49, [0, 0]), (0.1, 0.5, [1, 3]), (0.59, 0.99, [2, 3]), (0.6, 0.0, [3, 0])):
+        assert _draw(probs.log(), [u0, u1]).tolist() == want
+    assert _draw(torch.zeros(0, 4), []).tolist() == []  # no sampling rows (an empty buffer)
+
+
 def test_greedy_rows_take_argmax():
     x = _logits(4)
     tok = sample_next(x, torch.zeros(B, dtype=torch.bool), [None] * B)

@@ -48,6 +48,8 @@ REQUESTS = [
     dict(max_new_tokens=20, seed=7, top_p=0.8, presence_penalty=0.5, frequency_penalty=0.4, n=2),
     dict(max_new_tokens=15, seed=9, no_repeat_ngram_size=2, min_p=0.05, logprobs=True, top_logprobs=2),
     dict(max_new_tokens=0, seed=1),
+    # a stop token made likely: the row ends on it, its text not shown (as in generate())
+    dict(max_new_tokens=40, seed=11, stop_token_ids=[5], logit_bias={5: 3.0}),
 ]
 
 
@@ -58,7 +60,7 @@ def test_joining_rows_match_text_generator(runs, family):
     sched = Scheduler(gen, max_batch=8)
     col = Collector()
     col.expected = sum(r.get("n", 1) for r in REQUESTS)
-    prompts = ["ROMEO:", "soft", "", "User: 春眠", "light through yonder window", "w"]
+    prompts = ["ROMEO:", "soft", "", "User: 春眠", "light through yonder window", "w", "so"]
     try:
         for k, (prompt, kw) in enumerate(zip(prompts, REQUESTS, strict=True)):
             sched.submit(prompt, make_params(**kw), col.emit_for(k))
@@ -79,6 +81,8 @@ def test_joining_rows_match_text_generator(runs, family):
             )
             assert got.usage == ref.usage
             assert "".join(col.deltas.get((k, i), [])) == ref.text  # streamed deltas add up to the text
+            if kw.get("stop_token_ids"):
+                assert got.finish_reason == "stop" and got.tokens[-1] == 5
             if kw.get("logprobs"):
                 assert [x["logprob"] for x in got.logprobs] == pytest.approx(
                     [x["logprob"] for x in ref.logprobs], abs=1e-5

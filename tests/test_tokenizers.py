@@ -75,6 +75,24 @@ def test_char_long_texts_take_the_array_path_with_the_same_ids(char):
     assert char.encode(short) == char.encode_array(short).tolist() == char.hf.encode(short).ids
 
 
+def test_char_decode_joins_pieces_as_hf_decodes_them():
+    """The char decode is a join of each id's string (the Fuse decoder): the same text as HF's for
+    any ids, the special <unk> included, and the same error for an id out of range."""
+    import random
+
+    tok = train_tokenizer("char", ["abc \n中文😀<>"], unknown="unk")
+    assert tok._pieces is not None and UNK in tok.special_tokens
+    V, rng = tok.vocab_size, random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(V) for _ in range(rng.randrange(0, 10))]
+        assert tok.decode(ids) == tok.hf.decode(ids, skip_special_tokens=False)
+    assert tok.decode([tok.hf.token_to_id(UNK), 0]) == UNK + tok.hf.id_to_token(0)
+    for bad in ([V], [-1], [0, V + 5]):
+        with pytest.raises(AigcError, match=f"token id {bad[-1]} is out of range"):
+            tok.decode(bad)
+    assert tok.decode(iter([1, 2])) == tok.hf.decode([1, 2])  # (not a list: the checked path)
+
+
 def test_char_unknown_error_names_the_character_and_position():
     tok = train_tokenizer("char", ["abc"])
     with pytest.raises(AigcError, match=r"'z' \(U\+007A\) at position 2 .*--unknown unk"):

@@ -12,6 +12,7 @@ The draw is inverse-CDF sampling done for the whole batch at once (cumsum + sear
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 
 import torch
@@ -83,7 +84,11 @@ def _draw(logits: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
     cdf = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(dim=-1)  # (S, V); float64: exact enough
     # scaled by the total so a rounding shortfall of cdf[-1] below 1 can never select past the end
     # or a zero-probability token
-    u = torch.tensor([[x] for x in uniforms], dtype=torch.float64)  # (S, 1)
+    # (S, 1); through an array: torch.tensor parses a list per element, ~0.4 us each in a server's
+    # step against ~0.15 (16 rows: 12 -> 7 us)
+    if not uniforms:  # (frombuffer refuses an empty buffer)
+        return torch.zeros(0, dtype=torch.long)
+    u = torch.frombuffer(array.array("d", uniforms), dtype=torch.float64).unsqueeze_(1)
     picked = torch.searchsorted(cdf, cdf.narrow(1, V - 1, 1) * u, right=True)  # (S, 1): first cdf > u
     return picked.view(-1).clamp_(max=V - 1)
 

@@ -28,6 +28,14 @@ class Detokenizer:
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = len(self.ids)  # ids before this are already emitted
 
+    @classmethod
+    def reading(cls, decode: Callable[[list[int]], str], ids: list[int], start: int) -> Detokenizer:
+        """A detokenizer over `ids`, a list its owner appends the tokens to (no `add` per token):
+        the text of `ids[start:]`, with up to 4 ids before `start` as context (as `prefix_ids`)."""
+        d = cls(decode)
+        d.ids, d.prefix_offset, d.read_offset = ids, max(0, start - 4), start
+        return d
+
     def push(self, token: int) -> str:
         """Add one token; return the newly stable text (possibly '')."""
         self.ids.append(int(token))

@@ -117,6 +117,8 @@ class Row:
     matcher: StopMatcher | None = None
     limit: int = 0  # total length (prompt + generated) at which the row ends with "length"
     plen: int = 0
+    end_at: int = 0  # generated tokens at which it ends with "length" (from `limit` and its params)
+    extra: bool = False  # per-token bookkeeping beyond the common case: an n-gram ban, logprobs
     flags: int = 0  # processors.row_flags(params)
     emitted_at: float = 0.0  # perf_counter of the last text hand-over
 
@@ -303,13 +305,16 @@ class Scheduler:
             if dec.max_len is not None and not can_slide(dec):
                 r.limit = min(r.limit, dec.max_len)
             r.history = list(prompt)
+            # generated tokens at which it ends by length: max_new_tokens, or its total past `limit`
+            r.end_at = min(p.max_new_tokens, r.limit - r.plen + 1)
             r.gen = make_generator(p.seed) if p.sampling else None
             r.stops = set(eng.stop_ids(p))
             r.flags = P.row_flags(p)
             r.ngram = P.NGramIndex(p.no_repeat_ngram_size, prompt) if p.no_repeat_ngram_size else None
             if self.metrics is not None:
                 self.metrics.observe_wait(time.perf_counter() - r.submitted)
-            r.detok = Detokenizer(self.gen.decode, prompt)
+            r.extra = r.ngram is not None or p.logprobs
+            r.detok = Detokenizer.reading(self.gen.decode, r.history, r.plen)
             r.matcher = StopMatcher(p.stop)
             ready.append(r)
         return ready
@@ -370,6 +375,7 @@ class Scheduler:
                         :V
                     ].float()
         self._top_n = max(r.params.top_logprobs for r in rows)
+        self._logprobs = any(r.params.logprobs for r in rows)  # (rows leaving keep it: harmless)
         self._dirty = False
 
     def _step(self) -> None:
@@ -391,41 +397,41 @@ class Scheduler:
         sample = rp.sample if rp.any_sample and not rp.all_sample else None  # (built only if mixed)
         tokens = sample_next(scores, sample, [r.gen for r in rows], rp.any_sample, rp.all_sample)  # (B,)
         tok_list = tokens.tolist()
-        if any(r.params.logprobs for r in rows):
+        if self._logprobs:
             lp, top = token_logprobs(logits, tokens, self._top_n)
         keep = []
-        first_tokens = 0
-        for j, (r, t) in enumerate(zip(rows, tok_list, strict=True)):
+        for j, r in enumerate(rows):  # per row and step: keep it lean (see `Row.end_at`, `Row.extra`)
+            t = tok_list[j]
             c = r.completion
-            if not c.tokens:
-                first_tokens += 1
-                if self.metrics is not None:
-                    self.metrics.observe_ttft(time.perf_counter() - r.submitted)
-            c.tokens.append(t)
-            r.history.append(t)
-            if r.ngram is not None:
-                r.ngram.add(t)
-            if r.params.logprobs:
-                c.logprobs.append(lp[j])
-                c.top_logprobs.append(top[j][: r.params.top_logprobs])
-            done = False
-            if t in r.stops:
-                c.finish_reason, done = "stop", True
-            else:
-                r.detok.add(t)
-                m = r.matcher
-                if m.stops or len(c.tokens) <= EMIT_EACH_FIRST or r.emitted_at < due:  # else: later
-                    r.emitted_at = t0
-                    shown = m.feed(r.detok.take())
-                    if shown and not r.cancelled:
-                        r.emit("delta", r.index, shown)
-                    if m.stopped:
-                        c.finish_reason, done = "stop", True
-                if not done and (
-                    len(c.tokens) >= r.params.max_new_tokens or r.plen + len(c.tokens) > r.limit
-                ):
-                    c.finish_reason, done = "length", True
-            if done or r.cancelled:
+            generated = c.tokens
+            if not generated and self.metrics is not None:
+                self.metrics.observe_ttft(time.perf_counter() - r.submitted)
+            generated.append(t)
+            if r.extra:
+                if r.ngram is not None:
+                    r.ngram.add(t)
+                if r.params.logprobs:
+                    c.logprobs.append(lp[j])
+                    c.top_logprobs.append(top[j][: r.params.top_logprobs])
+            if t in r.stops:  # a stop token ends the row; its text is not shown
+                c.finish_reason = "stop"
+                self._finish(r)
+                continue
+            r.history.append(t)  # (the detokenizer reads it too)
+            m = r.matcher
+            if m.stops or len(generated) <= EMIT_EACH_FIRST or r.emitted_at < due:  # else: later
+                r.emitted_at = t0
+                shown = m.feed(r.detok.take())
+                if shown and not r.cancelled:
+                    r.emit("delta", r.index, shown)
+                if m.stopped:
+                    c.finish_reason = "stop"
+                    self._finish(r)
+                    continue
+            if len(generated) >= r.end_at:
+                c.finish_reason = "length"
+                self._finish(r)
+            elif r.cancelled:
                 self._finish(r)
             else:
                 keep.append(j)

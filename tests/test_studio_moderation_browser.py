@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("policy", ["flag", "block"])
 def test_text_output_moderation_is_shown(browser, tmp_path, monkeypatch, policy):
     # a category matching any character but the prompt's (text is casefolded before matching): the
-    # prompt passes, and 16 sampled characters all from {r, o, m, e, space} is vanishingly unlikely
+    # prompt passes, and the output of the locked seed has other characters (the tiny random model
+    # gives 16 characters all from {r, o, m, e, space} for ~0.5 % of seeds, e.g. 267 and 352: an
+    # unlocked, random seed made this test fail that often)
     rules = tmp_path / "rules.toml"
     rules.write_text(
         f'[categories.anything]\npolicy = "{policy}"\nregex = ["[^rome\\\\s]"]\n', encoding="utf-8"
@@ -33,9 +35,12 @@ def test_text_output_moderation_is_shown(browser, tmp_path, monkeypatch, policy)
         page.fill("#text-prompt", "ROMEO")
         page.fill("#text-params [name=max_tokens]", "16")
         page.fill("#text-params [name=temperature]", "1.5")
+        page.fill("#text-params [name=seed]", "7")
+        page.check("#text-params [name=seed_lock]")
         page.click("#text-go")
         page.wait_for_function("document.querySelector('#text-meta').textContent.startsWith('#')")
         meta, status = page.inner_text("#text-meta"), page.inner_text("#status")
+        assert "seed 7 " in meta
         if policy == "flag":
             assert "Flagged by moderation: anything" in status and "content_filter" not in meta
         else:

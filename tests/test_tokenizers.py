@@ -81,7 +81,7 @@ def test_char_decode_joins_pieces_as_hf_decodes_them():
     import random
 
     tok = train_tokenizer("char", ["abc \n中文😀<>"], unknown="unk")
-    assert tok._pieces is not None and UNK in tok.special_tokens
+    assert tok._table.pieces is not None and UNK in tok.special_tokens
     V, rng = tok.vocab_size, random.Random(0)
     for _ in range(300):
         ids = [rng.randrange(V) for _ in range(rng.randrange(0, 10))]

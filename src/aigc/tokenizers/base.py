@@ -7,7 +7,6 @@ no sidecar file, and the same file loads in `transformers` (`save_pretrained`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -50,13 +49,10 @@ class Tokenizer:
         # Short content hash of the canonical JSON: same vocabulary and rules -> same id.
         canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         self.id = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-        self._table = CharTable(vocab, self.special_tokens) if self.kind == "char" else None
-        # a char tokenizer's Fuse decoder concatenates the tokens' strings: decoding is a join of
-        # each id's piece (a streamed row decodes a few ids twice per delta; the Rust call and its
-        # checks cost ~10x the join). Any other decoder goes through the tokenizers library.
-        self._pieces: dict[int, str] | None = None
-        if self._table is not None and (spec.get("decoder") or {}).get("type") == "Fuse":
-            self._pieces = {i: t for t, i in vocab.items()}
+        self._table = None
+        if self.kind == "char":
+            fuse = (spec.get("decoder") or {}).get("type") == "Fuse"  # (decoding joins the strings)
+            self._table = CharTable(vocab, self.special_tokens, joins=fuse)
 
     @property
     def vocab_size(self) -> int:
@@ -86,9 +82,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are kept, so `decode(encode(s)) == s` for any text."""
-        if self._pieces is not None and isinstance(ids, list):
-            with contextlib.suppress(KeyError, TypeError):  # (the checks below name a bad id)
-                return "".join(map(self._pieces.__getitem__, ids))
+        if self._table is not None and isinstance(ids, list):
+            text = self._table.decode_list(ids)
+            if text is not None:
+                return text
         ids = [int(i) for i in ids]
         n = self.vocab_size  # once: a call into the Rust tokenizer, and streams decode per token
         bad = [i for i in ids if not 0 <= i < n]

@@ -13,6 +13,7 @@ give the very same ids as `tokenizers` / `transformers`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Literal
 
@@ -70,8 +71,11 @@ def is_char_tokenizer(spec: dict) -> bool:
 class CharTable:
     """Vectorised char -> id lookup, with the unknown-character policy and special tokens."""
 
-    def __init__(self, vocab: dict[str, int], special_tokens: list[str]) -> None:
+    def __init__(self, vocab: dict[str, int], special_tokens: list[str], joins: bool = True) -> None:
+        """joins: the tokenizer's decoder concatenates the tokens' strings (`build_char_tokenizer`'s
+        Fuse decoder), so `decode_list` can join `pieces`."""
         self.lookup = {c: i for c, i in vocab.items() if len(c) == 1}  # (the short-text path)
+        self.pieces = {i: t for t, i in vocab.items()} if joins else None  # id -> its string
         singles = sorted((ord(c), i) for c, i in self.lookup.items())
         self.codepoints = np.array([cp for cp, _ in singles], dtype=np.uint32)  # sorted, for searchsorted
         self.ids = np.array([i for _, i in singles], dtype=np.int64)
@@ -89,6 +93,17 @@ class CharTable:
             except KeyError:
                 pass  # the array path maps it to <unk> or names it in its error
         return self.encode(text).tolist()
+
+    def decode_list(self, ids: list[int]) -> str | None:
+        """The text of `ids` as the Fuse decoder gives it, a join of their strings; None for an id
+        this vocabulary does not have (or no `pieces`): the caller's checked path names it. (A
+        streamed row decodes a few ids twice per delta. Quiet, 4 ids: 0.76 against 1.1 us through
+        the tokenizers library and its checks; inside a running 16-row server step, where the Rust
+        call costs more, the row loop takes 15 against 21 us.)"""
+        if self.pieces is not None:
+            with contextlib.suppress(KeyError, TypeError):
+                return "".join(map(self.pieces.__getitem__, ids))
+        return None
 
     def encode(self, text: str) -> np.ndarray:
         """Ids of `text` as an int64 array; special-token strings map to their single id (like HF)."""

@@ -165,3 +165,104 @@ def test_cli_generate_streams_moderated_and_records_verdicts(run_cli, tmp_path):
             blocked["id"],
         ]
         assert store.list_generations(moderation="none")["data"] == []
+
+
+# ---------------------------------------------------------------- the quick screen (oracle tests)
+
+
+def _normalised_alphabet() -> set[str]:
+    """Every character `normalize` can give (~1.1 M; ~0.5 s)."""
+    from aigc.safety.moderation import normalize
+
+    out: set[str] = set()
+    for y in range(0x110000):
+        if not 0xD800 <= y < 0xE000:  # (surrogates)
+            out.update(normalize(chr(y)))
+    return out
+
+
+def test_ignorecase_extra_is_what_re_matches_in_normalised_text():
+    """The screen's case-sensitive Latin words stand for re.IGNORECASE ones: in normalised text, a
+    lowercase ASCII pattern character must match, with re.IGNORECASE, exactly itself and its
+    `_IGNORECASE_EXTRA` characters (the dotless i: 'kıll' is 'kill' to re)."""
+    import re
+
+    from aigc.safety.moderation import _IGNORECASE_EXTRA, normalize
+
+    alphabet = _normalised_alphabet()
+    near_ascii = re.compile(r"[\x00-\x7f]", re.IGNORECASE)
+    candidates = [x for x in alphabet if near_ascii.fullmatch(x)]  # what any ASCII character could match
+    assert "ı" in candidates
+    for c in sorted({normalize(chr(i)) for i in range(128)}):  # the ASCII characters of normalised words
+        got = {x for x in candidates if re.fullmatch(re.escape(c), x, re.IGNORECASE)}
+        assert got == set(c + _IGNORECASE_EXTRA.get(c, "")), c
+
+
+def _texts(m: Moderator, n: int, seed: int) -> list[str]:
+    """Texts around the rules' own words and regex matches: case changes, dotless i / long s /
+    Kelvin sign / full-width letters, word characters or not at either side, cut words."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for c in m.categories.values() for w in c.words]
+    phrases = words + ["kill them", "gas all the immigrants", "how do i kill myself", "kids nude",
+                       "porn with minors", "how to synthesize sarin", "naked preteen", "murder everyone"]  # fmt: skip
+    edges = ["", " ", "a", "_", "1", "é", "ı", "你", ".", "\n", "-"]
+    swaps = {"i": ["I", "ı", "İ"], "s": ["S", "ſ"], "k": ["K", "\u212a"], "a": ["A", "ａ"], " ": ["  ", "\t"]}
+    out = []
+    for _ in range(n):
+        p = rng.choice(phrases)
+        p = "".join(rng.choice(swaps[ch]) if ch in swaps and rng.random() < 0.3 else ch for ch in p)
+        if rng.random() < 0.3:  # cut: a partial phrase at the end
+            p = p[: rng.randrange(1, len(p) + 1)]
+        out.append(rng.choice(edges) + p + (rng.choice(edges) if rng.random() < 0.7 else ""))
+    return out
+
+
+def test_check_screen_agrees_with_the_category_patterns():
+    """`check` runs its category patterns only when the split screen finds something; its verdicts
+    must be those of the category patterns (re.IGNORECASE) on every text."""
+    from aigc.safety.moderation import normalize
+
+    m = Moderator.load()
+    texts = _texts(m, 3000, 0) + [
+        "kıll them",
+        "chıld porn",
+        "skill them all",
+        "KILL_them",
+        "ｋｉｌｌ ｔｈｅｍ",
+    ]
+    hit = 0
+    for text in texts:
+        t = normalize(text)
+        want = {
+            n: p is not None and m.policies[n] != "allow" and p.search(t) is not None
+            for n, p in m._patterns.items()
+        }
+        assert m.check(text).categories == want, text
+        assert any(p.search(t) for p in m._screen) == any(want.values()), text
+        hit += any(want.values())
+    assert 0.2 * len(texts) < hit < 0.9 * len(texts)  # both sides exercised
+    assert m.check("kıll them").categories["violence"]  # re.IGNORECASE's dotless i, kept
+
+
+def test_hold_from_agrees_with_partial_matching_of_the_category_patterns():
+    """hold_from searches split patterns; the earliest partial match must be the one of the blocking
+    categories' whole patterns (the regex module, IGNORECASE), for texts without a dotless i. With
+    one, the Latin words now hold it back as `check` would block it (the regex module's
+    IGNORECASE does not equate ı and i)."""
+    import regex
+
+    from aigc.safety.moderation import normalize
+
+    m = Moderator.load()
+    whole = [regex.compile(p.pattern, regex.IGNORECASE | regex.DOTALL) for n, p in m._patterns.items()
+             if p is not None and m.policies[n] == "block"]  # fmt: skip
+    for text in _texts(m, 3000, 1):
+        t = normalize(text)
+        if "ı" in t:
+            continue
+        starts = [x.start() for p in whole if (x := p.search(t, partial=True)) is not None]
+        assert m.hold_from(t) == min(starts, default=len(t)), text
+    assert m.hold_from("then buı") == len("then ")  # 'buı' could still become 'buıld a bomb'
+    assert m.hold_from("ask the chıl") == len("ask the ")

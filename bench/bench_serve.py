@@ -257,7 +257,8 @@ async def run(args, run_dir: Path, servers: list[tuple[str, str, int]]) -> tuple
         await http_round(clients[name][:1], n, 0)
     in_process(0)
     base = {"tps": [], "cpu": [], "load": []}
-    out = {name: {k: [] for k in ("single", "many", "ttft", "single_srv", "single_cli", "many_srv", "many_cli", "anatomy")}
+    out = {name: {k: [] for k in ("single", "many", "ttft", "single_srv", "single_cli", "many_srv", "many_cli", "anatomy",
+                                  "pct", "ratio")}
            for name, _, _ in servers}  # fmt: skip
     reps = 10  # single-stream measurements per round (each is short; 480 tokens: 21 us/token CPU ticks)
     for r in range(args.rounds):
@@ -278,6 +279,10 @@ async def run(args, run_dir: Path, servers: list[tuple[str, str, int]]) -> tuple
                 m["ttft"] += ttfts
             m["many_srv"].append((process_cpu(pid) - s0) / (3 * args.clients * n))
             m["many_cli"].append((time.process_time() - c0) / (3 * args.clients * n))
+            # this round's figures alone: their spread says how far the medians can be trusted
+            single = statistics.median(m["single"][-reps:])
+            m["pct"].append(single / statistics.median(base["tps"][-reps:]))
+            m["ratio"].append(statistics.median(m["many"][-3:]) / single)
     for pool in pools:
         await pool.aclose()
     return base, out
@@ -410,6 +415,8 @@ def report(args, name: str, base: dict, m: dict) -> None:
           f"  CPU server {med(m['single_srv']) * us:.1f} + client {med(m['single_cli']) * us:.1f} us/token")  # fmt: skip
     print(f"HTTP, {args.clients} clients      {agg:9.1f} tokens/s  = {agg / single:.1f}x one client (target >= 8x)"
           f"  CPU server {med(m['many_srv']) * us:.1f} + client {med(m['many_cli']) * us:.1f} us/token")  # fmt: skip
+    print(f"per round             1 client {min(m['pct']):.0%}-{max(m['pct']):.0%} of in-process, "
+          f"{args.clients} clients {min(m['ratio']):.1f}-{max(m['ratio']):.1f}x one client")  # fmt: skip
     print(f"time to first token   p50 {med(m['ttft']) * 1000:.1f} ms, p90 {q[-1] * 1000:.1f} ms "
           f"({args.clients} concurrent clients)")  # fmt: skip
     if m["anatomy"]:  # where a round's time goes: taking the requests in, decoding, the stragglers

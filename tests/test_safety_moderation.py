@@ -249,8 +249,8 @@ def test_check_screen_agrees_with_the_category_patterns():
 def test_hold_from_agrees_with_partial_matching_of_the_category_patterns():
     """hold_from searches split patterns; the earliest partial match must be the one of the blocking
     categories' whole patterns (the regex module, IGNORECASE), for texts without a dotless i. With
-    one, the Latin words now hold it back as `check` would block it (the regex module's
-    IGNORECASE does not equate ı and i)."""
+    one, it is held back as `check` would block it (re.IGNORECASE equates ı and i, the regex
+    module's does not)."""
     import regex
 
     from aigc.safety.moderation import normalize
@@ -266,3 +266,10 @@ def test_hold_from_agrees_with_partial_matching_of_the_category_patterns():
         assert m.hold_from(t) == min(starts, default=len(t)), text
     assert m.hold_from("then buı") == len("then ")  # 'buı' could still become 'buıld a bomb'
     assert m.hold_from("ask the chıl") == len("ask the ")
+    # the regexes too: check() blocks their dotless-i spellings (re.IGNORECASE), so none of it is sent
+    assert m.check("how to synthesıze sarin").blocked and m.hold_from("how to synthesı") == 0
+    assert m.check("kıds nude").blocked and m.hold_from("kıds ") == 0
+    from aigc.safety.moderation import StreamGuard
+
+    g = StreamGuard(m)
+    assert g.feed("how to synthesı") + g.feed("ze sarin now") + g.finish() == "" and g.blocked

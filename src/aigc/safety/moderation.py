@@ -245,6 +245,9 @@ class Moderator:
 
             # (the earliest start over the split patterns is the earliest over their union)
             self._partials = _split_rules([c for c in self.categories.values() if c.policy == "block"], regex)
+        # re.IGNORECASE (check) equates the dotless i with i, the regex module's does not: the same
+        # text for both (one character for one, so the indices hold)
+        text = text.replace("ı", "i")
         starts = [m.start() for p in self._partials if (m := p.search(text, partial=True)) is not None]
         return min(starts, default=len(text))
 

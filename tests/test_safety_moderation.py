@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from aigc.errors import AigcError
-from aigc.safety.moderation import ENV, Moderator, evaluate
+from aigc.safety.moderation import _IGNORECASE_EXTRA, ENV, Moderator, StreamGuard, evaluate, normalize
 from aigc.serve.app import create_app
 from aigc.serve.settings import Settings
 from serve_helpers import write_text_run
@@ -172,8 +172,6 @@ def test_cli_generate_streams_moderated_and_records_verdicts(run_cli, tmp_path):
 
 def _normalised_alphabet() -> set[str]:
     """Every character `normalize` can give (~1.1 M; ~0.5 s)."""
-    from aigc.safety.moderation import normalize
-
     out: set[str] = set()
     for y in range(0x110000):
         if not 0xD800 <= y < 0xE000:  # (surrogates)
@@ -186,8 +184,6 @@ def test_ignorecase_extra_is_what_re_matches_in_normalised_text():
     lowercase ASCII pattern character must match, with re.IGNORECASE, exactly itself and its
     `_IGNORECASE_EXTRA` characters (the dotless i: 'kıll' is 'kill' to re)."""
     import re
-
-    from aigc.safety.moderation import _IGNORECASE_EXTRA, normalize
 
     alphabet = _normalised_alphabet()
     near_ascii = re.compile(r"[\x00-\x7f]", re.IGNORECASE)
@@ -222,8 +218,6 @@ def _texts(m: Moderator, n: int, seed: int) -> list[str]:
 def test_check_screen_agrees_with_the_category_patterns():
     """`check` runs its category patterns only when the split screen finds something; its verdicts
     must be those of the category patterns (re.IGNORECASE) on every text."""
-    from aigc.safety.moderation import normalize
-
     m = Moderator.load()
     texts = _texts(m, 3000, 0) + [
         "kıll them",
@@ -248,28 +242,21 @@ def test_check_screen_agrees_with_the_category_patterns():
 
 def test_hold_from_agrees_with_partial_matching_of_the_category_patterns():
     """hold_from searches split patterns; the earliest partial match must be the one of the blocking
-    categories' whole patterns (the regex module, IGNORECASE), for texts without a dotless i. With
-    one, it is held back as `check` would block it (re.IGNORECASE equates ı and i, the regex
-    module's does not)."""
+    categories' whole patterns (the regex module, IGNORECASE) in the text with the dotless i read as
+    i, as `check` (re.IGNORECASE) reads it: the regex module's IGNORECASE does not equate them."""
     import regex
-
-    from aigc.safety.moderation import normalize
 
     m = Moderator.load()
     whole = [regex.compile(p.pattern, regex.IGNORECASE | regex.DOTALL) for n, p in m._patterns.items()
              if p is not None and m.policies[n] == "block"]  # fmt: skip
     for text in _texts(m, 3000, 1):
         t = normalize(text)
-        if "ı" in t:
-            continue
-        starts = [x.start() for p in whole if (x := p.search(t, partial=True)) is not None]
+        starts = [x.start() for p in whole if (x := p.search(t.replace("ı", "i"), partial=True)) is not None]
         assert m.hold_from(t) == min(starts, default=len(t)), text
     assert m.hold_from("then buı") == len("then ")  # 'buı' could still become 'buıld a bomb'
     assert m.hold_from("ask the chıl") == len("ask the ")
-    # the regexes too: check() blocks their dotless-i spellings (re.IGNORECASE), so none of it is sent
+    # the regexes too: check() blocks their dotless-i spellings, so a stream sends none of them
     assert m.check("how to synthesıze sarin").blocked and m.hold_from("how to synthesı") == 0
     assert m.check("kıds nude").blocked and m.hold_from("kıds ") == 0
-    from aigc.safety.moderation import StreamGuard
-
     g = StreamGuard(m)
     assert g.feed("how to synthesı") + g.feed("ze sarin now") + g.finish() == "" and g.blocked

@@ -82,8 +82,14 @@ def _ascii_word_alternatives(word: str) -> list[str]:
     return [rf"{re.escape(c0)}(?<!\w.){rest}(?!\w)" for c0 in word[0] + _IGNORECASE_EXTRA.get(word[0], "")]
 
 
-def _compile_any(parts: list[str]) -> re.Pattern | None:
-    return re.compile("|".join(f"(?:{p})" for p in parts), re.IGNORECASE | re.DOTALL) if parts else None
+def _compile_any(parts: list[str], engine: Any = re) -> Any:
+    """One case-insensitive pattern of `engine` (the re or the regex module) matching any of
+    `parts`, or None for none."""
+    return (
+        engine.compile("|".join(f"(?:{p})" for p in parts), engine.IGNORECASE | engine.DOTALL)
+        if parts
+        else None
+    )
 
 
 def _split_rules(categories: list[Category], engine: Any) -> list[Any]:
@@ -96,9 +102,7 @@ def _split_rules(categories: list[Category], engine: Any) -> list[Any]:
     other = [w for c in categories for w in c._other()]
     pats = [engine.compile("|".join(latin), engine.DOTALL)] if latin else []
     groups = ([other] if other else []) + [c.regex for c in categories if c.regex]
-    return pats + [
-        engine.compile("|".join(f"(?:{p})" for p in g), engine.IGNORECASE | engine.DOTALL) for g in groups
-    ]
+    return pats + [_compile_any(g, engine) for g in groups]
 
 
 @dataclass

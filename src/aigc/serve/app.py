@@ -5,8 +5,8 @@
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}, "detail": message}`,
 so the official client raises its usual exceptions: 400 out-of-range parameter (naming the bound)
 or a user error (AigcError), 401 API key, 404 unknown model (listing the available ones), 413 body
-too large, 422 malformed JSON / wrong type (naming the field), 429 too many requests for one key,
-503 server queue full (both with Retry-After), 504 timeout.
+too large, 415 a body not sent as JSON, 422 malformed JSON / wrong type (naming the field), 429
+too many requests for one key, 503 server queue full (both with Retry-After), 504 timeout.
 """
 
 from __future__ import annotations
@@ -170,9 +170,16 @@ class RequestCounter:
             self.metrics.count_request(scope["method"], getattr(route, "path", "unmatched"), status)
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
+def _validation_response(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), bytes):
+        # FastAPI reads JSON only when sent as JSON (not text/plain, which a browser may send
+        # cross-site unasked, nor curl -d's form encoding); it handed over the raw bytes
+        return error_response(
+            415, f"the body must be JSON sent with 'Content-Type: application/json', not {content_type!r}",
+            "unsupported_media_type",
+        )  # fmt: skip
     # keep field names and list indices; drop pydantic's union tags ("constrained-str", "list[...]")
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and re.fullmatch(r"\w+", str(x))]
     field = ".".join(loc) or "body"
@@ -291,13 +298,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return _validation_response(exc)
+        return _validation_response(exc, request.headers.get("content-type"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads
+            return error_response(422, "malformed JSON body: nested too deeply; send a flat JSON object",
+                                  "invalid_json")  # fmt: skip
         return error_response(exc.status_code, str(exc.detail), None)
 
-    app.add_middleware(RequestCounter, metrics=metrics)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -308,6 +317,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     uploads = {"/v1/watermark/detect": S.MAX_UPLOAD_BYTES, "/v1/verify": S.MAX_UPLOAD_BYTES}
     app.add_middleware(BodyLimit, limit=S.MAX_BODY_BYTES, paths=uploads)
+    app.add_middleware(RequestCounter, metrics=metrics)  # added last, so outermost: counts 413s too
 
     auth = [Depends(identity)]
     app.include_router(health.router)

@@ -5,7 +5,7 @@ file never reveals a key. Make a line with
 
     printf %s "$KEY" | sha256sum | sed 's/^/sha256:/; s/ .*//'
 
-or `python -m aigc.serve.auth KEY`. Clients send `Authorization: Bearer <key>` (what the openai
+or `python -m aigc.serve.auth KEY` (`--new` makes a random key and prints it with its line). Clients send `Authorization: Bearer <key>` (what the openai
 client does with `api_key=`). With no key file the server is open, and only binds loopback.
 """
 
@@ -80,7 +80,37 @@ class KeyChecker:
         return h
 
 
+MIN_KEY_CHARS = 16  # a shorter key is guessable; secrets.token_urlsafe(32) gives 43
+
+
+def main(argv: list[str]) -> int:
+    """`python -m aigc.serve.auth KEY` prints KEY's key-file line; `--new` makes a random key."""
+    usage = (
+        "usage: python -m aigc.serve.auth KEY   (prints the key-file line for KEY)\n"
+        "       python -m aigc.serve.auth --new (makes a random key; prints the key, then its line)"
+    )
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if argv == ["--new"]:
+        import secrets
+
+        key = secrets.token_urlsafe(32)
+        print(f"key:  {key}\nline: {hash_key(key)}")
+        return 0
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(usage, file=sys.stderr)
+        return 1
+    if len(argv[0]) < MIN_KEY_CHARS:
+        print(
+            f"error: a key needs at least {MIN_KEY_CHARS} characters, this one has {len(argv[0])}; "
+            "use a longer one or make one with --new",
+            file=sys.stderr,
+        )
+        return 1
+    print(hash_key(argv[0]))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m aigc.serve.auth KEY   (prints the line for the key file)")
-    print(hash_key(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))

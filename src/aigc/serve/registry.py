@@ -12,6 +12,12 @@ reach outside the model dirs (the schema also refuses such names). The dirs are 
 most every RESCAN_INTERVAL_S, so a new version (or a run directory replaced in place: its weights'
 mtime changes) is picked up without a restart. Models load lazily on first use; when the loaded
 ones exceed the memory budget, the least recently used idle ones are unloaded.
+
+A version that fails to load (weights cut short by a copy in progress, tokenizer.json missing, ...)
+answers 503 with one line naming it, what was wrong and what to do; the log gets one warning. The
+failure is remembered until a file in its folder changes (name, size or mtime), then the next
+request tries again. Plain `name` skips the versions known to fail and goes to the newest one that
+loads, so a version being copied in does not take the model down; `name@version` stays strict.
 """
 
 from __future__ import annotations
@@ -75,6 +81,49 @@ def _version_key(v: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", v.lstrip("vV")))
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _stamp(spec: str) -> tuple | None:
+    """Names, sizes and mtimes of the files in an artifact's folder (None if it is not a local
+    folder, e.g. a hub id): a failed load is tried again once this changes."""
+    path = Path(spec.removeprefix("hf:")).expanduser()
+    files = []
+    try:
+        for p in path.iterdir():
+            if p.is_file():
+                st = p.stat()
+                files.append((p.name, st.st_size, st.st_mtime_ns))
+    except OSError:
+        return None
+    return tuple(sorted(files))
+
+
+def _folder(entry: ModelEntry) -> str:
+    """An entry's folder as the user knows it (relative to the models dir: no host paths)."""
+    return f"{entry.name}/{entry.version}" if entry.version is not None else entry.name
+
+
+def _load_problem(entry: ModelEntry, exc: Exception) -> str:
+    """What was wrong with an artifact that failed to load: a few words and the short reason, on
+    one line, without host paths ("its weights could not be read: <reason>")."""
+    from safetensors import SafetensorError
+
+    run = Path(entry.spec)
+    if entry.kind != "image" and not entry.spec.startswith("hf:") and not (run / "tokenizer.json").is_file():
+        return "its tokenizer.json is missing"  # (the loader then tried it as a transformers folder)
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    for path in (str(run.resolve()), entry.spec):
+        reason = reason.replace(path, _folder(entry))
+    reason = reason if len(reason) <= 200 else reason[:197] + "..."
+    if isinstance(exc, SafetensorError):
+        return f"its weights could not be read: {reason}"
+    if isinstance(exc, AigcError):
+        return reason
+    return f"it failed to load: {type(exc).__name__}: {reason}"
+
+
 def _artifact_kind(path: Path) -> tuple[str, tuple, int] | None:
     """(kind, signature, bytes) of an artifact dir, or None if it is not a servable one."""
     cfg, weights = path / "config.json", path / "model.safetensors"
@@ -106,6 +155,8 @@ class ModelRegistry:
         self.loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()  # (spec, signature) -> model
         self.lock = threading.RLock()
         self.load_locks: dict[tuple, threading.Lock] = {}
+        # spec -> (its files' stamp, what was wrong) of the artifacts that failed to load
+        self.failed: dict[str, tuple[tuple | None, str]] = {}
         self._scanned = 0.0
         # the server's event loop (set by the app): a worker process's events are read on it
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -118,6 +169,7 @@ class ModelRegistry:
         now = time.monotonic()
         if not force and now - self._scanned < RESCAN_INTERVAL_S:
             return
+        self._forget_changed_failures()
         entries: dict[str, ModelEntry] = {}
         versions: dict[str, list[str]] = {}
         for d in self.settings.models_dirs:
@@ -149,7 +201,8 @@ class ModelRegistry:
                     vs.sort(key=lambda e: _version_key(e.version))
                     for e in vs:
                         entries[e.id] = e
-                    entries[sub.name] = vs[-1]  # plain name: the newest version
+                    # plain name: the newest version not known to fail (the newest if all do)
+                    entries[sub.name] = ([e for e in vs if e.spec not in self.failed] or vs)[-1]
                     versions[sub.name] = [e.id for e in vs]
         for name, spec in self._config_entries().items():
             if name not in entries:
@@ -157,6 +210,15 @@ class ModelRegistry:
                 versions[name] = [name]
         with self.lock:
             self.entries, self.versions, self._scanned = entries, versions, now
+
+    def _forget_changed_failures(self) -> None:
+        """Drop the failures whose folder has changed since: their next request loads them again."""
+        with self.lock:
+            failed = list(self.failed.items())
+        for spec, (stamp, _) in failed:
+            if stamp is None or _stamp(spec) != stamp:
+                with self.lock:
+                    self.failed.pop(spec, None)
 
     def _config_entries(self) -> dict[str, str]:
         path = self.settings.models_config
@@ -209,10 +271,33 @@ class ModelRegistry:
             return lm
 
     def get(self, model_id: str, kind: str | None = None) -> LoadedModel:
-        """The loaded model for an id, loading it on first use (blocking: call off the event loop)."""
+        """The loaded model for an id, loading it on first use (blocking: call off the event loop).
+
+        A version that cannot be loaded is a 503 naming it. A plain name then goes to the next
+        newest version that loads; `name@version` does not.
+        """
         entry = self.resolve(model_id)
-        if kind is not None and entry.kind != kind:
-            raise AigcError(f"model {model_id!r} is a {entry.kind} model; this route needs a {kind} model")
+        tries = [entry]
+        if entry.id != model_id:  # a plain name: if its version fails, the older ones in turn
+            with self.lock:
+                ids = self.versions.get(model_id, [])
+                older = ids[: ids.index(entry.id)] if entry.id in ids else []
+                tries += [self.entries[v] for v in reversed(older)]
+        for e in tries:
+            if kind is not None and e.kind != kind:
+                raise AigcError(
+                    f"model {model_id!r} is {_a(e.kind)} model; this route needs {_a(kind)} model"
+                )
+            lm = self._get(e)
+            if lm is not None:
+                if e is not entry:  # the table's plain name skips the failed version from now on
+                    log.info("serving %s as %r: %s cannot be loaded", e.id, model_id, entry.id)
+                    self.scan(force=True)
+                return lm
+        raise self._unavailable(entry)
+
+    def _get(self, entry: ModelEntry) -> LoadedModel | None:
+        """The loaded model of an entry, or None if it fails to load (`self.failed` says why)."""
         key = (entry.spec, entry.signature)
         dead = None
         with self.lock:
@@ -231,8 +316,19 @@ class ModelRegistry:
             with self.lock:
                 if key in self.loaded:
                     return self.loaded[key]
+                if entry.spec in self.failed:  # tried again once its files change
+                    return None
+            stamp = _stamp(entry.spec)  # before: files that change during the load are tried again
             t0 = time.perf_counter()
-            lm = self._load(entry)
+            try:
+                lm = self._load(entry)
+            except Exception as e:  # bad files, whatever the loader raises: one line (traceback at DEBUG)
+                problem = _load_problem(entry, e)
+                log.warning("model %s cannot be loaded from %s: %s", entry.id, entry.spec, problem,
+                            exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+                with self.lock:
+                    self.failed[entry.spec] = (stamp, problem)
+                return None
             if self.metrics is not None:
                 self.metrics.observe_load(entry.id, time.perf_counter() - t0)
             with self.lock:
@@ -241,6 +337,30 @@ class ModelRegistry:
             for old in evicted:  # outside the lock: a closing scheduler may wait for its last step
                 self._close(old)
         return lm
+
+    def load_problem(self, entry: ModelEntry) -> str | None:
+        """Why the entry failed to load (None if it loaded, was not tried, or changed since)."""
+        with self.lock:
+            failed = self.failed.get(entry.spec)
+        return failed[1] if failed is not None else None
+
+    def _unavailable(self, entry: ModelEntry) -> Exception:
+        """The 503 of a model that exists but cannot be loaded: which, what was wrong, what to do."""
+        from aigc.serve.app import ApiError  # (the app imports this module)
+
+        problem = self.load_problem(entry) or "it failed to load"
+        if entry.spec.startswith("hf:"):
+            todo = "fix its entry in --models-config"
+        else:
+            todo = f"fix or remove the folder {_folder(entry)} in the models dir"
+        with self.lock:
+            others = [v for v in self.versions.get(entry.name, [])
+                      if v != entry.id and v in self.entries and self.entries[v].spec not in self.failed]  # fmt: skip
+        if others:
+            todo += f", or ask for {others[-1]}"
+        return ApiError(
+            503, f"model {entry.id!r} cannot be loaded: {problem}; {todo}", "model_unavailable", "model"
+        )
 
     def _load(self, entry: ModelEntry) -> LoadedModel:
         log.info("loading model %s from %s", entry.id, entry.spec)

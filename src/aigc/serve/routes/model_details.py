@@ -5,7 +5,8 @@
      "card": str | null, "card_truncated": bool,          card.md as text (the page escapes it)
      "metrics": {"train": [[step, loss], ...], "eval": [[step, val_loss], ...],   <= 500 points each
                  "last_train": {...}, "last_eval": {...}, "rows": int},
-     "eval_report": {"kind", "samples", "model": {...}, "real": {...}, "baseline"?, "warnings"} | null}
+     "eval_report": {"kind", "samples", "model": {...}, "real": {...}, "baseline"?, "warnings"} | null,
+     "load_error": str | null}                            why this version failed to load, if it did
 
 Only fixed file names inside the run directory the registry resolved the id to are read (never a
 name from the request), and only when they really are inside it (a symlink out is ignored). Only
@@ -105,13 +106,13 @@ def eval_summary(report: Any) -> dict[str, Any] | None:
     return out
 
 
-def details(entry: Any, versions: list[str]) -> dict[str, Any]:
+def details(entry: Any, versions: list[str], load_error: str | None = None) -> dict[str, Any]:
     """The details of one registry entry (reads a few small files: call it off the event loop)."""
     out: dict[str, Any] = {
         "id": entry.id, "object": "model.details", "name": entry.name, "version": entry.version,
         "recorded_as": model_name(entry), "kind": entry.kind, "created": entry.created, "versions": versions,
         "family": None, "config": None, "card": None, "card_truncated": False,
-        "metrics": read_metrics(None), "eval_report": None,
+        "metrics": read_metrics(None), "eval_report": None, "load_error": load_error,
     }  # fmt: skip
     if entry.spec.startswith("hf:"):
         return out
@@ -144,4 +145,4 @@ async def model_details(
     reg = request.app.state.registry
     entry = reg.resolve(model_id)  # unknown -> 404 listing the available ones
     versions = dict((n, v) for n, _, v in reg.list()).get(entry.name, [entry.id])
-    return await asyncio.to_thread(details, entry, versions)
+    return await asyncio.to_thread(details, entry, versions, reg.load_problem(entry))

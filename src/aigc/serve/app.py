@@ -6,7 +6,8 @@ Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}, "deta
 so the official client raises its usual exceptions: 400 out-of-range parameter (naming the bound)
 or a user error (AigcError), 401 API key, 404 unknown model (listing the available ones), 413 body
 too large, 415 a body not sent as JSON, 422 malformed JSON / wrong type (naming the field), 429
-too many requests for one key, 503 server queue full (both with Retry-After), 504 timeout.
+too many requests for one key, 503 server queue full (both with Retry-After) or a model that
+cannot be loaded (without), 504 timeout.
 """
 
 from __future__ import annotations

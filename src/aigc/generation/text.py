@@ -109,6 +109,12 @@ class TextGenerator:
     def context_length(self) -> int | None:
         return self.decoder.max_len
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt or a logit bias may name: [0, vocab_size), in the model's output and
+        the tokenizer's vocabulary both."""
+        return min(self.decoder.vocab_size, getattr(self.tokenizer, "vocab_size", self.decoder.vocab_size))
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
@@ -135,8 +141,14 @@ class TextGenerator:
 
     # ------------------------------------------------------------------ requests
 
-    def _requests(self, prompt: str, params: GenerationParams) -> tuple[list[int], list[GenerationParams]]:
-        ids = self.encode(prompt) if prompt else self.start_ids()
+    def _requests(
+        self, prompt: str | Sequence[int], params: GenerationParams
+    ) -> tuple[list[int], list[GenerationParams]]:
+        """(prompt ids, one resolved params per row); `prompt` is a text or its token ids."""
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+        else:
+            ids = self.encode(prompt) if prompt else self.start_ids()
         if not ids:  # e.g. a prompt that is only whitespace the tokenizer drops
             ids = self.start_ids()
         seed = params.resolved_seed()
@@ -232,7 +244,11 @@ class TextGenerator:
             out.append(self._result(prompt, params, c, text))
         return out
 
-    def _result(self, prompt: str, params: GenerationParams, c: Completion, text: str) -> GenerationResult:
+    def _result(
+        self, prompt: str | Sequence[int], params: GenerationParams, c: Completion, text: str
+    ) -> GenerationResult:
+        if not isinstance(prompt, str):  # given as token ids
+            prompt = self.decode(prompt)
         logprobs = None
         if params.logprobs:
             logprobs = [
@@ -261,6 +277,36 @@ class TextGenerator:
             logprobs=logprobs,
             warnings=list(c.warnings),
         )
+
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: Sequence[int], top_n: int = 0) -> list[dict[str, Any]]:
+        """Each prompt token's log-probability given the tokens before it (OpenAI's echo with
+        logprobs), from one forward pass over the prompt; `GenerationResult.logprobs`' format.
+
+        The first token's `logprob` and `top` are None (nothing predicts it), as are those of the
+        tokens before the last `context_length` (the pass covers what the model can see). Like the
+        generated tokens', they are the model's raw distribution (no penalties or filters).
+        """
+        from aigc.generation.sampling import token_logprobs
+
+        ids = [int(t) for t in ids]
+        ctx = self.context_length
+        start = max(0, len(ids) - ctx) if ctx else 0
+        out: list[dict[str, Any]] = [
+            {"token": t, "text": self.decode([t]), "logprob": None, "top": None} for t in ids
+        ]
+        if len(ids) - start < 2:
+            return out
+        device = next(self.model.parameters()).device
+        x = torch.tensor([ids[start:]], device=device)  # (1, T)
+        res = self.model(x)  # ours: (logits, loss); transformers: an output with .logits
+        logits = res[0] if isinstance(res, tuple) else res.logits  # (1, T, V)
+        # position t predicts token t + 1
+        lps, tops = token_logprobs(logits[0, :-1], x[0, 1:], top_n)  # (T - 1) each
+        for item, lp, top in zip(out[start + 1 :], lps, tops, strict=True):
+            item["logprob"] = lp
+            item["top"] = [{"token": a, "text": self.decode([a]), "logprob": b} for a, b in top]
+        return out
 
     # ------------------------------------------------------------------ chat
 

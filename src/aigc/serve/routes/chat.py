@@ -4,7 +4,8 @@ The messages become one prompt through the model's chat format (`TextGenerator.c
 a transformers model's own chat template when it has one, else the documented plain-text format
 "System: ... / User: ... / Assistant:" with generation stopped at the next "\\nUser:". The oldest
 turns are dropped when the conversation does not fit the context. A reply's leading whitespace
-(after "Assistant:") is not part of its content.
+(after "Assistant:") is not part of its content. A prompt cut to the context (a single message too
+long) is said in `warnings` (a stream's first chunk). Messages are text: an image part is 400.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from aigc.serve.routes import feedback
 from aigc.serve.routes.common import (
     Slot,
     chat_logprobs,
+    check_request,
+    check_token_ids,
     collect,
     load_text_model,
     new_id,
+    prompt_warnings,
     usage,
 )
 from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
@@ -39,6 +43,12 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 5
 )
 async def chat_completions(body: ChatRequest, request: Request, key: str = Depends(identity)):
     st = request.app.state
+    check_request(body)
+    for i, m in enumerate(body.messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "text":
+                raise ApiError(400, f"messages[{i}].content[{j}] is an {part.type} part: image inputs are not "
+                               "supported by text models; send text parts only", "unsupported", "messages")  # fmt: skip
     if body.stream and body.logprobs:
         raise ApiError(
             400, "logprobs are not streamed; drop logprobs or set stream=false", "unsupported", "logprobs"
@@ -57,6 +67,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
     mod = moderator(request)
     lm = await load_text_model(request, body.model)
     gen = lm.generator
+    check_token_ids(gen, body)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
@@ -121,10 +132,14 @@ async def chat_completions(body: ChatRequest, request: Request, key: str = Depen
             rs = [results[i] for i in range(call.n)]
             return [chunk([], usage=usage(rs, {0}))] if include_usage else []
 
+        # the first chunk says when the prompt was cut to the context
+        warnings = prompt_warnings(gen, call, params.max_new_tokens)
+        extra = {"warnings": warnings} if warnings else {}
         head = "".join(
-            chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                  **(extra if i == 0 else {}))
             for i in range(call.n)
-        )
+        )  # fmt: skip
         return SSEResponse(lambda: sse_batches(call, render, tail, head), call, slot.release)
 
     try:

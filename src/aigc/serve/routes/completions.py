@@ -1,8 +1,11 @@
 """POST /v1/completions: text continuation, OpenAI's shape (several prompts, n, stream, logprobs).
 
 Choice index = prompt index * n + sample index (OpenAI's order); sample k of a request uses seed
-`seed + k`, so each choice can be reproduced alone. A prompt longer than the model's context keeps
-its tail (the engine's context policy); the response's `warnings` says so. Every choice is
+`seed + k`, so each choice can be reproduced alone. A prompt is a text or its token ids (below the
+model's vocabulary size; echo and the store get their decoded text). A prompt longer than the
+model's context keeps its tail (the engine's context policy); the response's `warnings` says so (a
+stream's first chunk). With echo, logprobs cover the prompt's tokens too (one forward pass over
+it; the first token has none) and `text_offset` indexes the returned text. Every choice is
 recorded in the content store: `generation_ids[i]` is choice i's id, to rate it with (a stream
 gives `generation_id` in each choice's last chunk, the one with its finish_reason).
 `best_of` (+ `aigc_scorer`, a scorer the server allows): the n best of best_of candidates per
@@ -22,10 +25,13 @@ from aigc.serve.app import ApiError, identity
 from aigc.serve.routes import best_of, feedback
 from aigc.serve.routes.common import (
     Slot,
+    check_request,
+    check_token_ids,
     collect,
     completion_logprobs,
     load_text_model,
     new_id,
+    prompt_warnings,
     usage,
 )
 from aigc.serve.routes.moderations import CONTENT_FILTER, StreamGuard, moderate_prompts, moderator, outcome
@@ -41,6 +47,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 5
 )
 async def completions(body: CompletionRequest, request: Request, key: str = Depends(identity)):
     st = request.app.state
+    check_request(body)
     if body.stream and body.logprobs is not None:
         raise ApiError(
             400, "logprobs are not streamed; drop logprobs or set stream=false", "unsupported", "logprobs"
@@ -50,13 +57,19 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         logprobs=body.logprobs is not None,
         top_logprobs=body.logprobs or 0,
     )
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    prompts = body.prompts()  # texts, or token-id lists (submitted as they are)
+    lm, texts = None, prompts
+    if not isinstance(prompts[0], str):  # their text: to moderate, echo and store
+        lm = await load_text_model(request, body.model)
+        check_token_ids(lm.generator, body, prompts)
+        texts = [lm.generator.decode(p) for p in prompts]
     # a blocked category: 400 content_blocked (and a row with the verdict); outputs are checked below
-    prompt_checks = await moderate_prompts(request, prompts, kind="text", model=body.model)
+    prompt_checks = await moderate_prompts(request, texts, kind="text", model=body.model)
     mod = moderator(request)
     # best_of: each prompt submits best_of candidate rows; the n best are kept at the end
     scorer, call_params = await best_of.setup(body, params, st.settings.scorers)
-    lm = await load_text_model(request, body.model)
+    lm = lm or await load_text_model(request, body.model)
+    check_token_ids(lm.generator, body)
     slot = Slot(request, key)
     call = TextCall(lm.scheduler, st.settings.request_timeout_s)
     try:
@@ -71,7 +84,7 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
     async def record(indices: list[int], rs: list, checks: list) -> list[int]:
         # every output lands in the store with its moderation verdict (a blocked text is not kept);
         # the response carries its id per choice
-        rows = [feedback.text_row(lm.entry, prompts[i // params.n], r, time.perf_counter() - t0)
+        rows = [feedback.text_row(lm.entry, texts[i // params.n], r, time.perf_counter() - t0)
                 for i, r in zip(indices, rs, strict=True)]  # fmt: skip
         for row, i, c in zip(rows, indices, checks, strict=True):
             row["moderation"] = mod.verdict(prompt_checks[i // params.n], c)
@@ -119,7 +132,14 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
             rs = [results[i] for i in range(call.n)]
             return [chunk([], usage=usage(rs, first_of_prompt))] if include_usage else []
 
-        head = "".join(text_chunk(i, prompts[i // params.n]) for i in range(call.n)) if body.echo else ""
+        # the first chunk says when a prompt was cut to the context (the echo's, or one of its own)
+        warnings = prompt_warnings(lm.generator, call, params.max_new_tokens)
+        extra = {"warnings": warnings} if warnings else {}
+        if body.echo:
+            head = "".join(chunk([{"index": i, "text": texts[i // params.n], "finish_reason": None, "logprobs": None}],
+                                 **(extra if i == 0 else {})) for i in range(call.n))  # fmt: skip
+        else:
+            head = chunk([], **extra) if extra else ""
         return SSEResponse(lambda: sse_batches(call, render, tail, head), call, slot.release)
 
     try:
@@ -131,6 +151,16 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         rs = await asyncio.to_thread(best_of.pick, rs, body.best_of, params, scorer)
     checks = [mod.check(r.text) for r in rs]
     ids = await record(list(range(len(rs))), rs, checks)
+    echoed = texts if body.echo else [""] * len(prompts)
+    echo_lps = [None] * len(prompts)
+    if body.echo and body.logprobs is not None:  # the prompts' tokens too: one forward pass each
+        gen = lm.generator
+
+        def prompt_lps() -> list[list[dict[str, Any]]]:
+            return [gen.prompt_logprobs(gen.encode(p) if isinstance(p, str) else p, body.logprobs)
+                    for p in prompts]  # fmt: skip
+
+        echo_lps = await asyncio.to_thread(prompt_lps)
     return CompletionResponse(
         id=rid,
         created=created,
@@ -138,9 +168,11 @@ async def completions(body: CompletionRequest, request: Request, key: str = Depe
         choices=[
             {
                 "index": i,
-                "text": (prompts[i // params.n] if body.echo else "") + ("" if c.blocked else r.text),
+                "text": echoed[i // params.n] + ("" if c.blocked else r.text),
                 "finish_reason": CONTENT_FILTER if c.blocked else r.finish_reason,
-                "logprobs": None if c.blocked else completion_logprobs(r),
+                "logprobs": None
+                if c.blocked
+                else completion_logprobs(r, echoed[i // params.n], echo_lps[i // params.n]),
                 "seed": r.seed,
                 "moderation": outcome(mod, prompt_checks[i // params.n], c)[1],
                 **best_of.choice_fields(r),

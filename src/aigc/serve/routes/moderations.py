@@ -26,7 +26,7 @@ from aigc.serve import settings as S
 from aigc.serve.app import ApiError
 from aigc.serve.routes import feedback
 from aigc.serve.routes.common import new_id
-from aigc.serve.schemas import Strict
+from aigc.serve.schemas import Strict, one_or_many
 
 router = APIRouter(tags=["safety"])
 log = logging.getLogger("aigc.serve")
@@ -39,7 +39,12 @@ Text = Annotated[str, Field(max_length=S.MAX_PROMPT_CHARS)]
 
 
 class ModerationRequest(Strict):
-    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)]
+    # (checked as the value's form: an empty list is "at least 1 item", not "a valid string")
+    input: one_or_many(
+        Text,
+        Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)],
+        "a string or a list of strings",
+    )
     model: str | None = Field(None, max_length=S.MAX_MODEL_NAME)
 
 

@@ -7,7 +7,12 @@
 
 Parameters are checked against what the model can do before any tensor work, so a bad request
 fails with one line that lists the allowed values. Randomness comes from one explicit
-`torch.Generator(seed)` per call; the seed is recorded in every image's PNG text chunks.
+`torch.Generator(seed)` per call, or with `seed_per_image=True` (the server's way) one per image
+seeded `seed + i`, so image i is `generate(n=1, seed=seed + i)` alone; the seed is recorded in
+every image's PNG text chunks.
+
+A model that takes no text (ours, an unconditional pipeline) accepts a prompt only when it is empty
+or names one of its classes (case and surrounding spaces ignored): `prompt="3"` is `label="3"`.
 """
 
 from __future__ import annotations
@@ -85,6 +90,13 @@ def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
+def _randn(shape: tuple[int, ...], g: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise of `shape` from one generator, or row i from generator i (a list)."""
+    if isinstance(g, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=gi) for gi in g])  # (len(g), ...)
+    return torch.randn(shape, generator=g)
+
+
 class ImageGenerator:
     """Generate images from a trained run (`family` diffusion | vae | gan) or a diffusers pipeline."""
 
@@ -141,6 +153,64 @@ class ImageGenerator:
     def is_text_to_image(self) -> bool:
         return self.family == "hf" and hasattr(self.model, "tokenizer")
 
+    @property
+    def class_names(self) -> list[str]:
+        """What a label or a prompt may name: the run's classes (their indices as text where it has none)."""
+        if not self.conditional:
+            return []
+        k = self.config.num_classes
+        names = [str(c) for c in self.classes[:k]]
+        return names + [str(i) for i in range(len(names), k)]
+
+    def label_from_prompt(self, prompt: str | None, label: Any = None) -> Any:
+        """The label a prompt gives a model that takes no text: an empty prompt leaves `label` as it is;
+        a class name (case and surrounding spaces ignored) gives that class's index, which `label`, if
+        given too, must agree with. Anything else is an AigcError listing the class names."""
+        text = (prompt or "").strip()
+        if not text:
+            return label
+        names = self.class_names
+        if not names:
+            raise AigcError(
+                f"{self.name} is an unconditional {self.family} model: it takes no prompt (a prompt names a "
+                "class of a class-conditional model, or is text for a text-to-image one); send none or an empty one"
+            )
+        hits = [i for i, c in enumerate(names) if c.strip().casefold() == text.casefold()]
+        if len(hits) > 1:  # names that differ only in case: the exact spelling decides
+            hits = [i for i in hits if names[i].strip() == text]
+        if len(hits) != 1:
+            shown = ", ".join(repr(c) for c in names[:50]) + (", ..." if len(names) > 50 else "")
+            raise AigcError(
+                f"prompt {text!r} is not a class of {self.name}; a {self.family} model takes no text: a prompt "
+                f"must name one of its classes ({shown}) or be empty"
+            )
+        idx = hits[0]
+        if label is not None:
+            wanted = [
+                self._label_index(one) for one in (label if isinstance(label, (list, tuple)) else [label])
+            ]
+            if any(w != idx for w in wanted):
+
+                def shown(i: int) -> str:
+                    return str(i) if names[i] == str(i) else f"{i} ({names[i]})"
+
+                raise AigcError(
+                    f"prompt {text!r} names class {shown(idx)} but label {label!r} asks for class "
+                    f"{', '.join(shown(w) for w in dict.fromkeys(wanted))}; send one of them, or both alike"
+                )
+        return idx
+
+    def label_of(self, i: int, label: Any = None, prompt: str | None = None) -> Any:
+        """The label image i of a call gets, so that it can be made alone with n=1: one of a list, the
+        given one or the class the prompt names, else the classes in turn (i % k, as `generate` cycles them)."""
+        if not self.is_text_to_image:
+            label = self.label_from_prompt(prompt, label)
+        if isinstance(label, (list, tuple)):
+            return label[i]
+        if label is None and self.conditional:
+            return i % self.config.num_classes
+        return label
+
     def _check(
         self, label, guidance, sampler, steps, prompt
     ) -> tuple[int | None, float | None, str | None, int | None]:
@@ -153,8 +223,8 @@ class ImageGenerator:
             raise AigcError(
                 f"--sampler/--steps apply to diffusion models; this is a {self.family} (one forward pass)"
             )
-        if prompt is not None and not self.is_text_to_image:
-            raise AigcError(f"a prompt needs a text-to-image model; {self.name} is a {self.family} model")
+        if not self.is_text_to_image:  # no text: a prompt may only name a class (or be empty)
+            label = self.label_from_prompt(prompt, label)
         if self.family == "hf":
             if label is not None:
                 raise AigcError(f"{self.name} is not class-conditional; drop --label")
@@ -203,6 +273,29 @@ class ImageGenerator:
             raise AigcError(f"label {label!r} is outside the classes 0..{k - 1}{shown}; pick one of them")
         return idx
 
+    def check(
+        self,
+        n: int = 1,
+        label: int | str | list[int | str] | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        prompt: str | None = None,
+        batch_size: int = 64,
+        dtype: str = "auto",
+    ) -> tuple[Any, float | None, str | None, int | None]:
+        """Every check `generate` makes, with no tensor work (a server admits a job with it); returns
+        (label index or indices, guidance, sampler, steps) resolved against the model."""
+        if n < 1:
+            raise AigcError(f"n must be >= 1, got {n}")
+        if batch_size < 1:
+            raise AigcError(f"batch_size must be >= 1, got {batch_size}")
+        label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, prompt)
+        if isinstance(label_idx, list) and len(label_idx) != n:
+            raise AigcError(f"{len(label_idx)} labels for n={n} images; give one label, or n of them")
+        self._amp(dtype)
+        return label_idx, guidance, sampler, steps
+
     # ---------------------------------------------------------------- generation
 
     @torch.no_grad()
@@ -218,19 +311,27 @@ class ImageGenerator:
         batch_size: int = 64,
         size: int | None = None,
         dtype: str = "auto",
+        seed_per_image: bool = False,
     ) -> GeneratedImages:
         """n images; `label` is one class for all, or a list of n; without it labels cycle through the classes.
 
+        A model that takes no text accepts a `prompt` only when it is empty or names a class (then it is the label).
         `dtype` (diffusion runs): "auto" samples under bf16 autocast where the CPU's bf16 kernels beat fp32
         (1.2-1.5x faster, FD unchanged within noise: docs/benchmarks.md), "fp32" the exact path.
+        `seed_per_image`: image i draws all its noise from its own generator seeded `seed + i` (recorded as its
+        seed), so `generate(n=1, seed=seed + i)` with its label gives image i alone; False: one generator for
+        the whole call (diffusers' pipelines' way, which the oracle tests compare against).
         """
-        if n < 1:
-            raise AigcError(f"n must be >= 1, got {n}")
-        if batch_size < 1:
-            raise AigcError(f"batch_size must be >= 1, got {batch_size}")
-        label_idx, guidance, sampler, steps = self._check(label, guidance, sampler, steps, prompt)
+        label_idx, guidance, sampler, steps = self.check(
+            n, label, guidance, sampler, steps, prompt, batch_size, dtype
+        )
         amp = self._amp(dtype)
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        if not self.is_text_to_image:
+            prompt = None  # it named the label (or was empty)
+        seeds = [(seed + i) % 2**63 if seed_per_image else seed for i in range(n)]
+        g: torch.Generator | list[torch.Generator] = torch.Generator(device="cpu").manual_seed(seed)
+        if seed_per_image:
+            g = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         base = {
             "model": self.name,
             "family": self.family,
@@ -239,25 +340,32 @@ class ImageGenerator:
             "time": round(time.time(), 3),
         }
         if self.family == "hf":
-            return self._generate_hf(n, g, guidance, sampler, steps, prompt, size, base)
+            return self._generate_hf(n, g, guidance, sampler, steps, prompt, size, base, seeds, batch_size)
         labels = None
         if self.conditional:
             k = self.config.num_classes
             if isinstance(label_idx, list):
-                if len(label_idx) != n:
-                    raise AigcError(f"{len(label_idx)} labels for n={n} images; give one label, or n of them")
                 labels = torch.tensor(label_idx)
             else:
+                # no label: the classes in turn (label_of gives image i's alone)
                 labels = torch.full((n,), label_idx) if label_idx is not None else torch.arange(n) % k
         outs = []
-        for start in range(0, n, batch_size):  # one generator across batches: the whole call is one seed
+        for start in range(0, n, batch_size):  # one generator (or one per image) across batches
             b = min(batch_size, n - start)
             lab = labels[start : start + b] if labels is not None else None
-            outs.append(self._sample(b, g, lab, guidance, sampler, steps, amp=amp))
+            gb = g[start : start + b] if isinstance(g, list) else g
+            outs.append(self._sample(b, gb, lab, guidance, sampler, steps, amp=amp))
         x = torch.cat(outs)  # (n, C, H, W) in [-1, 1]
         params = []
         for i in range(n):
-            p = {**base, "index": i, "sampler": sampler, "steps": steps, "guidance": guidance}
+            p = {
+                **base,
+                "seed": seeds[i],
+                "index": i,
+                "sampler": sampler,
+                "steps": steps,
+                "guidance": guidance,
+            }
             if self.family == "diffusion":
                 p["dtype"] = "bf16" if amp is not None else "fp32"
             p["label"] = int(labels[i]) if labels is not None else None
@@ -277,21 +385,29 @@ class ImageGenerator:
         return _autocast_dtype(dtype)
 
     def _sample(self, b, g, labels, guidance, sampler, steps, x_T=None, amp=None) -> torch.Tensor:
-        """One batch from our own models: (b, C, H, W) in [-1, 1] (diffusion: under `amp` autocast)."""
+        """One batch from our own models: (b, C, H, W) in [-1, 1] (diffusion: under `amp` autocast).
+
+        `g` is one generator, or a list of b (image i's noise, x_T and each step's, from g[i]).
+        """
         if self.family == "diffusion":
+            if x_T is None and isinstance(g, list):  # denoise draws x_T from one generator only
+                cfg = self.model.config
+                x_T = _randn((b, cfg.in_channels, cfg.sample_size, cfg.sample_size), g)  # (b, C, H, W)
             sched = sampler_scheduler(self.config, sampler)
             w = guidance if labels is not None else 1.0
             # the UNet runs in bf16 under autocast; x, the guidance mix and the solver stay fp32
             with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
                 x = denoise(self.model, sched, b, steps, g, labels, w, self.config.null_label, x_T=x_T)
             return x.float()
+        z = x_T if x_T is not None else _randn((b, self.config.latent_dim), g)  # (b, latent_dim)
         if self.family == "vae":
-            z = x_T if x_T is not None else torch.randn((b, self.config.latent_dim), generator=g)
             return self.model.decode(z)
-        z = x_T if x_T is not None else torch.randn((b, self.config.latent_dim), generator=g)
         return self.model(z, labels)
 
-    def _generate_hf(self, n, g, guidance, sampler, steps, prompt, size, base) -> GeneratedImages:
+    def _generate_hf(
+        self, n, g, guidance, sampler, steps, prompt, size, base, seeds, batch_size
+    ) -> GeneratedImages:
+        """One pipeline call with one generator; with one generator per image (a list), batch_size at a time."""
         pipe = self.model
         if sampler is not None:  # swap the scheduler, keeping the pipeline's noise schedule
             from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -301,19 +417,24 @@ class ImageGenerator:
             extra = extra if cls is DPMSolverMultistepScheduler else {}
             pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
         steps = steps or (50 if self.is_text_to_image else 1000)
-        kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": g, "output_type": "pil"}
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pil"}
         if self.is_text_to_image:
-            kwargs.update(prompt=prompt or "", num_images_per_prompt=n)
+            kwargs.update(prompt=prompt or "")
             kwargs["guidance_scale"] = 7.5 if guidance is None else guidance  # the pipelines' default
             if size is not None:
                 kwargs.update(height=size, width=size)
-        else:
-            kwargs["batch_size"] = n
-        images = pipe(**kwargs).images
+        count = "num_images_per_prompt" if self.is_text_to_image else "batch_size"
+        chunk = batch_size if isinstance(g, list) else n  # one generator: one call, as before
+        images = []
+        for start in range(0, n, chunk):
+            b = min(chunk, n - start)
+            gb = g[start : start + b] if isinstance(g, list) else g
+            images += pipe(**kwargs, **{count: b}, generator=gb).images
         used = sampler or type(pipe.scheduler).__name__
         params = [
             {
                 **base,
+                "seed": seeds[i],
                 "index": i,
                 "sampler": used,
                 "steps": steps,

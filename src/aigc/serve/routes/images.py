@@ -9,9 +9,17 @@ image). Each PNG carries its parameters in text chunks (as `aigc generate image`
 Our models have one native size: `size` must be it (or omitted); a text-to-image pipeline takes
 any square size up to MAX_IMAGE_SIZE.
 
-One call per model at a time runs in a worker thread (image work is seconds long: it never blocks
-the event loop). Requests are not merged into one batch: the generator draws all images of a call
-from one seeded generator, so merging would change every image a seed gives.
+`prompt` is text for a text-to-image pipeline; a model that takes no text (ours, an unconditional
+pipeline) accepts it only empty (no prompt) or naming one of its classes, case and surrounding
+spaces ignored (`prompt="3"` is `label="3"`; a `label` given too must agree): so the official
+client, whose `images.generate` requires a prompt, can ask for a class. `parameters.label` is the
+class index used.
+
+Image i of a call has seed `seed + i` (`data[i].seed`, like the text routes' choices): its noise
+comes from its own generator, so `n=1` with that seed and its label makes it again (up to the
+rounding of a batched pass, see BATCH). One call per model at a time runs in a worker thread (image work is
+seconds long: it never blocks the event loop). `admit` is every check made before image work;
+POST /v1/jobs admits with it too, so a job is accepted only when it can start.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import base64
 import io
 import secrets
 import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
@@ -34,6 +43,11 @@ from aigc.serve.schemas import ErrorResponse, ImageRequest, ImageResponse
 
 router = APIRouter(tags=["images"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
+# images per forward pass. Image i of a call replays alone (n=1, its seed and label) up to the
+# rounding of a batched pass (the UNet rounds a batch of 8 differently from one image: ~1e-5 in
+# fp32, a few 8-bit levels under bf16 autocast); one image per pass would make it bit-identical at
+# ~2.7x the time for n=8 on the `small` preset (one thread)
+BATCH = 64
 
 
 def native_size(gen) -> int | None:
@@ -59,27 +73,60 @@ def sign_pngs(pngs: list[bytes], params: list[dict], entry, prompt: str | None) 
             for png, p in zip(pngs, params, strict=True)]  # fmt: skip
 
 
+def image_size(lm, body: ImageRequest) -> int | None:
+    """The side to ask a pipeline for (None: the model's own); AigcError when `size` is not allowed."""
+    if body.size is None:
+        return None
+    w, h = (int(x) for x in body.size.split("x"))
+    native = native_size(lm.generator)
+    if w != h or (native is not None and w != native) or not 8 <= w <= S.MAX_IMAGE_SIZE:
+        allowed = (
+            f"{native}x{native}" if native is not None else f"a square WxW with 8 <= W <= {S.MAX_IMAGE_SIZE}"
+        )
+        raise AigcError(f"size {body.size!r} is not available for {lm.entry.id}; allowed: {allowed}")
+    return None if native is not None else w
+
+
+def check_images(lm, body: ImageRequest) -> None:
+    """Every check of `body` against the model, with no tensor work (AigcError -> 400)."""
+    image_size(lm, body)
+    lm.generator.check(n=body.n, label=body.label, guidance=body.guidance, sampler=body.sampler,
+                       steps=body.steps, prompt=body.prompt)  # fmt: skip
+
+
+async def admit(request: Request, body: ImageRequest) -> tuple[Any, str | None, dict[str, Any] | None]:
+    """What a request meets before any image work, in this order: the prompt's moderation (blocked:
+    400 content_blocked + a row), the model (404 unknown, 400 not an image model), the request
+    against the model (400). Returns (loaded model, store verdict, response `moderation`)."""
+    checks = (
+        await moderate_prompts(request, [body.prompt], kind="image", model=body.model) if body.prompt else []
+    )
+    verdict, flag = outcome(moderator(request), *checks)
+    lm = await asyncio.to_thread(request.app.state.registry.get, body.model, "image")
+    await asyncio.to_thread(check_images, lm, body)  # to_thread: the first "auto" dtype check measures
+    return lm, verdict, flag
+
+
+def image_item(png: bytes, params: dict, body: ImageRequest, flag: dict | None, gid: int | None) -> dict:
+    """One `data` entry of an ImageResponse (the jobs' result uses it too)."""
+    b64 = base64.b64encode(png).decode("ascii")
+    item = (
+        {"b64_json": b64} if body.response_format == "b64_json" else {"url": "data:image/png;base64," + b64}
+    )
+    return {**item, "seed": params["seed"], "parameters": params, "revised_prompt": body.prompt,
+            "moderation": flag, "generation_id": gid}  # fmt: skip
+
+
 def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dict]]:
-    """Generate in the calling (worker) thread, one call per model at a time."""
+    """Generate in the calling (worker) thread, one call per model at a time: image i with seed + i."""
     from aigc.serve.batching import inherit_torch_threads
 
     inherit_torch_threads()
-    gen = lm.generator
-    size = None
-    if body.size is not None:
-        w, h = (int(x) for x in body.size.split("x"))
-        native = native_size(gen)
-        if w != h or (native is not None and w != native) or not 8 <= w <= S.MAX_IMAGE_SIZE:
-            allowed = (
-                f"{native}x{native}"
-                if native is not None
-                else f"a square WxW with 8 <= W <= {S.MAX_IMAGE_SIZE}"
-            )
-            raise AigcError(f"size {body.size!r} is not available for {lm.entry.id}; allowed: {allowed}")
-        size = None if native is not None else w
+    size = image_size(lm, body)
     with lm.lock:
-        out = gen.generate(n=body.n, seed=seed, label=body.label, guidance=body.guidance, sampler=body.sampler,
-                           steps=body.steps, prompt=body.prompt, size=size)  # fmt: skip
+        out = lm.generator.generate(n=body.n, seed=seed, label=body.label, guidance=body.guidance,
+                                    sampler=body.sampler, steps=body.steps, prompt=body.prompt, size=size,
+                                    batch_size=BATCH, seed_per_image=True)  # fmt: skip
     images, params = out.images, out.params
     if body.watermark:  # the invisible key-id mark (aigc.safety.watermark_image); its id in the params
         from aigc.safety.watermark_image import embed
@@ -97,11 +144,7 @@ def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dic
 async def generate_images(body: ImageRequest, request: Request, key: str = Depends(identity)):
     st = request.app.state
     # a blocked prompt: 400 content_blocked (+ a row with the verdict); a flagged one is served, marked
-    checks = (
-        await moderate_prompts(request, [body.prompt], kind="image", model=body.model) if body.prompt else []
-    )
-    verdict, flag = outcome(moderator(request), *checks)
-    lm = await asyncio.to_thread(st.registry.get, body.model, "image")
+    lm, verdict, flag = await admit(request, body)
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     slot = Slot(request, key)
     t0 = time.perf_counter()
@@ -122,17 +165,7 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
     rows = [dict(kind="image", model=feedback.model_name(lm.entry), prompt=body.prompt or "", params=p,
                  seed=p.get("seed", seed), duration=dt, moderation=verdict) for p in params]  # fmt: skip
     ids = await feedback.record(request, lm.entry, rows, blobs=pngs, ext="png")
-    data = []
-    for png, p in zip(pngs, params, strict=True):
-        b64 = base64.b64encode(png).decode("ascii")
-        item = (
-            {"b64_json": b64}
-            if body.response_format == "b64_json"
-            else {"url": "data:image/png;base64," + b64}
-        )
-        data.append(
-            {**item, "seed": seed, "parameters": p, "revised_prompt": body.prompt, "moderation": flag}
-        )
+    data = [image_item(png, p, body, flag, gid) for png, p, gid in zip(pngs, params, ids, strict=True)]
     return ImageResponse(
         created=int(time.time()), data=data, seed=seed, parameters=params[0], generation_ids=ids
     )

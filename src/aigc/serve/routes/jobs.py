@@ -3,12 +3,20 @@
     POST /v1/jobs                   {"type": "images.generations", "input": {...image request...}}
     GET  /v1/jobs/{id}              status, progress {step, total}, eta_s, result when done
     GET  /v1/jobs/{id}/events       SSE: one event per change (step/total, eta_s, preview), [DONE]
-    POST /v1/jobs/{id}/cancel       stop before the next image
+    POST /v1/jobs/{id}/cancel       cancelled at once: the job changes no more
 
-A job makes its images one at a time (image i with seed `seed + i`, recorded per image), so
+A job's input is admitted as POST /v1/images/generations admits a request (images.admit: the same
+checks, the same 4xx), so a job is accepted only when it can start. It makes its images one at a
+time (image i with seed `seed + i`, as image i of the direct route, recorded per image), so
 progress, preview (the newest image, as a data URL) and cancellation happen between images. The
 generator gives no hook inside one image's denoising loop, so a step is one image. Each image is
-recorded in the content store as it is made (`generation_id` in its result item). Jobs live in
+recorded in the content store as it is made (`generation_id` in its result item). The result has
+the direct route's response shape (ImageResponse: data, seed, parameters, generation_ids); a
+cancelled job keeps the images made before the cancel in its result.
+
+Status: queued -> running -> succeeded | failed; cancel makes a queued or running job `cancelled`
+at once, the status its events stream ends with; the job changes no more (the image being made is
+dropped when it ends). Admitting a job loads its model, as the direct route does. Jobs live in
 memory, visible only to the API key that created them; the oldest finished ones are forgotten
 past MAX_JOBS.
 """
@@ -29,9 +37,8 @@ from pydantic import BaseModel
 from aigc.errors import AigcError
 from aigc.serve.app import ApiError, identity
 from aigc.serve.routes import feedback
-from aigc.serve.routes.images import run_images, sign_pngs
-from aigc.serve.routes.moderations import moderate_prompts, moderator, outcome
-from aigc.serve.schemas import ErrorResponse, ImageRequest, Strict
+from aigc.serve.routes.images import admit, image_item, run_images, sign_pngs
+from aigc.serve.schemas import ErrorResponse, ImageRequest, ImageResponse, Strict
 from aigc.serve.streaming import SSE_DONE, SSE_HEADERS, sse
 
 router = APIRouter(tags=["jobs"])
@@ -58,9 +65,9 @@ class JobView(BaseModel):
 
 
 class Job:
-    def __init__(self, owner: str, body: JobRequest, seed: int) -> None:
+    def __init__(self, owner: str, body: JobRequest, seed: int, lm: Any) -> None:
         self.id = f"job-{secrets.token_hex(12)}"
-        self.owner, self.body, self.seed = owner, body, seed
+        self.owner, self.body, self.seed, self.lm = owner, body, seed, lm
         self.status, self.error, self.created = "queued", None, int(time.time())
         self.step, self.total = 0, body.input.n
         self.started: float | None = None
@@ -70,6 +77,7 @@ class Job:
         self.changed = asyncio.Event()  # set on every change; watchers clear and wait again
         self.task: asyncio.Task | None = None  # kept here: the loop holds tasks only weakly
         self.moderation: str | None = None  # the prompt's verdict ("flagged:..."), on every image row
+        self.flag: dict[str, Any] | None = None  # the same as each result item's `moderation`
 
     def eta(self) -> float | None:
         if self.status != "running" or not self.step or self.started is None:
@@ -79,8 +87,10 @@ class Job:
 
     def view(self) -> JobView:
         result = None
-        if self.status == "succeeded":
-            result = {"created": self.created, "data": self.data, "seed": self.seed}
+        if self.status == "succeeded" or (self.status == "cancelled" and self.data):
+            result = ImageResponse(created=self.created, data=self.data, seed=self.seed,
+                                   parameters=self.data[0]["parameters"],
+                                   generation_ids=[d["generation_id"] for d in self.data]).model_dump()  # fmt: skip
         return JobView(id=self.id, type=self.body.type, status=self.status, created=self.created,
                        progress={"step": self.step, "total": self.total}, eta_s=self.eta(), error=self.error,
                        result=result)  # fmt: skip
@@ -106,19 +116,23 @@ def _find(request: Request, job_id: str, key: str) -> Job:
 
 async def _run(request: Request, job: Job) -> None:
     st = request.app.state
-    body = job.body.input
+    body, lm = job.body.input, job.lm
+    job.lm = None  # a finished job kept in memory must not keep an evicted model loaded
+    if job.cancel_requested:  # cancelled before it started
+        return
     try:
-        lm = await asyncio.to_thread(st.registry.get, body.model, "image")
         job.status, job.started = "running", time.monotonic()
         job.touch()
-        one = body.model_copy(update={"n": 1})
         for i in range(job.total):
             if job.cancel_requested:
-                job.status = "cancelled"
-                break
+                return
+            # image i as the direct route makes it: seed + i, and its label (the classes cycle without one)
+            one = body.model_copy(update={"n": 1, "label": lm.generator.label_of(i, body.label, body.prompt)})
             seed = (job.seed + i) % 2**63
             t0 = time.perf_counter()
             pngs, params = await asyncio.to_thread(run_images, lm, one, seed)
+            if job.cancel_requested:  # cancelled while it was made: dropped, the job already says so
+                return
             if st.settings.c2pa:  # signed as POST /v1/images/generations signs them
                 pngs = await asyncio.to_thread(sign_pngs, pngs, params, lm.entry, body.prompt)
             # recorded like POST /v1/images/generations: PNG in the blob folder, one row per image
@@ -126,36 +140,35 @@ async def _run(request: Request, job: Job) -> None:
                        params=params[0], seed=seed, duration=time.perf_counter() - t0,
                        moderation=job.moderation)  # fmt: skip
             [gid] = await feedback.record(request, lm.entry, [row], blobs=pngs, ext="png")
-            b64 = base64.b64encode(pngs[0]).decode("ascii")
-            item = (
-                {"b64_json": b64}
-                if body.response_format == "b64_json"
-                else {"url": "data:image/png;base64," + b64}
-            )
-            job.data.append({**item, "seed": seed, "parameters": params[0], "generation_id": gid})
-            job.preview = "data:image/png;base64," + b64
+            if job.cancel_requested:  # during the write: in the store, not in the cancelled job's result
+                return
+            job.data.append(image_item(pngs[0], params[0], body, job.flag, gid))
+            job.preview = "data:image/png;base64," + base64.b64encode(pngs[0]).decode("ascii")
             job.step = i + 1
             st.metrics.observe_images(1)
             job.touch()
-        else:
-            job.status = "succeeded"
-    except AigcError as e:
-        job.status, job.error = "failed", str(e)
-    except ApiError as e:  # the store was busy: the image was not recorded
-        job.status, job.error = "failed", e.message
-    except Exception as e:  # a bug: recorded on the job, not lost in a background task
-        job.status, job.error = "failed", f"internal error: {type(e).__name__}"
-    job.touch()
+        job.status = "succeeded"
+    except Exception as e:  # a cancelled job stays cancelled
+        if not job.cancel_requested:
+            job.status, job.error = "failed", _error(e)
+    finally:
+        job.touch()
+
+
+def _error(e: Exception) -> str:
+    if isinstance(e, AigcError):
+        return str(e)
+    if isinstance(e, ApiError):  # the store was busy: the image was not recorded
+        return e.message
+    return f"internal error: {type(e).__name__}"  # a bug: recorded on the job, not lost in a background task
 
 
 @router.post("/v1/jobs", summary="Start a background job", response_model=JobView, status_code=202,
              responses={c: {"model": ErrorResponse} for c in (400, 401, 404, 422, 503)})  # fmt: skip
 async def create_job(body: JobRequest, request: Request, key: str = Depends(identity)) -> JobView:
     st = request.app.state
-    st.registry.resolve(body.input.model)  # unknown model: 404 now, not a failed job later
-    # the prompt is moderated as by POST /v1/images/generations: blocked -> 400 (+ a row) now
-    prompt = body.input.prompt
-    checks = await moderate_prompts(request, [prompt], kind="image", model=body.input.model) if prompt else []
+    # admitted as POST /v1/images/generations admits it (moderation, model, input): 4xx now, not a failed job
+    lm, verdict, flag = await admit(request, body.input)
     jobs = _jobs(request)
     active = sum(j.status not in TERMINAL for j in jobs.values())
     if active >= st.settings.max_queue:
@@ -163,8 +176,8 @@ async def create_job(body: JobRequest, request: Request, key: str = Depends(iden
     for old in [j for j in jobs.values() if j.status in TERMINAL][: max(0, len(jobs) + 1 - MAX_JOBS)]:
         del jobs[old.id]
     seed = body.input.seed if body.input.seed is not None else secrets.randbits(63)
-    job = Job(key, body, seed)
-    job.moderation = outcome(moderator(request), *checks)[0]  # the verdict each image row gets
+    job = Job(key, body, seed, lm)
+    job.moderation, job.flag = verdict, flag  # the verdict each image row gets
     jobs[job.id] = job
     job.task = asyncio.get_running_loop().create_task(_run(request, job))
     return job.view()
@@ -178,10 +191,8 @@ async def get_job(request: Request, job_id: str = JobId, key: str = Depends(iden
 @router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job", response_model=JobView)
 async def cancel_job(request: Request, job_id: str = JobId, key: str = Depends(identity)) -> JobView:
     job = _find(request, job_id, key)
-    if job.status not in TERMINAL:
-        job.cancel_requested = True
-        if job.status == "queued":
-            job.status = "cancelled"
+    if job.status not in TERMINAL:  # cancelled now: the image being made (if any) is dropped
+        job.cancel_requested, job.status = True, "cancelled"
         job.touch()
     return job.view()
 

@@ -205,3 +205,91 @@ def test_pipeline_images_replay_alone_as_the_server_makes_them(tmp_path):
     for i in range(3):
         [alone] = gen.generate(n=1, seed=4 + i, **kw).images
         assert_same_image(np.asarray(out.images[i]).tobytes(), np.asarray(alone).tobytes(), f"image {i}")
+
+
+# ---------------------------------------------------------------------------- coalescing
+
+
+def test_requests_waiting_for_a_running_call_are_made_together(root):
+    """Requests that arrive while a call runs and share sampler, steps, guidance and size run next as
+    one call; each keeps its own seeds, labels, indices and images (those it gets alone)."""
+    import asyncio
+
+    from aigc.serve.registry import ModelRegistry
+    from aigc.serve.routes.images import ImageQueue, run_images
+    from aigc.serve.schemas import ImageRequest
+
+    reg = ModelRegistry(Settings(models_dirs=[root]))
+    lm = reg.get("digits", "image")
+    calls, generate = [], lm.generator.generate
+
+    def counting(**kw):
+        calls.append(kw["n"])
+        return generate(**kw)
+
+    def body(**kw) -> ImageRequest:
+        return ImageRequest(**{"model": "digits", "steps": 2, "sampler": "ddpm", **kw})
+
+    requests = [
+        (body(n=2, label=3), 7),
+        (body(n=1), 20),
+        (body(n=3, label="1"), 30),
+        (body(n=1, steps=3), 40),
+    ]
+
+    async def main():
+        queue = ImageQueue(lm)
+        lm.lock.acquire()  # the first call waits in its thread until the others are queued
+        first = asyncio.ensure_future(queue.generate(*requests[0]))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(queue.generate(*r)) for r in requests[1:]]
+        await asyncio.sleep(0.05)
+        assert queue.running and len(queue.waiting) == 3
+        lm.lock.release()
+        return await asyncio.gather(first, *rest), queue
+
+    lm.generator.generate = counting
+    try:
+        outs, queue = asyncio.run(main())
+    finally:
+        lm.generator.generate = generate
+    assert calls == [2, 1 + 3, 1] and (queue.calls, queue.merged) == (3, 2)  # steps=3: a call of its own
+    for (b, seed), (pngs, params) in zip(requests, outs, strict=True):
+        alone_pngs, alone_params = run_images(lm, b, seed)
+        assert [p["seed"] for p in params] == [seed + i for i in range(b.n)]
+        assert [(p["index"], p["n"], p["label"]) for p in params] == [
+            (p["index"], p["n"], p["label"]) for p in alone_params
+        ]
+        for i, (x, y) in enumerate(zip(pngs, alone_pngs, strict=True)):
+            assert_same_image(pixels({"b64_json": base64.b64encode(x)}), pixels({"b64_json": base64.b64encode(y)}),
+                              f"request seed {seed}, image {i}")  # fmt: skip
+    assert [p["label"] for p in outs[1][1]] == [0] and [p["label"] for p in outs[2][1]] == [1, 1, 1]
+    reg.close()
+
+
+def test_a_request_that_gives_up_while_waiting_leaves_the_queue(root):
+    import asyncio
+
+    from aigc.serve.registry import ModelRegistry
+    from aigc.serve.routes.images import ImageQueue
+    from aigc.serve.schemas import ImageRequest
+
+    reg = ModelRegistry(Settings(models_dirs=[root]))
+    lm = reg.get("pix", "image")
+    body = ImageRequest(model="pix", steps=2, sampler="ddpm")
+
+    async def main():
+        queue = ImageQueue(lm)
+        lm.lock.acquire()
+        first = asyncio.ensure_future(queue.generate(body, 1))
+        await asyncio.sleep(0)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(queue.generate(body, 2), 0.05)
+        assert queue.waiting == []
+        lm.lock.release()
+        await first
+        return queue
+
+    queue = asyncio.run(main())
+    assert (queue.calls, queue.merged, queue.running) == (1, 0, False)
+    reg.close()

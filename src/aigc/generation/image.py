@@ -18,6 +18,7 @@ or names one of its classes (case and surrounding spaces ignored): `prompt="3"` 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,7 @@ class ImageGenerator:
     def generate(
         self,
         n: int = 1,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         label: int | str | list[int | str] | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
@@ -320,22 +321,28 @@ class ImageGenerator:
         (1.2-1.5x faster, FD unchanged within noise: docs/benchmarks.md), "fp32" the exact path.
         `seed_per_image`: image i draws all its noise from its own generator seeded `seed + i` (recorded as its
         seed), so `generate(n=1, seed=seed + i)` with its label gives image i alone; False: one generator for
-        the whole call (diffusers' pipelines' way, which the oracle tests compare against).
+        the whole call (diffusers' pipelines' way, which the oracle tests compare against). A list of n
+        seeds: image i from its own generator seeded seeds[i] (a server merging requests into one call).
         """
+        if not isinstance(seed, int):
+            if len(seed) != n:
+                raise AigcError(f"{len(seed)} seeds for n={n} images; give one seed, or n of them")
+            seeds, seed_per_image = [int(s) for s in seed], True
+        else:
+            seeds = [(seed + i) % 2**63 if seed_per_image else seed for i in range(n)]
         label_idx, guidance, sampler, steps = self.check(
             n, label, guidance, sampler, steps, prompt, batch_size, dtype
         )
         amp = self._amp(dtype)
         if not self.is_text_to_image:
             prompt = None  # it named the label (or was empty)
-        seeds = [(seed + i) % 2**63 if seed_per_image else seed for i in range(n)]
-        g: torch.Generator | list[torch.Generator] = torch.Generator(device="cpu").manual_seed(seed)
+        g: torch.Generator | list[torch.Generator] = torch.Generator(device="cpu").manual_seed(seeds[0])
         if seed_per_image:
             g = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         base = {
             "model": self.name,
             "family": self.family,
-            "seed": seed,
+            "seed": seeds[0],
             "n": n,
             "time": round(time.time(), 3),
         }

@@ -65,6 +65,7 @@ class LoadedModel:
     generator: Any  # TextGenerator | ImageGenerator
     scheduler: Any = None  # batching.Scheduler for text models
     lock: threading.Lock = field(default_factory=threading.Lock)  # image models: one call at a time
+    images: Any = None  # image models: routes.images.ImageQueue (made on first use)
     last_used: float = field(default_factory=time.monotonic)
 
     @property

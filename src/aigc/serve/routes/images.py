@@ -17,9 +17,12 @@ class index used.
 
 Image i of a call has seed `seed + i` (`data[i].seed`, like the text routes' choices): its noise
 comes from its own generator, so `n=1` with that seed and its label makes it again (up to the
-rounding of a batched pass, see BATCH). One call per model at a time runs in a worker thread (image work is
-seconds long: it never blocks the event loop). `admit` is every check made before image work;
-POST /v1/jobs admits with it too, so a job is accepted only when it can start.
+rounding of a batched pass, see BATCH). One call per model at a time runs in a worker thread
+(image work is seconds long: it never blocks the event loop). Requests that arrive while a call
+runs are coalesced: those sharing sampler, steps, guidance, size (and a pipeline's prompt) run next
+as one batched call, each with its own seeds and labels (`ImageQueue`). `admit` is every check
+made before image work; POST /v1/jobs admits with it too, so a job is accepted only when it can
+start.
 """
 
 from __future__ import annotations
@@ -118,24 +121,101 @@ def image_item(png: bytes, params: dict, body: ImageRequest, flag: dict | None, 
 
 
 def run_images(lm, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dict]]:
-    """Generate in the calling (worker) thread, one call per model at a time: image i with seed + i."""
+    """One request's images, made in the calling (worker) thread: image i with seed + i."""
+    return run_group(lm, [(body, seed)])[0]
+
+
+def group_key(lm, body: ImageRequest) -> tuple:
+    """What requests must share to be made in one call: everything but n, seed, label (per image)
+    and what is applied to each image afterwards (watermark, response format)."""
+    prompt = body.prompt if lm.generator.is_text_to_image else None
+    return body.sampler, body.steps, body.guidance, image_size(lm, body), prompt
+
+
+def run_group(lm, group: list[tuple[ImageRequest, int]]) -> list[tuple[list[bytes], list[dict]]]:
+    """Requests of one `group_key` made in one call, in the calling (worker) thread (one call per
+    model at a time) -> each request's (PNGs, params). Image i of a request has its seed + i and
+    its label (`label_of`), so it is what the request alone gives, up to a batched pass's rounding."""
     from aigc.serve.batching import inherit_torch_threads
 
     inherit_torch_threads()
-    size = image_size(lm, body)
+    gen, (first, _) = lm.generator, group[0]
+    seeds = [(seed + i) % 2**63 for body, seed in group for i in range(body.n)]
+    labels = [gen.label_of(i, body.label, body.prompt) for body, _ in group for i in range(body.n)]
     with lm.lock:
-        out = lm.generator.generate(n=body.n, seed=seed, label=body.label, guidance=body.guidance,
-                                    sampler=body.sampler, steps=body.steps, prompt=body.prompt, size=size,
-                                    batch_size=BATCH, seed_per_image=True)  # fmt: skip
-    images, params = out.images, out.params
-    if body.watermark:  # the invisible key-id mark (aigc.safety.watermark_image); its id in the params
-        from aigc.safety.watermark_image import embed
-        from aigc.safety.watermark_text import load_config
+        out = gen.generate(n=len(seeds), seed=seeds, label=None if labels[0] is None else labels,
+                           guidance=first.guidance, sampler=first.sampler, steps=first.steps,
+                           prompt=first.prompt if gen.is_text_to_image else None,
+                           size=image_size(lm, first), batch_size=BATCH)  # fmt: skip
+    results, at = [], 0
+    for body, _ in group:
+        images = out.images[at : at + body.n]
+        params = [{**p, "index": i, "n": body.n} for i, p in enumerate(out.params[at : at + body.n])]
+        at += body.n
+        if body.watermark:  # the invisible key-id mark (aigc.safety.watermark_image); its id in the params
+            from aigc.safety.watermark_image import embed
+            from aigc.safety.watermark_text import load_config
 
-        cfg = load_config()
-        images = [embed(img, cfg) for img in images]
-        params = [{**p, "watermark_key_id": cfg.key_id} for p in params]
-    return [_png(img, p) for img, p in zip(images, params, strict=True)], params
+            cfg = load_config()
+            images = [embed(img, cfg) for img in images]
+            params = [{**p, "watermark_key_id": cfg.key_id} for p in params]
+        results.append(([_png(img, p) for img, p in zip(images, params, strict=True)], params))
+    return results
+
+
+class ImageQueue:
+    """The direct requests to one image model (`LoadedModel.images`), on the event loop: one call
+    runs at a time; the requests that arrive meanwhile wait, and when it ends, the first waiting one
+    and every other waiting one of its `group_key` (up to BATCH images) run as one batched call.
+
+    A request to an idle model starts at once, alone. Each request keeps its own seeds and labels,
+    so merging changes its images only by the rounding of a bigger batch (see BATCH). A request
+    that gives up while it waits (timeout) leaves the queue.
+    """
+
+    def __init__(self, lm) -> None:
+        self.lm = lm
+        self.waiting: list[tuple[ImageRequest, int, asyncio.Future]] = []
+        self.running = False
+        self.calls = self.merged = 0  # calls made, and requests that shared a call with another
+
+    async def generate(self, body: ImageRequest, seed: int) -> tuple[list[bytes], list[dict]]:
+        done = asyncio.get_running_loop().create_future()
+        self.waiting.append((body, seed, done))
+        if not self.running:
+            self._start()
+        try:
+            return await done
+        finally:
+            self.waiting = [w for w in self.waiting if w[2] is not done]
+
+    def _start(self) -> None:
+        if not self.waiting:
+            self.running = False
+            return
+        key, group, rest, count = group_key(self.lm, self.waiting[0][0]), [], [], 0
+        for w in self.waiting:
+            if count + w[0].n <= max(BATCH, self.waiting[0][0].n) and group_key(self.lm, w[0]) == key:
+                group.append(w)
+                count += w[0].n
+            else:
+                rest.append(w)
+        self.waiting, self.running = rest, True
+        self.calls += 1
+        self.merged += len(group) if len(group) > 1 else 0
+        task = asyncio.ensure_future(asyncio.to_thread(run_group, self.lm, [(b, s) for b, s, _ in group]))
+
+        def finished(t: asyncio.Future) -> None:
+            error = asyncio.CancelledError() if t.cancelled() else t.exception()
+            for i, (_, _, done) in enumerate(group):
+                if not done.done():  # (a request that gave up has its future cancelled)
+                    if error is not None:
+                        done.set_exception(error)
+                    else:
+                        done.set_result(t.result()[i])
+            self._start()
+
+        task.add_done_callback(finished)
 
 
 @router.post(
@@ -149,9 +229,9 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
     slot = Slot(request, key)
     t0 = time.perf_counter()
     try:
-        pngs, params = await asyncio.wait_for(
-            asyncio.to_thread(run_images, lm, body, seed), timeout=st.settings.request_timeout_s
-        )
+        if lm.images is None:
+            lm.images = ImageQueue(lm)
+        pngs, params = await asyncio.wait_for(lm.images.generate(body, seed), st.settings.request_timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(504, f"image generation took longer than {st.settings.request_timeout_s:g} s; ask for fewer "
                        "steps or images", "timeout") from None  # fmt: skip

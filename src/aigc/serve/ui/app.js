@@ -444,10 +444,9 @@ function imageRequest() {
 }
 
 // Images run as a background job (POST /v1/jobs): each one shows as soon as it is made, from the
-// job's SSE events (progress, ETA, preview). Image i of a job has seed + i and is made alone, so
-// any one can be made again with n=1. `only`: regenerate image `only` of a direct call, whose
-// images share one seed: ask for only+1 images and keep the last.
-async function generateImages(req = imageRequest(), only = null) {
+// job's SSE events (progress, ETA, preview). Image i of a job (or of a direct call) has seed + i,
+// so any one can be made again with n=1, its seed and its label.
+async function generateImages(req = imageRequest()) {
   saveForm("image-params");
   const box = $("#image-results");
   const progress = el("p", { class: "muted progress" }, t("generating"));
@@ -455,23 +454,17 @@ async function generateImages(req = imageRequest(), only = null) {
   $("#image-go").disabled = true;
   say("");
   try {
-    let items;
-    if (only !== null) {
-      const res = await api("v1/images/generations", req);
-      items = res.data.map((d, i) => ({ ...d, generation_id: res.generation_ids[i] })).slice(only, only + 1);
-    } else {
-      const job = await api("v1/jobs", { type: "images.generations", input: req });
-      const r = await fetch(`v1/jobs/${job.id}/events`, { headers: headers(false) });
-      if (!r.ok) await raise(r);
-      await readSSE(r, (ev) => {
-        const eta = ev.eta_s !== null && ev.eta_s !== undefined ? ` · ETA ${ev.eta_s.toFixed(1)} s` : "";
-        progress.textContent = `${t("generating")} ${ev.step}/${ev.total}${eta}`;
-        if (ev.preview) box.append(el("img", { class: "preview", src: ev.preview, alt: `${ev.step}/${ev.total}` }));
-      });
-      const view = await api(`v1/jobs/${job.id}`);
-      if (view.status !== "succeeded") throw new Error(view.error || view.status);
-      items = view.result.data;
-    }
+    const job = await api("v1/jobs", { type: "images.generations", input: req });
+    const r = await fetch(`v1/jobs/${job.id}/events`, { headers: headers(false) });
+    if (!r.ok) await raise(r);
+    await readSSE(r, (ev) => {
+      const eta = ev.eta_s !== null && ev.eta_s !== undefined ? ` · ETA ${ev.eta_s.toFixed(1)} s` : "";
+      progress.textContent = `${t("generating")} ${ev.step}/${ev.total}${eta}`;
+      if (ev.preview) box.append(el("img", { class: "preview", src: ev.preview, alt: `${ev.step}/${ev.total}` }));
+    });
+    const view = await api(`v1/jobs/${job.id}`);
+    if (view.status !== "succeeded") throw new Error(view.error || view.status);
+    const items = view.result.data;
     box.replaceChildren();
     items.forEach((d, i) => {
       const row = { id: d.generation_id, kind: "image", model: req.model, prompt: req.prompt || "",
@@ -535,11 +528,10 @@ async function restore(row, mode = null) {
     showTab("image");
     setOption($("#image-model"), row.model);
     $("#image-prompt").value = row.prompt || "";
-    const index = p.index || 0;
     setParams("image-params", { steps: p.steps, guidance: p.guidance, label: p.label ?? "",
-                                sampler: p.sampler || "", n: mode === "exact" ? index + 1 : (p.n || 1), seed, seed_lock: true });
-    // the i-th image of a call is the i-th draw of its seed: ask for i+1 images, show the last
-    if (mode) return generateImages(imageRequest(), mode === "exact" ? index : null);
+                                sampler: p.sampler || "", n: mode === "exact" ? 1 : (p.n || 1), seed, seed_lock: true });
+    // image i of a call has its own seed (seed + i) and label: n=1 with them makes it again
+    if (mode) return generateImages();
   } else if (row.kind === "music") {
     showTab("music");
     setOption($("#music-model"), row.model);

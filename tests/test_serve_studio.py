@@ -36,6 +36,9 @@ def setup(tmp_path):
     write_text_run(root / "tiny")
     write_text_run(root / "story" / "1", seed=1)
     run = write_text_run(root / "story" / "2", seed=2)
+    cfg = json.loads((run / "config.json").read_text())  # host paths, as training records them: not shown
+    cfg["data"] = {"source": "/secret/path/corpus.txt", "path": "/secret/path/data", "tokenizer": "char"}
+    (run / "config.json").write_text(json.dumps(cfg))
     (run / "card.md").write_text(
         "# story v2\n\nTrained on <script>alert(1)</script> data.\n", encoding="utf-8"
     )

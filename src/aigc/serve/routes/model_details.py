@@ -26,7 +26,7 @@ from aigc.serve import settings as S
 from aigc.serve.routes.feedback import model_name
 
 router = APIRouter(tags=["models"])
-PATH_KEYS = ("path", "dir", "init_from", "run", "out")  # host paths stay on the host
+PATH_KEYS = ("path", "dir", "init_from", "run", "out", "source")  # host paths stay on the host
 
 
 def _file(run: Path, name: str) -> Path | None:

@@ -35,7 +35,7 @@ def test_prepare_train_generate_animate(run_cli, tmp_path):
     assert code == 0, err
     assert sorted(p.name for p in imgs.iterdir()) == ["grid.png"] + [f"image-00{i}.png" for i in range(4)]
     params = read_png_params(imgs / "image-002.png")
-    assert params["seed"] == 9 and params["label"] == 3 and params["model"] == "run"
+    assert params["seed"] == 9 + 2 and params["label"] == 3 and params["model"] == "run"  # image i: seed + i
     code, _, err = run_cli("generate", "image", "--model", run, "--n", "4", "--out", imgs)
     assert code == 1 and "--overwrite" in err
     code, out, err = run_cli(

@@ -67,7 +67,9 @@ def test_same_images_as_diffusers_ddpm_pipeline(tmp_path, prediction_type):
 
     uncond_run = make_uncond_run(tmp_path, prediction_type)
 
-    ours = ImageGenerator.load(uncond_run).generate(n=2, seed=7, sampler="ddpm", steps=6, dtype="fp32")
+    ours = ImageGenerator.load(uncond_run).generate(
+        n=2, seed=7, sampler="ddpm", steps=6, dtype="fp32", seed_per_image=False
+    )  # one generator for the call, as the pipeline draws
     pipe = DDPMPipeline.from_pretrained(uncond_run / "diffusers")
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(
@@ -161,17 +163,18 @@ def test_sampler_options_reach_the_scheduler(uncond_run, monkeypatch):
     # defaults: diffusers' linspace timesteps for both DPM-Solver++ samplers (nothing beat them)
     assert sampler_scheduler(gen.config, "dpm-sde").config.algorithm_type == "sde-dpmsolver++"
     assert sampler_scheduler(gen.config, "dpm").config.use_lu_lambdas is False
-    sde = gen.generate(n=2, seed=4, sampler="dpm-sde", steps=5, dtype="fp32").tensor
+    one = dict(dtype="fp32", seed_per_image=False)  # one generator for the call, as the oracle draws
+    sde = gen.generate(n=2, seed=4, sampler="dpm-sde", steps=5, **one).tensor
     torch.testing.assert_close(sde, _oracle(gen, "sde-dpmsolver++", 5, 4), atol=1e-6, rtol=0)
     monkeypatch.setitem(SAMPLER_OPTIONS, "dpm-sde", {"use_lu_lambdas": True})
-    lu = gen.generate(n=2, seed=4, sampler="dpm-sde", steps=5, dtype="fp32").tensor
+    lu = gen.generate(n=2, seed=4, sampler="dpm-sde", steps=5, **one).tensor
     torch.testing.assert_close(
         lu, _oracle(gen, "sde-dpmsolver++", 5, 4, use_lu_lambdas=True), atol=1e-6, rtol=0
     )
     assert (sde - lu).abs().max() > 1e-3  # the option changed the walk
     # any entry reaches the scheduler, e.g. the ODE on log-SNR spacing with the Heun-style update
     monkeypatch.setitem(SAMPLER_OPTIONS, "dpm", {"use_lu_lambdas": True, "solver_type": "heun"})
-    ode = gen.generate(n=2, seed=4, sampler="dpm", steps=5, dtype="fp32").tensor
+    ode = gen.generate(n=2, seed=4, sampler="dpm", steps=5, **one).tensor
     oracle = _oracle(gen, "dpmsolver++", 5, 4, use_lu_lambdas=True, solver_type="heun")
     torch.testing.assert_close(ode, oracle, atol=1e-6, rtol=0)
 
@@ -223,8 +226,13 @@ def test_png_params_grid_and_gif(cond_run, tmp_path):
     ]
     params = read_png_params(paths[1])
     assert {k: params[k] for k in ("model", "seed", "sampler", "steps", "guidance", "label")} == {
-        "model": "cond", "seed": 5, "sampler": "ddim", "steps": 2, "guidance": 3.0, "label": 2,
-    }  # fmt: skip
+        "model": "cond",
+        "seed": 6,
+        "sampler": "ddim",
+        "steps": 2,
+        "guidance": 3.0,
+        "label": 2,
+    }  # fmt: skip  (image i: seed + i)
     with Image.open(paths[0]) as im:
         assert im.size == (16, 16) and im.text["sampler"] == "ddim" and im.text["label"] == "2"
     with Image.open(paths[-1]) as im:

@@ -69,3 +69,13 @@ def test_key_tool_help_new_and_refusals(capsys):
     out = dict(line.split(":  ", 1) if line.startswith("key") else line.split(": ", 1)
                for line in capsys.readouterr().out.splitlines())  # fmt: skip
     assert len(out["key"]) >= MIN_KEY_CHARS and out["line"] == hash_key(out["key"])
+
+
+def test_watermark_detect_takes_json_only_as_json(client):
+    body = json.dumps({"text": "hello there", "model": "tiny"})
+    r = client.post(
+        "/v1/watermark/detect", content=body, headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"]
+    r = client.post("/v1/watermark/detect", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text

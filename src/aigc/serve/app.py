@@ -143,6 +143,19 @@ def replaying(body: bytes, receive: Any) -> Any:
     return replay_receive
 
 
+def json_content(content_type: str | None) -> bool:
+    """Whether FastAPI would read the body as JSON: no content type, application/json or
+    application/*+json. (Not text/plain: a browser sends that cross-site without asking first.)"""
+    if content_type is None:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def not_json_message(content_type: str | None) -> str:
+    return f"the body must be JSON sent with 'Content-Type: application/json', not {content_type!r}"
+
+
 class RequestCounter:
     """ASGI middleware: count each request by method, route template and status for /metrics.
 
@@ -177,10 +190,7 @@ def _validation_response(exc: RequestValidationError, content_type: str | None =
     if tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), bytes):
         # FastAPI reads JSON only when sent as JSON (not text/plain, which a browser may send
         # cross-site unasked, nor curl -d's form encoding); it handed over the raw bytes
-        return error_response(
-            415, f"the body must be JSON sent with 'Content-Type: application/json', not {content_type!r}",
-            "unsupported_media_type",
-        )  # fmt: skip
+        return error_response(415, not_json_message(content_type), "unsupported_media_type")
     # keep field names and list indices; drop pydantic's union tags ("constrained-str", "list[...]")
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and re.fullmatch(r"\w+", str(x))]
     field = ".".join(loc) or "body"

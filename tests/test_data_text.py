@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import threading
 import unicodedata
 from pathlib import Path
@@ -435,7 +436,9 @@ def test_bad_config_keys_and_types(tmp_path):
         prepare_text(str(tmp_path / "a.txt"), tmp_path / "out", overrides=["val_fraction=lots"])
     with pytest.raises(ConfigError, match="val_fraction must be in"):
         prepare_text(str(tmp_path / "a.txt"), tmp_path / "out", overrides=["val_fraction=1.5"])
-    with pytest.raises(ConfigError, match="tokenizer: expected one of 'char' | 'bpe'"):
+    with pytest.raises(
+        AigcError, match="--tokenizer word: no such file or directory; give char or bpe, a run"
+    ):
         prepare_text(str(tmp_path / "a.txt"), tmp_path / "out", overrides=["tokenizer=word"])
     assert nothing_written(tmp_path / "out")
 
@@ -449,3 +452,125 @@ def test_unseen_character_policy_is_recorded(tmp_path):
         prepare_text(
             str(tmp_path / "a.txt"), tmp_path / "x", overrides={"unknown": "unk", "tokenizer": "bpe"}
         )
+
+
+# ---------------------------------------------------------------------- reusing a tokenizer
+
+
+def test_reused_tokenizer_is_copied_as_is_and_recorded(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
+    (tmp_path / "b.txt").write_text(
+        "a lazy dog, a quick fox; nothing new under the sun\n" * 9, encoding="utf-8"
+    )
+    base = prepare_text(
+        str(tmp_path / "a.txt"), tmp_path / "a", overrides=["tokenizer=bpe", "vocab_size=270"]
+    )
+    assert "from" not in base["tokenizer"]  # trained here: nothing to point at
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["tokenizer"] == "bpe"
+
+    file = tmp_path / "a" / "tokenizer.json"
+    meta = prepare_text(str(tmp_path / "b.txt"), tmp_path / "b", overrides={"tokenizer": str(file)})
+    assert meta["tokenizer"] == {**base["tokenizer"], "from": str(file.resolve())}
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == file.read_bytes()
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["tokenizer"] == str(file.resolve())
+    data = load_prepared(tmp_path / "b")
+    text = unicodedata.normalize("NFC", (tmp_path / "b.txt").read_text(encoding="utf-8"))
+    assert data.tokenizer.id == base["tokenizer"]["id"]
+    assert "".join(read_back(tmp_path / "b")) == text and data.train.tolist() == data.tokenizer.encode(
+        text[: meta["train_chars"]]
+    )
+
+
+def test_reused_char_tokenizer_follows_its_unknown_policy(tmp_path):
+    (tmp_path / "a.txt").write_text("abc abc\n" * 20, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("abz cab\n" * 20, encoding="utf-8")
+    prepare_text(str(tmp_path / "a.txt"), tmp_path / "strict")
+    with pytest.raises(AigcError) as e:
+        prepare_text(
+            str(tmp_path / "b.txt"), tmp_path / "out", overrides={"tokenizer": str(tmp_path / "strict")}
+        )
+    assert re.search(
+        r"^1 character\(s\) of file .*b.txt are not in the char tokenizer at .*strict", str(e.value)
+    )
+    assert "'z' (U+007A)" in str(e.value) and "\n" not in str(e.value)
+    assert nothing_written(tmp_path / "out")
+    with pytest.raises(AigcError, match="--unknown unk: the char tokenizer at .* has no <unk> token"):
+        prepare_text(
+            str(tmp_path / "b.txt"),
+            tmp_path / "out",
+            overrides={"tokenizer": str(tmp_path / "strict"), "unknown": "unk"},
+        )
+
+    prepare_text(str(tmp_path / "a.txt"), tmp_path / "lenient", overrides={"unknown": "unk"})
+    logs: list[str] = []
+    meta = prepare_text(
+        str(tmp_path / "b.txt"),
+        tmp_path / "out",
+        overrides={"tokenizer": str(tmp_path / "lenient")},
+        log=logs.append,
+    )
+    tok = load_prepared(tmp_path / "out").tokenizer
+    assert (
+        meta["tokenizer"]["unknown"] == "unk" and tok.vocab_size - 1 in load_prepared(tmp_path / "out").train
+    )
+    assert any("1 character(s) not in the tokenizer's vocabulary map to <unk>: 'z'" in m for m in logs)
+
+
+def test_reused_tokenizer_without_eos_joins_documents(docs_dir, tmp_path):
+    train_tokenizer("char", ["Document number 0123456789.\nIt has two lines, "]).save(tmp_path / "tok.json")
+    logs: list[str] = []
+    meta = prepare_text(
+        str(docs_dir),
+        tmp_path / "out",
+        overrides={"tokenizer": str(tmp_path / "tok.json"), "glob": "**/*.txt"},
+        log=logs.append,
+    )
+    assert meta["documents"] == 20 and meta["tokenizer"]["eos_id"] is None
+    assert (
+        meta["train_tokens"] + meta["val_tokens"] == meta["train_chars"] + meta["val_chars"]
+    )  # no separators
+    assert any("no <|endoftext|>: the 20 documents are joined without it" in m for m in logs)
+
+
+def test_reused_char_tokenizer_reads_special_tokens_whole(tmp_path):
+    train_tokenizer("char", ["abc \n"], special_tokens=[EOS]).save(tmp_path / "tok.json")
+    (tmp_path / "a.txt").write_text(f"abc cab{EOS}bca\n" * 10, encoding="utf-8")  # '<', '|' are not in it
+    prepare_text(
+        str(tmp_path / "a.txt"), tmp_path / "out", overrides={"tokenizer": str(tmp_path / "tok.json")}
+    )
+    assert "".join(read_back(tmp_path / "out")) == f"abc cab{EOS}bca\n" * 10
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            "{tmp}/nope",
+            "--tokenizer {tmp}/nope: no such file or directory; give char or bpe, a run directory",
+        ),
+        ("{tmp}/empty", "--tokenizer {tmp}/empty: the directory holds no tokenizer.json; give char or bpe"),
+        ("{tmp}/a.txt", "--tokenizer {tmp}/a.txt: {tmp}/a.txt is not a valid tokenizer.json"),
+    ],
+)
+def test_reused_tokenizer_bad_paths(tmp_path, value, message):
+    (tmp_path / "a.txt").write_text("abc abc\n" * 20, encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    value, message = value.replace("{tmp}", str(tmp_path)), message.replace("{tmp}", str(tmp_path))
+    with pytest.raises(AigcError) as e:
+        prepare_text(str(tmp_path / "a.txt"), tmp_path / "out", overrides={"tokenizer": value})
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert nothing_written(tmp_path / "out")
+
+
+def test_reused_tokenizer_keeps_its_vocab_size(tmp_path):
+    (tmp_path / "a.txt").write_text("abc abc\n" * 20, encoding="utf-8")
+    prepare_text(str(tmp_path / "a.txt"), tmp_path / "a")
+    with pytest.raises(
+        AigcError, match="--vocab-size applies when training a BPE; .* is reused as is, with its 5"
+    ):
+        prepare_text(
+            str(tmp_path / "a.txt"),
+            tmp_path / "out",
+            overrides={"tokenizer": str(tmp_path / "a"), "vocab_size": 300},
+        )
+    assert nothing_written(tmp_path / "out")

@@ -3,7 +3,8 @@
 The corpus is read in three streaming passes, never held in memory as a whole:
   1. clean every document, count characters, give each document a split key (and collect the
      character set for a char tokenizer);
-  2. train the tokenizer on the train split only (BPE; a char vocabulary comes from pass 1);
+  2. train the tokenizer on the train split only (BPE; a char vocabulary comes from pass 1), or
+     reuse a given one as is (`tokenizer="runs/x"`: a run's, to fine-tune it with `--init-from`);
   3. encode in batches of chunks and append the ids to `train.bin` / `val.bin`.
 
 Split (deterministic):
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ CHUNK_CHARS = 1 << 16  # encode long documents in pieces of about this many char
 BATCH_CHARS = 1 << 21  # characters per encode_batch call
 FLUSH_TOKENS = 1 << 20  # ids buffered per split before they are appended to the .bin file
 TEXT_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
+UNSEEN_SHOWN = 5  # unseen characters an error names
 
 
 @dataclass
@@ -47,7 +50,7 @@ class DataConfig:
 
     source: str = ""  # a file, a directory, a JSON Lines file or a built-in name (`aigc data list`)
     kind: Literal["text"] = "text"
-    tokenizer: Literal["char", "bpe"] = "char"
+    tokenizer: str = "char"  # char | bpe (trained here), or a run directory / tokenizer.json to reuse
     vocab_size: int | None = None  # bpe only (default 2048); a char vocabulary comes from the data
     field: str | None = None  # JSON Lines: the field holding the text (dotted for nested: a.b)
     glob: str | None = None  # directory sources: which files (default all, recursively)
@@ -124,8 +127,9 @@ class _Scan:
         return self.documents == 1
 
 
-def _scan(corpus: _Corpus, cfg: DataConfig) -> _Scan:
-    """Pass 1: count, hash the source, collect split keys (and characters for a char vocab)."""
+def _scan(corpus: _Corpus, cfg: DataConfig, chars: bool, specials: list[str] | None = None) -> _Scan:
+    """Pass 1: count, hash the source, collect split keys (and, when `chars`, the characters that
+    are not inside a `specials` string: those encode as their special token, not char by char)."""
     scan = _Scan()
     file_hashes: list[str] = []
 
@@ -136,7 +140,10 @@ def _scan(corpus: _Corpus, cfg: DataConfig) -> _Scan:
         scan.documents += 1
         scan.chars += len(text)
         scan.keys.append(_split_key(text, cfg.seed))
-        if cfg.tokenizer == "char":
+        if chars:
+            for tok in specials or []:
+                if tok in text:
+                    text = text.replace(tok, "")
             scan.charset.update(text)
     scan.files = len(file_hashes)
     if len(file_hashes) == 1:  # one file: its plain sha256, comparable with published checksums
@@ -286,9 +293,11 @@ def prepare_text(
     """Prepare `source` into `out/` (train.bin, val.bin, tokenizer.json, meta.json, config.json).
 
     `config` (or the defaults) is updated by `overrides` (`["tokenizer=bpe", "vocab_size=1024"]`).
+    `tokenizer` other than char / bpe names a run directory or a tokenizer.json to encode with as is
+    (no new vocabulary), so a model trained on it can be fine-tuned or evaluated on this data.
     Returns the meta dict. Raises AigcError for bad input; nothing is left half-written.
     """
-    from aigc.tokenizers import EOS, train_tokenizer
+    from aigc.tokenizers import EOS, KINDS, train_tokenizer
     from aigc.tokenizers.bpe import DEFAULT_VOCAB_SIZE, build_bpe_trainer
 
     cfg = resolve(
@@ -304,6 +313,10 @@ def prepare_text(
         raise AigcError("--unknown unk applies to --tokenizer char only; byte-level BPE encodes any text")
     if cfg.tokenizer == "bpe" and cfg.vocab_size is not None:
         build_bpe_trainer(cfg.vocab_size, [EOS])  # too small for the byte alphabet: fail before reading
+    given, given_file = None, None  # a tokenizer to reuse, and its file
+    if cfg.tokenizer not in KINDS:
+        given, given_file = _given_tokenizer(cfg.tokenizer, cfg)
+        cfg.tokenizer = str(given_file)  # config.json says which file, wherever it is read from
     src = open_source(source, field=cfg.field, glob=cfg.glob, blocks=cfg.blocks, download=download, url=url)
     # never read our own output back in (`prepare . --out ./data --overwrite`)
     src.files = [f for f in src.files if not f.resolve().is_relative_to(out.resolve())]
@@ -312,11 +325,22 @@ def prepare_text(
 
     # 1. scan
     say(f"reading {src.description}")
-    scan = _scan(corpus, cfg)
+    reuse_chars = given is not None and given.kind == "char"
+    keep_whole = given.special_tokens if reuse_chars else None
+    scan = _scan(corpus, cfg, chars=cfg.tokenizer == "char" or reuse_chars, specials=keep_whole)
     stats, truncated = corpus.cleaner.stats, corpus.truncated
 
-    # 2. tokenizer: char vocabulary from the scan; BPE trained on the train split only
-    if cfg.tokenizer == "char":
+    # 2. tokenizer: the given one as is; a char vocabulary from the scan; BPE trained on train only
+    eos = not scan.single  # several documents: each ends with <|endoftext|>
+    if given is not None:
+        tok = given
+        if reuse_chars:
+            masked = stats.emails + stats.phones + stats.digit_runs > 0
+            _check_charset(scan.charset, tok, given_file, src.description, say, masked)
+        if eos and tok.eos_id is None:
+            eos = False
+            say(f"note: the tokenizer has no {EOS}: the {scan.documents} documents are joined without it")
+    elif cfg.tokenizer == "char":
         specials = [] if scan.single else [EOS]
         tok = train_tokenizer("char", ["".join(scan.charset)], special_tokens=specials, unknown=cfg.unknown)
     else:
@@ -327,11 +351,12 @@ def prepare_text(
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")
 
     # 3. encode into a staging directory, moved into place when complete
-    say(f"encoding {scan.chars:,} characters with a {tok.kind} tokenizer of {tok.vocab_size:,} tokens")
+    where = f" from {given_file}" if given_file else ""
+    say(f"encoding {scan.chars:,} characters with a {tok.kind} tokenizer of {tok.vocab_size:,} tokens{where}")
     with building_dir(out) as stage:
         writers = {s: _BinWriter(stage / f"{s}.bin", dtype) for s in ("train", "val")}
         try:
-            _encode(tok, _splits(corpus, scan), writers, eos=not scan.single)
+            _encode(tok, _splits(corpus, scan), writers, eos=eos)
         finally:
             for w in writers.values():
                 w.close()
@@ -343,7 +368,13 @@ def prepare_text(
             "format_version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": tok.vocab_size,
-            "tokenizer": {"kind": tok.kind, "id": tok.id, "eos_id": tok.eos_id, "unknown": tok.unknown},
+            "tokenizer": {
+                "kind": tok.kind,
+                "id": tok.id,
+                "eos_id": tok.eos_id,
+                "unknown": tok.unknown,
+                **({"from": str(given_file)} if given_file else {}),  # reused, not trained here
+            },
             "train_tokens": train.tokens,
             "val_tokens": val.tokens,
             "train_chars": train.chars,
@@ -375,10 +406,70 @@ def prepare_text(
             },
         }
         tok.save_pretrained(stage)
+        if given_file is not None:  # the very file: its id is what --init-from and eval compare
+            shutil.copyfile(given_file, stage / "tokenizer.json")
         atomic_write_json(stage / "meta.json", meta)
         save_config(cfg, stage / "config.json")
     say(f"wrote {out}")
     return meta
+
+
+def _given_tokenizer(value: str, cfg: DataConfig) -> tuple[Any, Path]:
+    """(tokenizer, its resolved tokenizer.json) of `--tokenizer PATH`: a run directory or the file."""
+    from aigc.tokenizers import KINDS
+    from aigc.tokenizers.base import load_tokenizer
+    from aigc.tokenizers.music import is_music_tokenizer_file
+
+    allowed = f"give {' or '.join(KINDS)}, a run directory holding tokenizer.json, or a tokenizer.json file"
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise AigcError(f"--tokenizer {value}: no such file or directory; {allowed}")
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise AigcError(f"--tokenizer {value}: the directory holds no tokenizer.json; {allowed}")
+    if is_music_tokenizer_file(file):
+        raise AigcError(f"--tokenizer {value} is a music tokenizer; text data needs a char or bpe one")
+    try:
+        tok = load_tokenizer(file)
+    except AigcError as e:
+        raise AigcError(f"--tokenizer {value}: {e}") from None
+    if cfg.vocab_size is not None:
+        raise AigcError(
+            f"--vocab-size applies when training a BPE; the tokenizer from {file} is reused as is, with its "
+            f"{tok.vocab_size:,} tokens: drop --vocab-size"
+        )
+    if cfg.unknown == "unk" and tok.unknown != "unk":
+        raise AigcError(
+            f"--unknown unk: the {tok.kind} tokenizer at {file} has no <unk> token and is reused as is; "
+            "drop --unknown, or use --tokenizer char to build a new vocabulary"
+        )
+    return tok, file.resolve()
+
+
+def _check_charset(
+    charset: set[str], tok: Any, file: Path, source: str, say: Callable[[str], None], masked: bool = False
+) -> None:
+    """A reused char tokenizer meets the corpus: unseen characters map to <unk> or are an error.
+    `masked`: PII masking put [EMAIL] / [PHONE] / [NUMBER] in the text (their letters count too)."""
+    vocab = tok.hf.get_vocab(with_added_tokens=True)
+    unseen = sorted(c for c in charset if c not in vocab)
+    if not unseen:
+        return
+    shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unseen[:UNSEEN_SHOWN])
+    more = f" and {len(unseen) - UNSEEN_SHOWN} more" if len(unseen) > UNSEEN_SHOWN else ""
+    if tok.unknown == "unk":
+        say(f"{len(unseen)} character(s) not in the tokenizer's vocabulary map to <unk>: {shown}{more}")
+        return
+    raise AigcError(
+        f"{len(unseen)} character(s) of {source} are not in the char tokenizer at {file}: {shown}{more}; "
+        "remove them from the source, or prepare with --tokenizer char for a new vocabulary (a model "
+        "trained on another vocabulary cannot be fine-tuned on it)"
+        + (
+            "; PII masks such as [NUMBER] count too: --no-scrub-pii keeps the text as written"
+            if masked
+            else ""
+        )
+    )
 
 
 # ---------------------------------------------------------------------- load

@@ -42,7 +42,8 @@ def check_same_tokenizer(model_tokenizer_id: str, data_tokenizer_id: str) -> Non
     if model_tokenizer_id != data_tokenizer_id:
         raise AigcError(
             f"the model's tokenizer ({model_tokenizer_id}) differs from the data's ({data_tokenizer_id}); "
-            "evaluate on data prepared with the model's tokenizer (aigc data prepare --tokenizer RUN)"
+            "evaluate on data prepared with the model's tokenizer "
+            "(aigc data prepare SOURCE --out DIR --tokenizer RUN_DIR)"
         )
 
 

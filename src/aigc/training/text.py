@@ -398,7 +398,8 @@ def read_init_source(
         raise AigcError(
             f"--init-from {path} uses tokenizer {src_tok.id if src_tok else '(none)'} but the data at "
             f"{prepared.path} was prepared with tokenizer {data_tok['id']} ({data_tok['kind']}); "
-            "train on data prepared with the same tokenizer, or drop --init-from to train from scratch"
+            f"prepare the data with its tokenizer (aigc data prepare SOURCE --out DIR --tokenizer {path}), "
+            "or drop --init-from to train from scratch"
         )
     return model_cfg, load
 

@@ -59,11 +59,34 @@ def test_history_moderation_filter(run_cli, filled):
 
 def test_history_on_an_empty_or_explicit_db(run_cli, tmp_path):
     db = tmp_path / "other.db"
+    Store.open(str(db)).close()  # an empty store
     code, out, err = run_cli("history", "--db", str(db))
     assert code == 0 and out == "" and "no generations" in err
-    assert db.is_file()
-    code, _, err = run_cli("history", "--limit", "0")
+    code, _, err = run_cli("history", "--db", str(db), "--limit", "0")
     assert code == 1 and "limit must be an integer from 1 to 1000" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["history"],
+        ["feedback", "export", "--format", "dpo", "--out", "x.jsonl"],
+        ["feedback", "rate", "1", "1"],
+        ["tune", "--model", "m", "--from-feedback"],
+    ],  # fmt: skip
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_reading_a_store_that_does_not_exist_is_one_line(run_cli, tmp_path, monkeypatch, args):
+    """A typo in --db (or no store yet) is an error, not a new empty database and its folders."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "typo" / "dir" / "x.db"
+    code, out, err = run_cli(*args, "--db", str(db))
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"no database at {db}; generate something first" in err and "--db" in err
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "x.jsonl").exists()
+    code, _, err = run_cli(*args)  # the default store ($AIGC_HOME/aigc.db), before anything was recorded
+    assert code == 1 and f"no database at {tmp_path / 'aigc-home' / 'aigc.db'}" in err
+    assert not (tmp_path / "aigc-home").exists()
 
 
 def test_rate_then_export(run_cli, filled, tmp_path):
@@ -107,4 +130,4 @@ def test_bad_input_is_one_line_and_exit_1(run_cli, filled, tmp_path):
     blocker = tmp_path / "f"
     blocker.write_text("")
     code, _, err = run_cli("history", "--db", str(blocker / "x.db"))
-    assert code == 1 and "cannot create the store's folder" in err
+    assert code == 1 and "no database at" in err

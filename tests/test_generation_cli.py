@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 import torch
@@ -89,6 +90,56 @@ def test_generate_errors_are_one_line(run_cli, run_dir, tmp_path):
     assert code == 1 and "missing config.json" in err
     code, _, err = run_cli("generate", "text", "-m", run_dir, "-p", "§")
     assert code == 1 and "not in the char tokenizer" in err
+
+
+def test_a_run_that_is_not_a_text_model_is_one_line(run_cli, run_dir, tmp_path):
+    """An image or classifier run given where a text model is needed names what it is (it fell
+    through to the transformers loader: a 60-line traceback), for every command that loads one."""
+    from serve_helpers import write_image_run
+
+    image = write_image_run(tmp_path / "digits")
+    clf = tmp_path / "clf"  # a sentiment classifier run as the loader sees it (config.json first)
+    clf.mkdir()
+    (clf / "config.json").write_text(json.dumps({"family": "classifier", "model": {}, "labels": ["a", "b"]}))
+    (clf / "model.safetensors").write_bytes(b"")
+    text = tmp_path / "out.txt"
+    text.write_text("ROMEO: But soft")
+    commands = [("generate", "text", "-m", "{m}", "-p", "x"), ("detect", "text", text, "--model", "{m}"),
+                ("verify", text, "--model", "{m}"), ("generate", "text", "-m", "hf:{m}", "-p", "x")]  # fmt: skip
+    for run, words in ((image, ["a diffusion run (an image model)", "`aigc generate image`"]),
+                       (clf, ["a classifier run (a sentiment classifier)", "`aigc sentiment`"])):  # fmt: skip
+        for args in commands:
+            code, _, err = run_cli(*[str(a).replace("{m}", str(run)) for a in args])
+            assert code == 1 and len(err.strip().splitlines()) == 1, (args, err)
+            assert "not a text model" in err and "text run (gpt, lstm)" in err and "hf:<id>" in err
+            assert all(w in err for w in words), err
+    # our text run as hf:, our run without its tokenizer, a folder that is no model: one line each
+    code, _, err = run_cli("generate", "text", "-m", f"hf:{run_dir}", "-p", "R")
+    assert code == 1 and "a gpt run (a text model) of aigc, not a transformers folder; drop hf:" in err
+    (run_dir / "tokenizer.json").unlink()
+    code, _, err = run_cli("generate", "text", "-m", run_dir, "-p", "R")
+    assert code == 1 and "missing tokenizer.json" in err and len(err.strip().splitlines()) == 1
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text('{"a": 1}')
+    (junk / "model.safetensors").write_bytes(b"")
+    for spec in (junk, f"hf:{junk}"):
+        code, _, err = run_cli("generate", "text", "-m", spec, "-p", "R")
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "names no aigc 'family'" in run_cli("generate", "text", "-m", junk, "-p", "R")[2]
+    assert "has no tokenizer" in run_cli("generate", "text", "-m", f"hf:{junk}", "-p", "R")[2]
+
+
+def test_a_long_prompt_warns_once(run_cli, run_dir, caplog):
+    """The truncation warning is printed once, as `warning: ...`: not logged as well (outside pytest
+    the log goes to stderr too), and once for n rows of one prompt."""
+    with caplog.at_level(logging.WARNING, logger="aigc.generation"):
+        code, _, err = run_cli("generate", "text", "-m", run_dir, "-p", "ROMEO " * 20, "--max-new-tokens", "4",
+                               "--n", "2")  # fmt: skip
+    logged = [r.getMessage() for r in caplog.records]
+    assert code == 0
+    assert (err + "".join(logged)).count("but the model's context is 64") == 1, (err, logged)
+    assert "warning: prompt has 120 tokens but the model's context is 64: kept the last 60 tokens" in err
 
 
 def test_chat_reads_piped_stdin(run_cli, run_dir, monkeypatch):

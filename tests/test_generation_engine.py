@@ -233,6 +233,11 @@ def test_long_prompt_keeps_tail_with_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="aigc.generation"):
         c = eng.generate([Request(prompt, GenerationParams(temperature=0, max_new_tokens=5))])[0]
     assert "kept the last 11 tokens" in caplog.text and c.warnings
+    # quiet: the warning's text only, for a caller that says it before the prompt runs elsewhere
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aigc.generation"):
+        assert eng.fit_prompt(prompt, 5, quiet=True) == (prompt[-11:], c.warnings)
+    assert caplog.records == []
     assert c.prompt_tokens == 11 and len(c.tokens) == 5
     assert c.tokens == _greedy_no_cache(model, prompt[-11:], 5)
     # a prompt that fits but leaves little room: the context slides, all 50 tokens come

@@ -461,7 +461,8 @@ def test_cli_generate_record_and_serve_db_option(run_cli, root, tmp_path):
     assert code == 0 and "--db" in out
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, _, err = run_cli("serve", "--models", root, "--db", blocker / "aigc.db")  # fails before it binds
+    # fails before it serves (--port 0: whatever else listens on 8000 here)
+    code, _, err = run_cli("serve", "--models", root, "--db", blocker / "aigc.db", "--port", "0")
     assert code == 1 and "cannot create the store's folder" in err and "Traceback" not in err
 
 

@@ -6,6 +6,7 @@ route: both must answer alike."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -67,6 +68,18 @@ def test_streamed_completion_says_the_prompt_was_cut_in_its_first_chunk(client, 
     # a prompt that fits: no warnings anywhere
     status, chunks = stream(client, "/v1/completions", {**body, "prompt": "soft"})
     assert status == 200 and not any("warnings" in c for c in chunks)
+
+
+def test_a_streamed_prompt_that_is_cut_is_logged_once(client, caplog):
+    """The route says the warning before the scheduler runs the prompt (a quiet fit_prompt); the
+    scheduler logs it, once."""
+    body = {"model": "tiny", "prompt": LONG, "max_tokens": 5, "seed": 1}
+    with caplog.at_level(logging.WARNING, logger="aigc.generation"):
+        status, chunks = stream(client, "/v1/completions", body)
+    assert status == 200 and "kept the last" in chunks[0]["warnings"][0]
+    assert [r.getMessage() for r in caplog.records if "kept the last" in r.getMessage()] == chunks[0][
+        "warnings"
+    ]
 
 
 def test_streamed_chat_says_the_prompt_was_cut_in_its_first_chunk(client):

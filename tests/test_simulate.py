@@ -158,6 +158,21 @@ def test_simulate_feedback_cli(root, scorer_file, tmp_path, run_cli):
     assert code == 0 and "--rater" in out
 
 
+def test_simulate_feedback_cli_server_unreachable(scorer_file, tmp_path, run_cli):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on (bound, then freed)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    code, out, err = run_cli("simulate-feedback", "--model", "tiny", "--rater", f"python:{scorer_file}:variety",
+                             "--n", "1", "--server", url)  # fmt: skip
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert (
+        f"cannot reach the server at {url} (" in err and "start it with `aigc serve` or check --server" in err
+    )
+
+
 def test_simulate_feedback_cli_images_with_guidance(root, scorer_file, tmp_path, run_cli):
     db = tmp_path / "img.db"
     args = ("simulate-feedback", "--model", "cond", "--rater", f"python:{scorer_file}:bright", "--n", "2",

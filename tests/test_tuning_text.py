@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc.errors import AigcError
+from aigc.feedback.store import Store
 from aigc.tuning.losses import Seq, batch_tensors, dpo_loss, kto_loss, make_seq, sequence_logps
 from aigc.tuning.text import resolve_tune_config
 
@@ -323,6 +324,9 @@ def test_tune_cli_help_and_bad_input(tmp_path, run_cli):
     assert code == 0 and "--from-feedback" in out and "--method" in out
     code, _, err = run_cli("tune", "--model", str(tmp_path), "--db", tmp_path / "x.db")
     assert code == 1 and "--from-feedback" in err
+    code, _, err = run_cli("tune", "--model", "nosuch", "--from-feedback", "--db", tmp_path / "x.db")
+    assert code == 1 and "no database at" in err and not (tmp_path / "x.db").exists()
+    Store.open(str(tmp_path / "x.db")).close()  # an empty store: the model is looked up next
     code, _, err = run_cli(
         "tune", "--model", "nosuch", "--models", tmp_path, "--from-feedback", "--db", tmp_path / "x.db"
     )

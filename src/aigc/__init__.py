@@ -88,7 +88,7 @@ def tune(
     from aigc.feedback.store import Store
     from aigc.tuning import tune as _tune
 
-    with Store.open(db) as store:
+    with Store.open(db, create=False) as store:
         return _tune(model, out, store=store, method=method, **{"progress": False, **kwargs})
 
 

@@ -83,7 +83,14 @@ def data_prepare(
     kind: Annotated[
         str, typer.Option("--kind", help="What the data is: text (image, music where available).")
     ] = "text",
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="char | bpe (default char).")] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="char | bpe (trained on the data; default char), or a run directory / tokenizer.json to "
+            "encode with as is (to fine-tune that run with --init-from, or evaluate it).",
+        ),
+    ] = None,
     vocab_size: Annotated[
         int | None, typer.Option("--vocab-size", help="BPE vocabulary size (default 2048).")
     ] = None,
@@ -106,7 +113,11 @@ def data_prepare(
         ),
     ] = None,
     unknown: Annotated[
-        str | None, typer.Option("--unknown", help="char: unseen characters -> error | unk (default error).")
+        str | None,
+        typer.Option(
+            "--unknown",
+            help="char: unseen characters -> error | unk (default error; a reused tokenizer keeps its own).",
+        ),
     ] = None,
     max_bytes: Annotated[
         int | None, typer.Option("--max-bytes", help="Use at most this many bytes of text.")
@@ -178,7 +189,8 @@ def data_prepare(
     tok = meta["tokenizer"]
     typer.echo(
         f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-        f"({meta['dtype']}), {tok['kind']} tokenizer with vocab {meta['vocab_size']:,}, "
+        f"({meta['dtype']}), {tok['kind']} tokenizer with vocab {meta['vocab_size']:,}"
+        f"{' from ' + tok['from'] if 'from' in tok else ''}, "
         f"{meta['chars_per_token']} chars/token, {meta['documents']:,} document(s)"
     )
     cleaning = meta["cleaning"]
@@ -489,6 +501,7 @@ def generate_text(
     if prompt_check.flagged:
         err.print(f"moderation: prompt flagged ({', '.join(prompt_check.matches)})", highlight=False)
     gen = load_generator(model, dtype=_dtype(dtype), compile=compile)
+    gen.engine.log_warnings = False  # each result's warnings are printed below, once
     t0 = time.perf_counter()
     if stream and not json_out:
         if n > 1 or num_beams > 1 or best_of > 1:
@@ -530,8 +543,8 @@ def generate_text(
         f"finish: {', '.join(sorted({r.finish_reason for r in results}))}",
         highlight=False,
     )
-    for w in {w for r in results for w in r.warnings}:
-        err.print(f"warning: {w}", highlight=False)
+    for w in dict.fromkeys(w for r in results for w in r.warnings):
+        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
     if store is not None:
         with store:
             ids = store.add_generations(
@@ -599,7 +612,7 @@ def generate_image(
         bool, typer.Option("--watermark", help="Invisible mark with this deployment's key id (>= 24 px).")
     ] = False,
     c2pa: Annotated[
-        bool, typer.Option("--c2pa", help="Sign every PNG with a C2PA manifest (needs aigc[c2pa]).")
+        bool, typer.Option("--c2pa", help="Sign every PNG with a C2PA manifest (needs aigc\\[c2pa]).")
     ] = False,
     overwrite: OverwriteOpt = False,
     best_of: Annotated[
@@ -718,7 +731,7 @@ def generate_music(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in every file).")] = 0,
     c2pa: Annotated[
         bool,
-        typer.Option("--c2pa", help="Sign each WAV and piano-roll PNG with a C2PA manifest (aigc[c2pa])."),
+        typer.Option("--c2pa", help="Sign each WAV and piano-roll PNG with a C2PA manifest (aigc\\[c2pa])."),
     ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -850,7 +863,9 @@ def export_cmd(
 
 @app.command("models")
 def models_cmd(
-    directory: Annotated[str, typer.Argument(help="Directory holding run directories.")] = "runs",
+    directory: Annotated[
+        str | None, typer.Argument(help="Directory holding run directories (default: ./runs).")
+    ] = None,
 ) -> None:
     """List trained models (run directories) under a directory: family, parameters, val loss."""
     from pathlib import Path
@@ -859,9 +874,17 @@ def models_cmd(
 
     from aigc.training.runs import list_runs
 
+    given = directory is not None
+    directory = directory if given else "runs"
+    if given and not Path(directory).is_dir():
+        what = "is not a directory" if Path(directory).exists() else "not found"
+        raise AigcError(
+            f"folder {directory} {what}; pass the directory holding your runs (where `aigc train ... "
+            "--out DIR` wrote them)"
+        )
     runs = list_runs(directory)
     if not runs:
-        err.print(f"no trained models under {directory}")
+        err.print(f"no trained models under {directory}", highlight=False)
         return
     table = Table("run", "family", "params", "steps", "val loss", title=f"models in {directory}")
     for r in runs:
@@ -1072,7 +1095,7 @@ def history_cmd(
 
     from aigc.feedback.store import Store
 
-    with Store.open(db) as store:
+    with Store.open(db, create=False) as store:  # reads only: a missing database is a typo
         page = store.list_generations(
             kind=kind,
             model=model,
@@ -1124,7 +1147,7 @@ def feedback_export(
     from aigc.feedback.store import Store
     from aigc.utils.io import atomic_write_text
 
-    with Store.open(db) as store:
+    with Store.open(db, create=False) as store:
         rows = store.export_feedback(fmt)
     atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     err.print(f"wrote {len(rows)} {fmt} rows to {out_file}", highlight=False)
@@ -1148,7 +1171,7 @@ def feedback_rate(
 
     from aigc.feedback.store import Store
 
-    with Store.open(db) as store:
+    with Store.open(db, create=False) as store:  # the rated generation is in an existing store
         rid = store.add_rating(
             generation_id,
             value,
@@ -1308,7 +1331,7 @@ def tune_cmd(
             "aigc tune needs a data source: pass --from-feedback (the store's ratings and comparisons)"
         )
     say = lambda msg: err.print(msg, highlight=False, markup=False)  # noqa: E731
-    with Store.open(db) as store:
+    with Store.open(db, create=False) as store:  # tunes on the feedback stored there
         report = tune(model, out_dir, store=store, method=method, overrides=set_, preset=preset, scorer=scorer,
                       max_steps=max_steps, max_time=max_time, overwrite=overwrite, progress=True,
                       models_dirs=[Path(d) for d in models] if models else None, log=say)  # fmt: skip
@@ -1391,7 +1414,8 @@ def serve_cmd(
         float, typer.Option("--max-train-time", help="Cap on a training job's max_time, in seconds.")
     ] = 3600.0,
     c2pa: Annotated[
-        bool, typer.Option("--c2pa", help="Sign image PNGs and music WAVs with C2PA manifests (aigc[c2pa]).")
+        bool,
+        typer.Option("--c2pa", help="Sign image PNGs and music WAVs with C2PA manifests (aigc\\[c2pa])."),
     ] = False,
     scorers: Annotated[
         list[str] | None,
@@ -1446,6 +1470,7 @@ def serve_cmd(
 
         # small models decode faster on one thread, and far faster when other processes load the cores
         torch.set_num_threads(threads)
+    import contextlib
     import copy
 
     import uvicorn
@@ -1453,13 +1478,67 @@ def serve_cmd(
 
     from aigc.serve.app import create_app
 
-    application = create_app(settings)
-    err.print(f"serving {', '.join(map(str, dirs))} on http://{host}:{port} (docs: /docs)", highlight=False)
-    # the same access lines through a plain formatter: uvicorn's copies every record to colour it
-    log_config = copy.deepcopy(LOGGING_CONFIG)
-    log_config["formatters"]["access"] = {"format": "%(levelname)s:     %(message)s"}
-    settle_gc()
-    uvicorn.run(application, host=host, port=port, log_level="info", log_config=log_config)
+    socks = _listen(host, port)  # before the app opens its store: a taken port leaves nothing behind
+    try:
+        application = create_app(settings)
+        port = socks[0].getsockname()[1]  # (--port 0: the one the system picked)
+        shown = f"[{host}]" if ":" in host else host
+        err.print(
+            f"serving {', '.join(map(str, dirs))} on http://{shown}:{port} (docs: /docs)", highlight=False
+        )
+        # the same access lines through a plain formatter: uvicorn's copies every record to colour it
+        log_config = copy.deepcopy(LOGGING_CONFIG)
+        log_config["formatters"]["access"] = {"format": "%(levelname)s:     %(message)s"}
+        settle_gc()
+        config = uvicorn.Config(application, host=host, port=port, log_level="info", log_config=log_config)
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # (as uvicorn.run: Ctrl+C is a normal stop)
+            server.run(sockets=socks)  # bound above: no other process can take the port in between
+    finally:
+        for sock in socks:
+            sock.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn's code for a failed start; it has logged why
+
+
+def _listen(host: str, port: int) -> list:
+    """TCP sockets bound to host:port, one per address the host names (as asyncio binds them for
+    uvicorn), or one line on why they cannot be."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise AigcError(f"--port {port} is out of range; allowed: 0..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise AigcError(
+            f"--host {host} is not an address of this machine ({e.strerror}); check --host"
+        ) from None
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError:  # a family this machine lacks (IPv6 off): skipped, as asyncio does
+                continue
+            socks.append(sock)
+            if sys.platform != "win32":  # a restart rebinds at once; on Windows it would share a busy port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        if e.errno == errno.EADDRINUSE or getattr(e, "winerror", None) == 10048:
+            raise AigcError(f"port {port} on {host} is in use; pick another with --port") from None
+        raise AigcError(
+            f"cannot listen on {host} port {port} ({e.strerror or e}); check --host and --port"
+        ) from None
+    if not socks:
+        raise AigcError(f"cannot listen on {host}: no address of it can be used here; check --host")
+    return socks
 
 
 # ============================================================================ detect/verify
@@ -1567,7 +1646,7 @@ def verify_cmd(
 
 
 c2pa_app = typer.Typer(
-    help="C2PA content credentials (optional: pip install aigc[c2pa]).", no_args_is_help=True
+    help="C2PA content credentials (optional: pip install aigc\\[c2pa]).", no_args_is_help=True
 )
 app.add_typer(c2pa_app, name="c2pa")
 

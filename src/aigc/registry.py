@@ -17,6 +17,11 @@ import torch.nn as nn
 from aigc.errors import AigcError
 
 TEXT_FAMILIES = ("gpt", "lstm")
+IMAGE_FAMILIES = ("diffusion", "vae", "gan")
+# what a run of each family is, for a message naming a run passed where another kind is needed
+RUN_KINDS = {"gpt": "a text model", "lstm": "a text model", "diffusion": "an image model",
+             "vae": "an image model", "gan": "an image model", "classifier": "a sentiment classifier",
+             "image_classifier": "an image classifier (an evaluation feature network)"}  # fmt: skip
 
 
 @dataclass
@@ -42,6 +47,37 @@ def _not_an_artifact(path: Path, what: str) -> AigcError:
         f"{path} is not a model artifact: {what}{hint}; pass a run directory made by `aigc train ... --out DIR` "
         "(config.json, model.safetensors, tokenizer.json)"
     )
+
+
+def run_family(path: str | Path) -> str | None:
+    """The `family` in a directory's config.json: set in every run of ours; None for anything else
+    (no config.json, not JSON, a transformers folder's config)."""
+    try:
+        cfg = json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    family = cfg.get("family") if isinstance(cfg, dict) else None
+    return family if isinstance(family, str) else None
+
+
+def run_kind(path: str | Path) -> str | None:
+    """What a run directory holds: "text" (gpt, lstm), "music" (a gpt on music events), "image"
+    (diffusion, vae, gan), another family's name (e.g. "classifier"), or None if it is not a run."""
+    family = run_family(path)
+    if family in TEXT_FAMILIES:
+        from aigc.tokenizers.music import is_music_tokenizer_file
+
+        return "music" if is_music_tokenizer_file(Path(path).expanduser()) else "text"
+    return "image" if family in IMAGE_FAMILIES else family
+
+
+def describe_run(path: str | Path) -> str:
+    """`a diffusion run (an image model)`: a run's family and what it is, for messages."""
+    family, kind = run_family(path), run_kind(path)
+    what = (
+        "a music model" if kind == "music" else RUN_KINDS.get(family or "", "a model this aigc does not know")
+    )
+    return f"{'an' if (family or 'x')[0] in 'aeiou' else 'a'} {family} run ({what})"
 
 
 def read_artifact_config(path: str | Path) -> dict[str, Any]:
@@ -110,4 +146,4 @@ def load_artifact(path: str | Path, device: str | None = None) -> Artifact:
     return Artifact(path=path, family=family, config=cfg, model=model.eval(), tokenizer=tokenizer)
 
 
-__all__ = ["Artifact", "load_artifact", "read_artifact_config"]
+__all__ = ["Artifact", "describe_run", "load_artifact", "read_artifact_config", "run_family", "run_kind"]

@@ -74,7 +74,10 @@ def _client(target: Any, api_key: str | None, timeout: float) -> tuple[Any, bool
     if isinstance(target, str):
         if not target.startswith(("http://", "https://")):
             raise AigcError(f"server {target!r} is not a URL; pass http://HOST:PORT")
-        return httpx.Client(base_url=target.rstrip("/"), headers=headers, timeout=timeout), True
+        try:
+            return httpx.Client(base_url=target.rstrip("/"), headers=headers, timeout=timeout), True
+        except httpx.InvalidURL as e:
+            raise AigcError(f"server {target!r} is not a valid URL ({e}); pass http://HOST:PORT") from None
     if hasattr(target, "post") and hasattr(target, "headers"):  # an httpx / Starlette test client
         if api_key:
             target.headers.update(headers)
@@ -89,7 +92,21 @@ def _client(target: Any, api_key: str | None, timeout: float) -> tuple[Any, bool
 
 
 def _post(client: Any, path: str, body: dict) -> dict:
-    r = client.post(path, json=body)
+    import httpx
+
+    try:
+        r = client.post(path, json=body)
+    except httpx.TimeoutException:
+        raise AigcError(
+            f"the server at {client.base_url} did not answer POST {path} in time; check it is not "
+            "overloaded (aigc serve's log), or ask for fewer tokens / steps"
+        ) from None
+    except httpx.TransportError as e:  # refused, unknown host, reset, ...
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise AigcError(
+            f"cannot reach the server at {client.base_url} ({reason}); start it with `aigc serve` "
+            "or check --server"
+        ) from None
     if r.status_code != 200:
         try:
             detail = r.json().get("detail") or r.text

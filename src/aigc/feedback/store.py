@@ -245,12 +245,14 @@ class Store:
         self._write = engine.execution_options(aigc_write=True)
 
     @classmethod
-    def open(cls, url: str | None = None, *, lock_timeout: float = 30.0) -> Store:
+    def open(cls, url: str | None = None, *, lock_timeout: float = 30.0, create: bool = True) -> Store:
         """Open (creating and migrating as needed) the store at `url`.
 
         `url`: a SQLAlchemy URL or a SQLite file path; None: `$AIGC_DB` or `$AIGC_HOME/aigc.db`.
         Checks at once that the database is reachable and writable, so a server fails at start,
         not on its first request. `lock_timeout`: seconds a writer waits for a lock (SQLite).
+        `create=False` (commands that only read what is stored): a SQLite file that does not exist
+        is an error, not a new empty database with its folders.
         """
         parsed = _parse_url(url)
         where = parsed.render_as_string(hide_password=True)
@@ -266,6 +268,11 @@ class Store:
                 where = str(path)
                 if path.is_dir():
                     raise AigcError(f"store {path} is a directory; pass a file path to --db / AIGC_DB")
+                if not create and not path.is_file():
+                    raise AigcError(
+                        f"no database at {path}; generate something first (aigc serve records every "
+                        "generation; aigc generate text --record) or pass the right --db / AIGC_DB"
+                    )
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as e:

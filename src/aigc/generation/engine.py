@@ -59,6 +59,9 @@ class Engine:
     def __init__(self, decoder, eos_id: int | Sequence[int] | None = None) -> None:
         self.decoder = decoder
         self.eos_id = eos_id  # one id or several (HF models may end on any of a few)
+        # False: the caller shows each completion's `warnings` itself (the CLI), so they are not
+        # logged as well
+        self.log_warnings = True
 
     # ------------------------------------------------------------------ helpers
 
@@ -69,8 +72,14 @@ class Engine:
             ids.extend([self.eos_id] if isinstance(self.eos_id, int) else self.eos_id)
         return sorted(set(ids))
 
-    def fit_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> tuple[list[int], list[str]]:
-        """Apply the context policy: keep the prompt's tail when it does not fit."""
+    def fit_prompt(
+        self, prompt: Sequence[int], max_new_tokens: int, *, quiet: bool = False
+    ) -> tuple[list[int], list[str]]:
+        """Apply the context policy: keep the prompt's tail when it does not fit.
+
+        Returns the ids to run and the warnings, which are logged too unless `quiet` (for a caller
+        that only wants their text: what will happen, said before the prompt runs elsewhere).
+        """
         prompt = list(prompt)
         if not prompt:
             raise AigcError("the engine needs at least one prompt token (the text layer adds a start token)")
@@ -86,7 +95,8 @@ class Engine:
             f"prompt has {len(prompt)} tokens but the model's context is {ctx}: kept the last {keep} tokens "
             f"(room for {ctx - keep} new ones); shorten the prompt to keep its beginning"
         )
-        log.warning(msg)
+        if not quiet and self.log_warnings:
+            log.warning(msg)
         return prompt[-keep:], [msg]
 
     # ------------------------------------------------------------------ sampling / greedy
@@ -211,11 +221,14 @@ class DecodeRun:
         for i, r in enumerate(self.requests):
             if r.params.num_beams > 1:
                 raise AigcError("num_beams > 1 runs through Engine.beam, one request at a time")
-            prompt, warns = eng.fit_prompt(r.prompt, r.params.max_new_tokens)
+            prompt, warns = eng.fit_prompt(r.prompt, r.params.max_new_tokens, quiet=True)
             self.completions[i].prompt_tokens = len(prompt)
             self.completions[i].warnings = warns
             prompts.append(prompt)
             params.append(r.params)
+        if eng.log_warnings:  # once per batch: n rows of one prompt share its warning
+            for msg in dict.fromkeys(w for c in self.completions for w in c.warnings):
+                log.warning(msg)
         # rows with nothing to generate are done before they start
         active = [i for i in range(len(prompts)) if params[i].max_new_tokens > 0]
         if not active:

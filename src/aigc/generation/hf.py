@@ -135,6 +135,15 @@ class HFTextGenerator(TextGenerator):
         return [] if getattr(self.hf_tokenizer, "chat_template", None) else super().chat_stops()
 
 
+# files a saved transformers tokenizer has one of (to say "no tokenizer" when loading it failed)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _first_line(e: Exception) -> str:
+    line = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return line.rstrip(":")
+
+
 def load_hf(spec: str, dtype: torch.dtype | None = None) -> HFTextGenerator:
     """`hf:<local dir or hub id>` -> HFTextGenerator (AutoModelForCausalLM + AutoTokenizer)."""
     try:
@@ -165,9 +174,17 @@ def load_hf(spec: str, dtype: torch.dtype | None = None) -> HFTextGenerator:
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    # transformers says what is wrong with a folder as an OSError or a ValueError (many lines)
     try:
         tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        if looks_local and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            why = f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+        else:
+            why = f"cannot load the tokenizer of hf:{name} ({_first_line(e)})"
+        raise AigcError(f"{why}; save it beside the model with tokenizer.save_pretrained(dir)") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as e:
-        raise AigcError(f"cannot load hf:{name}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise AigcError(f"cannot load hf:{name}: {_first_line(e)}") from None
     return HFTextGenerator(model, tok, model_id=f"hf:{name}")

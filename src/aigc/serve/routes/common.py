@@ -71,7 +71,8 @@ def prompt_warnings(gen: Any, call: TextCall, max_new_tokens: int) -> list[str]:
     if ctx is None:
         return []
     long = [t.rows[0].ids for t in call.tickets if t.rows and len(t.rows[0].ids) >= ctx]
-    return sorted({w for ids in long for w in gen.engine.fit_prompt(ids, max_new_tokens)[1]})
+    # quiet: the scheduler logs the warning when it runs the prompt
+    return sorted({w for ids in long for w in gen.engine.fit_prompt(ids, max_new_tokens, quiet=True)[1]})
 
 
 def new_id(prefix: str) -> str:

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from aigc.errors import AigcError
+from aigc.registry import IMAGE_FAMILIES, TEXT_FAMILIES
 
-TEXT_FAMILIES = ("gpt", "lstm")
-IMAGE_FAMILIES = ("diffusion", "gan", "vae")
 DEFAULT_TEXT_TOKENS = 128  # new tokens per text sample (at most context - 1) without --max-new-tokens
 MUSIC_BARS = 8  # bars per generated piece (MusicGenerator's default length)
 MAX_LOSS_TOKENS = 131_072  # held-out tokens scored for val loss (the mean settles long before)

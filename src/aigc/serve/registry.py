@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from aigc.errors import AigcError
+from aigc.registry import run_kind
 from aigc.serve.settings import RESCAN_INTERVAL_S, Settings
 
 log = logging.getLogger("aigc.serve")
 
-TEXT_FAMILIES = ("gpt", "lstm")
-IMAGE_FAMILIES = ("diffusion", "vae", "gan")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -113,7 +112,7 @@ def _load_problem(entry: ModelEntry, exc: Exception) -> str:
 
     run = Path(entry.spec)
     if entry.kind != "image" and not entry.spec.startswith("hf:") and not (run / "tokenizer.json").is_file():
-        return "its tokenizer.json is missing"  # (the loader then tried it as a transformers folder)
+        return "its tokenizer.json is missing"
     reason = " ".join(str(exc).split()) or type(exc).__name__
     for path in (str(run.resolve()), entry.spec):
         reason = reason.replace(path, _folder(entry))
@@ -130,16 +129,8 @@ def _artifact_kind(path: Path) -> tuple[str, tuple, int] | None:
     cfg, weights = path / "config.json", path / "model.safetensors"
     if not (cfg.is_file() and weights.is_file()):
         return None
-    try:
-        family = json.loads(cfg.read_text(encoding="utf-8")).get("family")
-    except (OSError, ValueError, AttributeError):
-        return None
-    kind = "text" if family in TEXT_FAMILIES else "image" if family in IMAGE_FAMILIES else None
-    if kind == "text":
-        from aigc.tokenizers.music import is_music_tokenizer_file
-
-        kind = "music" if is_music_tokenizer_file(path) else kind  # a gpt on music events
-    if kind is None:
+    kind = run_kind(path)  # text, music (a gpt on music events), image, or what the server does not serve
+    if kind not in ("text", "music", "image"):
         return None
     st = weights.stat()
     return kind, (st.st_mtime_ns, st.st_size, cfg.stat().st_mtime_ns), st.st_size

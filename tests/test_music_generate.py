@@ -165,6 +165,18 @@ def test_cli_generate_music_end_to_end(music_run, tmp_path, run_cli):
     meta = json.loads((out / "piece-1.json").read_text())
     assert meta["seed"] == 4 and meta["instrument"] == "organ" and meta["files"]["wav"] == "piece-1.wav"
     assert valid_midi((out / "piece-0.mid").read_bytes())
+    # the sidecar holds each file's hash: `aigc verify` notices an edited WAV or MIDI
+    from aigc.safety.provenance import verify
+
+    assert all(verify(out / f"piece-1.{e}")["file_unchanged"] for e in ("wav", "mid"))
+    with open(out / "piece-1.wav", "ab") as f:
+        f.write(b"\0")
+    assert (
+        verify(out / "piece-1.wav")["file_unchanged"] is False
+        and verify(out / "piece-1.mid")["file_unchanged"]
+    )
+    code, stdout, _ = run_cli("verify", out / "piece-1.wav")
+    assert "NO (edited)" in stdout
     # a second run into the same directory is refused; a bad key is one line, exit 1, nothing written
     code, _, stderr = run_cli(*args)
     assert code == 1 and "--overwrite" in stderr

@@ -181,6 +181,8 @@ def test_generate_image_and_music_with_c2pa(run_cli, tmp_path):
     assert code == 0, err
     assert verify(tmp_path / "song" / "piece-0.wav")["c2pa"] == "valid"
     assert verify(tmp_path / "song" / "piece-0.png")["c2pa_manifest"]["aigc"]["kind"] == "music"
+    # the sidecar's hashes are the signed files' (taken after signing)
+    assert all(verify(tmp_path / "song" / f"piece-0.{e}")["file_unchanged"] for e in ("wav", "mid"))
 
 
 @needs_c2pa

@@ -701,6 +701,18 @@ def generate_image(
     )
 
 
+def _rehash_sidecar(sidecar) -> None:
+    """Refresh a piece sidecar's (a Path) file hashes after its files were rewritten (signed)."""
+    import json
+
+    from aigc.safety.provenance import file_hashes
+    from aigc.utils.io import atomic_write_json
+
+    meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    meta["sha256"] = file_hashes(sidecar.with_name(name) for name in meta.get("files", {}).values())
+    atomic_write_json(sidecar, meta)
+
+
 @generate_app.command("music")
 def generate_music(
     model: Annotated[
@@ -765,6 +777,7 @@ def generate_music(
                 for ext in (".wav", ".png"):
                     if (stage / f"piece-{r.index}{ext}").is_file():
                         sign_file(stage / f"piece-{r.index}{ext}", record)
+                _rehash_sidecar(stage / f"piece-{r.index}.json")  # the signed files' bytes changed
         commit_dir(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -77,7 +77,10 @@ class MusicResult:
         for ext, data in (("mid", self.midi), ("wav", self.wav), ("png", self.png)):
             if data is not None:
                 paths[ext] = atomic_write_bytes(out_dir / f"{stem}.{ext}", data)
+        from aigc.safety.provenance import file_hashes
+
         meta = {**self.metadata, "files": {k: p.name for k, p in paths.items()}}
+        meta["sha256"] = file_hashes(paths.values())  # `aigc verify` notices an edit of any of them
         paths["json"] = atomic_write_json(out_dir / f"{stem}.json", meta)
         return paths
 

@@ -332,6 +332,9 @@ def save_music(
         paths["wav"] = atomic_write_bytes(out_dir / f"{stem}.wav", data)
     if "png" in formats:
         paths["png"] = atomic_write_bytes(out_dir / f"{stem}.png", piano_roll_png(piece, meta))
+    from aigc.safety.provenance import file_hashes
+
     meta["files"] = {k: p.name for k, p in paths.items()}
+    meta["sha256"] = file_hashes(paths.values())  # `aigc verify` notices an edit of any of them
     paths["json"] = atomic_write_json(out_dir / f"{stem}.json", meta)
     return paths

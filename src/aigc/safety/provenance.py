@@ -21,6 +21,7 @@ import hashlib
 import json
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,12 @@ def write_sidecar(path: str | Path, record: dict[str, Any]) -> Path:
     return atomic_write_json(sidecar_path(p), {**record, "file_sha256": _sha256(p)})
 
 
+def file_hashes(paths: Iterable[Path]) -> dict[str, str]:
+    """{file name: sha256} of the files one stem sidecar describes (a piece's .mid / .wav / .png), so
+    `verify` notices a later edit of any of them; taken after the last write (a C2PA signature)."""
+    return {p.name: _sha256(p) for p in paths}
+
+
 def read_sidecar(path: str | Path) -> dict[str, Any] | None:
     s = sidecar_path(path)
     if not s.is_file():
@@ -320,6 +327,8 @@ def verify(path: str | Path, model: str | None = None, threshold: float = 4.0) -
     report["metadata"] = record
     if record and record.get("file_sha256"):
         report["file_unchanged"] = record["file_sha256"] == _sha256(p)
+    elif record and isinstance(record.get("sha256"), dict) and p.name in record["sha256"]:
+        report["file_unchanged"] = record["sha256"][p.name] == _sha256(p)  # a music sidecar: a hash per file
     report["watermark"] = (
         _text_watermark(p, model, threshold) if _is_text(p) else {"status": "not applicable"}
     )

@@ -30,7 +30,7 @@ def _writer(url: str, w: int, n: int, gids: list[int], start: threading.Barrier 
     if start is not None:
         start.wait()
     for i in range(n):
-        store.add_rating(gids[i % len(gids)], 1 + (w + i) % 5, "stars", comment=f"{w}:{i}", user=f"w{w}")
+        store.add_rating(gids[i % len(gids)], 1 + (w + i) % 5, "stars", comment=f"{w}:{i}", user=f"w{w}:{i}")
     store.close()
 
 
@@ -38,7 +38,7 @@ def _proc_writer(url: str, w: int, n: int, gids: list[int], start) -> None:
     store = Store.open(url)
     start.wait()
     for i in range(n):
-        store.add_rating(gids[i % len(gids)], 1 + (w + i) % 5, "stars", comment=f"{w}:{i}", user=f"w{w}")
+        store.add_rating(gids[i % len(gids)], 1 + (w + i) % 5, "stars", comment=f"{w}:{i}", user=f"w{w}:{i}")
     store.close()
 
 

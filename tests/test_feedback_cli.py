@@ -131,3 +131,25 @@ def test_bad_input_is_one_line_and_exit_1(run_cli, filled, tmp_path):
     blocker.write_text("")
     code, _, err = run_cli("history", "--db", str(blocker / "x.db"))
     assert code == 1 and "no database at" in err
+
+
+def test_rating_again_replaces_your_rating(run_cli, filled, monkeypatch):
+    """The CLI's rater is --user, else the login name ($LOGNAME / $USER, the password database):
+    rating the same generation again replaces that rating."""
+    import getpass
+
+    a, _, _ = filled
+    monkeypatch.delenv("USER", raising=False)  # no $USER: still a rater, not one anonymous vote a click
+    me = getpass.getuser()
+    code, out, _ = run_cli("feedback", "rate", str(a), "1")
+    assert code == 0 and "replaces" not in out
+    code, out, _ = run_cli("feedback", "rate", str(a), "-1", "--comment", "on second thought")
+    assert code == 0 and f"replaces {me}'s earlier thumb rating" in out
+    run_cli("feedback", "rate", str(a), "5", "--kind", "stars", "--user", "ann")
+    with Store.open() as s:
+        rows = s.list_ratings()["data"]
+        assert sorted((r["user"], r["kind"], r["value"]) for r in rows) == [
+            ("ann", "stars", 5),
+            (me, "thumb", -1),
+        ]
+        assert s.get_generation(a)["rating_count"] == 2

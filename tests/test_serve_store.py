@@ -225,6 +225,33 @@ def test_ratings(client, db):
         assert len(s.list_ratings(generation_id=gid)["data"]) == 1  # refused ones wrote nothing
 
 
+def test_rating_again_replaces_and_rows_show_my_rating(client, db):
+    [gid, other, *_] = seed_rows(db)
+    with Store.open(str(db)) as s:
+        s.add_rating(gid, 1, "stars", user="someone else")
+    ids = []
+    for visit in range(5):  # five visits, five star clicks: one rating, the latest value
+        r = client.post("/v1/ratings", json={"generation_id": gid, "value": 5 - visit % 2, "kind": "stars"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["replaced"] is (visit > 0) and body["rating_count"] == 2
+        assert body["object"] == "rating" and body["value"] == 5 - visit % 2
+        ids.append(body["id"])
+    assert len(set(ids)) == 1
+    assert body["rating"] == pytest.approx((5 + 1) / 2)
+    for _ in range(3):  # "Regenerate with feedback" pressed three times: one thumbs-down
+        client.post("/v1/ratings", json={"generation_id": gid, "value": -1, "comment": "too gloomy"})
+    with Store.open(str(db)) as s:
+        mine = [r for r in s.list_ratings(generation_id=gid)["data"] if r["user"] == hash_key(KEY)]
+        assert sorted((r["kind"], r["value"]) for r in mine) == [("stars", 5), ("thumb", -1)]
+        assert s.get_generation(gid)["rating_count"] == 3
+    # list and get show the caller's own rating (none on a generation they did not rate)
+    one = client.get(f"/v1/generations/{gid}").json()
+    assert one["my_rating"] == {"stars": 5, "thumb": -1} and one["rating_count"] == 3
+    listed = {g["id"]: g["my_rating"] for g in client.get("/v1/generations").json()["data"]}
+    assert listed[gid] == {"stars": 5, "thumb": -1} and listed[other] == {"stars": None, "thumb": None}
+
+
 def test_comparisons_and_export(client, db):
     a, b, *_ = seed_rows(db)
     r = client.post("/v1/comparisons", json={"a": a, "b": b, "winner": b})
@@ -313,25 +340,36 @@ def test_lock_timeout_is_503(root, tmp_path):
 
 @pytest.mark.slow
 def test_concurrent_writers_through_http(root, tmp_path):
-    """8 writers x 250 ratings through a live server -> exactly 2,000 rows, none lost or doubled."""
+    """8 raters (API keys) at once through a live server, 250 ratings each: a thumbs-down on each of
+    125 generations, then a second vote on each -> exactly 1,000 rows: every second vote replaced
+    the rater's first (same id), none lost or doubled, every summary that of the second votes."""
     import httpx
 
     db = tmp_path / "many.db"
+    keys = [f"rater-{w}-key-0123456789" for w in range(8)]
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("".join(hash_key(k) + "\n" for k in keys))
     with Store.open(str(db)) as s:
-        gid = s.add_generation(kind="text", model="m", prompt="p", output_text="o")
-    with LiveServer(create_app(Settings(models_dirs=[root], db=str(db)))) as live:
+        gids = s.add_generations(
+            [dict(kind="text", model="m", prompt="p", output_text=f"o{i}") for i in range(125)]
+        )
+    second = lambda w: 1 if w < 6 else -1  # noqa: E731 - 6 of 8 raters change their mind
+    with LiveServer(create_app(Settings(models_dirs=[root], db=str(db), api_keys_file=key_file))) as live:
         errors: list[str] = []
-        acked: list[list[int]] = [[] for _ in range(8)]
+        acked: list[list[tuple[int, bool]]] = [[] for _ in range(8)]
 
         def writer(w: int) -> None:
-            with httpx.Client(base_url=live.url, timeout=60) as http:
-                for i in range(250):
-                    body = {"generation_id": gid, "value": 1 if i % 2 else -1, "comment": f"{w}:{i}"}
-                    r = http.post("/v1/ratings", json=body)
-                    if r.status_code != 200:
-                        errors.append(r.text)
-                        return
-                    acked[w].append(r.json()["id"])
+            with httpx.Client(
+                base_url=live.url, timeout=60, headers={"Authorization": f"Bearer {keys[w]}"}
+            ) as http:
+                for vote, value in enumerate((-1, second(w))):
+                    for gid in gids:
+                        body = {"generation_id": gid, "value": value, "comment": f"{w}:{gid}:{vote}"}
+                        r = http.post("/v1/ratings", json=body)
+                        if r.status_code != 200:
+                            errors.append(r.text)
+                            return
+                        acked[w].append((r.json()["id"], r.json()["replaced"]))
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
@@ -342,18 +380,19 @@ def test_concurrent_writers_through_http(root, tmp_path):
         dt = time.perf_counter() - t0
     assert not errors, errors[:3]
     with Store.open(str(db)) as s:
-        comments, before = [], None
-        while True:
-            page = s.list_ratings(generation_id=gid, limit=1000, before=before)
-            comments += [r["comment"] for r in page["data"]]
-            if not page["has_more"]:
-                break
-            before = page["last_id"]
-        g = s.get_generation(gid)
-    assert len(comments) == 2000 and len(set(comments)) == 2000
-    assert sorted(comments) == sorted(f"{w}:{i}" for w in range(8) for i in range(250))
-    assert g["rating_count"] == 2000 and g["rating"] == pytest.approx(3.0)  # half up, half down
-    assert len({i for a in acked for i in a}) == 2000
+        page = s.list_ratings(limit=1000)
+        rows, summaries = page["data"], [s.get_generation(g) for g in gids]
+    assert len(rows) == 1000 and not page["has_more"]
+    assert sorted(r["comment"] for r in rows) == sorted(f"{w}:{g}:1" for w in range(8) for g in gids)
+    assert {(r["user"], r["generation_id"]) for r in rows} == {(hash_key(k), g) for k in keys for g in gids}
+    for w in range(8):
+        first, again = acked[w][:125], acked[w][125:]
+        assert [i for i, _ in first] == [i for i, _ in again]  # the same rows, replaced
+        assert not any(r for _, r in first) and all(r for _, r in again)
+    assert len({i for a in acked for i, _ in a}) == 1000
+    assert all(
+        g["rating_count"] == 8 and g["rating"] == pytest.approx((6 * 5 + 2 * 1) / 8) for g in summaries
+    )
     print(f"\n2000 ratings from 8 HTTP writers in {dt:.2f} s ({2000 / dt:.0f}/s)")
 
 
@@ -370,8 +409,8 @@ def test_sigkill_loses_no_acknowledged_rating(tmp_path):
 
     db, models = tmp_path / "kill.db", tmp_path / "models"
     models.mkdir()
-    with Store.open(str(db)) as s:
-        gid = s.add_generation(kind="text", model="m", prompt="p", output_text="o")
+    with Store.open(str(db)) as s:  # a generation per request: one rater (the host) rates each once
+        gids = s.add_generations([dict(kind="text", model="m", prompt="p", output_text="o")] * 4000)
     port = _free_port()
     env = {**os.environ, "AIGC_HOME": str(tmp_path / "home")}
     cmd = [
@@ -404,8 +443,9 @@ def test_sigkill_loses_no_acknowledged_rating(tmp_path):
         def writer(w: int) -> None:
             with httpx.Client(base_url=url, timeout=10) as http:
                 i = 0
-                while not stop.is_set():
+                while not stop.is_set() and i < 1000:
                     comment = f"{w}:{i}"
+                    gid = gids[w * 1000 + i]
                     try:
                         r = http.post(
                             "/v1/ratings", json={"generation_id": gid, "value": 1, "comment": comment}
@@ -435,7 +475,7 @@ def test_sigkill_loses_no_acknowledged_rating(tmp_path):
         have = {}
         before = None
         while True:
-            page = s.list_ratings(generation_id=gid, limit=1000, before=before)
+            page = s.list_ratings(limit=1000, before=before)
             have.update({r["id"]: r["comment"] for r in page["data"]})
             if not page["has_more"]:
                 break

@@ -119,6 +119,25 @@ def test_presets_bad_input(client):
 # ----------------------------------------------------------------------------- model details
 
 
+def test_model_details_hides_host_paths_of_an_old_card(client, setup):
+    """A card written before cards kept host paths out: the details show their last parts only."""
+    _, root, _ = setup
+    old = {"family": "gpt", "data": {"path": "/secret/path/data", "tokenizer": {"kind": "char"}},
+           "init_from": "/home/ann/runs/base", "sample": {"prompt": "ROMEO:"}}  # fmt: skip
+    (root / "story" / "1" / "card.md").write_text(
+        "# gpt model card\n\n## Data\n\n- prepared data: `/secret/path/data` (source: tiny)\n"
+        "- tuned from `/home/ann/runs/base` (story@1) with DPO\n\n## Samples\n\n- [a.txt](samples/a.txt)\n\n"
+        "## Config\n\n```json\n" + json.dumps(old, indent=2) + "\n```\n",
+        encoding="utf-8",
+    )
+    card = client.get("/v1/models/story@1/details").json()["card"]
+    assert "/secret" not in card and "/home/ann" not in card
+    assert (
+        "prepared data: `data`" in card and "tuned from `base`" in card and "[a.txt](samples/a.txt)" in card
+    )
+    assert '"path": "data"' in card and '"init_from": "base"' in card and '"prompt": "ROMEO:"' in card
+
+
 def test_model_details(client, setup):
     _, root, tmp = setup
     d = client.get("/v1/models/story@2/details").json()

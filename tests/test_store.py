@@ -105,7 +105,7 @@ def test_migrates_a_v1_file_and_keeps_the_data(tmp_path):
     con.close()
 
     store = Store.open(str(path))
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     g1 = store.get_generation(1)
     assert (g1["prompt"], g1["output_text"], g1["params"], g1["seed"]) == (
         "Once upon",
@@ -127,8 +127,78 @@ def test_migrates_a_v1_file_and_keeps_the_data(tmp_path):
     Store.open(str(fresh)).close()
     assert _schema(f"sqlite:///{path}") == _schema(f"sqlite:///{fresh}")
     con = sqlite3.connect(path)
-    assert con.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,), (3,)]
+    versions = con.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+    assert versions == [(1,), (2,), (3,), (4,)]
     con.close()
+
+
+def v3_with_duplicate_votes(url: str) -> None:
+    """A v3 store (SQLite or PostgreSQL) as aigc left it when every click was a new vote."""
+    from aigc.feedback.schema import MIGRATIONS
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied FLOAT NOT NULL)"
+            )
+        )
+        for v in (1, 2, 3):
+            MIGRATIONS[v](conn)
+            conn.execute(sa.text(f"INSERT INTO schema_version VALUES ({v}, 0)"))
+        conn.execute(sa.text(
+            "INSERT INTO generations (id, created, kind, model, prompt, params, output_text, rating_count, "
+            "rating_sum, rating) VALUES (1, 1, 'text', 'm@1', 'p', '{}', 'o', 8, 24, 3.0), "
+            "(2, 1, 'text', 'm@1', 'p', '{}', 'o2', 1, 5, 5.0)"
+        ))  # fmt: skip
+        conn.execute(sa.text(
+            "INSERT INTO ratings (id, generation_id, created, kind, value, comment, correction, user_id) "
+            "VALUES "
+            "(1, 1, 1, 'stars', 5, NULL, NULL, 'anonymous:127.0.0.1'),"
+            "(2, 1, 2, 'stars', 5, 'nice', 'fixed', 'anonymous:127.0.0.1'),"
+            "(3, 1, 3, 'stars', 4, NULL, NULL, 'anonymous:127.0.0.1'),"  # the latest of three: kept
+            "(4, 1, 4, 'thumb', -1, 'gloomy', NULL, 'k'),"
+            "(5, 1, 5, 'thumb', -1, 'still gloomy', NULL, 'k'),"
+            "(6, 1, 6, 'stars', 2, NULL, NULL, 'k'),"  # another kind of the same rater
+            "(7, 1, 7, 'thumb', 1, NULL, NULL, NULL),"  # raters without a name: all kept
+            "(8, 1, 8, 'thumb', 1, NULL, NULL, NULL),"
+            "(9, 2, 9, 'thumb', 1, NULL, NULL, 'k')"
+        ))  # fmt: skip
+        if conn.dialect.name == "postgresql":  # ids were given: move the sequences past them
+            for table in ("generations", "ratings"):
+                conn.execute(sa.text(f"SELECT setval('{table}_id_seq', (SELECT max(id) FROM {table}))"))
+    engine.dispose()
+
+
+def check_duplicate_votes_migrated(store: Store) -> None:
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    kept = {r["id"]: (r["value"], r["comment"], r["correction"]) for r in store.list_ratings()["data"]}
+    assert kept == {
+        3: (4, "nice", "fixed"),  # the latest value, the latest comment and correction given
+        5: (-1, "still gloomy", None),
+        6: (2, None, None),
+        7: (1, None, None),
+        8: (1, None, None),
+        9: (1, None, None),
+    }
+    g = store.get_generation(1)
+    assert g["rating_count"] == 5 and g["rating"] == pytest.approx((4 + 1 + 2 + 5 + 5) / 5)
+    assert store.get_generation(2)["rating_count"] == 1  # untouched
+    # and from now on rating again replaces
+    assert store.rate(1, 1, "stars", user="anonymous:127.0.0.1")["id"] == 3
+    assert store.get_generation(1)["rating_count"] == 5
+    assert store.rate(1, 1, "stars", user="new rater")["id"] == 10
+
+
+def test_migrating_duplicate_votes_keeps_each_raters_latest(tmp_path):
+    """A v3 store holds every click as a vote; v4 keeps one per (generation, rater, kind)."""
+    path = tmp_path / "v3.db"
+    v3_with_duplicate_votes(f"sqlite:///{path}")
+    with Store.open(str(path)) as store:
+        check_duplicate_votes_migrated(store)
+    fresh = tmp_path / "fresh.db"
+    Store.open(str(fresh)).close()
+    assert _schema(f"sqlite:///{path}") == _schema(f"sqlite:///{fresh}")
 
 
 def test_refuses_newer_schema_and_foreign_db(tmp_path):
@@ -358,6 +428,67 @@ def test_ratings_validation_and_summary(store):
     }
     row = store.get_generation(g)
     assert row["rating_count"] == 2 and row["rating"] == pytest.approx((1 + 4) / 2)
+
+
+def test_rating_again_replaces_the_raters_own_rating(store):
+    g, other = gen(store), gen(store)
+    first = store.rate(g, 2, "stars", comment="dull", correction="better", user="ann")
+    assert (first["replaced"], first["rating"], first["rating_count"]) == (False, 2.0, 1)
+    store.add_rating(g, 1, "thumb", user="ann")  # another kind: a rating of its own
+    store.add_rating(g, 4, "stars", user="bob")  # another rater
+    # ann rates again: her stars are replaced in place (same id, count kept, sum adjusted); a
+    # comment or correction left out keeps the old one
+    again = store.rate(g, 5, "stars", user="ann")
+    assert again == {
+        "id": first["id"],
+        "replaced": True,
+        "rating": pytest.approx((5 + 5 + 4) / 3),
+        "rating_count": 3,
+    }
+    assert store.add_rating(g, 3, "stars", comment="ok after all", user="ann") == first["id"]
+    mine = [r for r in store.list_ratings(generation_id=g)["data"] if r["user"] == "ann"]
+    assert {(r["kind"], r["value"], r["comment"], r["correction"]) for r in mine} == {
+        ("stars", 3, "ok after all", "better"),
+        ("thumb", 1, None, None),
+    }
+    store.add_rating(g, -1, "thumb", user="ann")  # a thumb flipped: 5 -> 1 on the star scale
+    row = store.get_generation(g)
+    assert row["rating_count"] == 3 and row["rating"] == pytest.approx((3 + 1 + 4) / 3)
+    assert len(store.list_ratings(generation_id=g)["data"]) == 3
+    # the same rater on another generation, and raters without a name: separate votes
+    store.add_rating(other, 5, "stars", user="ann")
+    store.add_rating(other, 1, "stars")
+    store.add_rating(other, 1, "stars")
+    assert store.get_generation(other)["rating_count"] == 3
+    # each row can carry the asking rater's own rating
+    assert store.get_generation(g, rater="ann")["my_rating"] == {"thumb": -1, "stars": 3}
+    assert store.get_generation(g, rater="bob")["my_rating"] == {"thumb": None, "stars": 4}
+    assert "my_rating" not in store.get_generation(g)
+    listed = {r["id"]: r["my_rating"] for r in store.list_generations(rater="ann")["data"]}
+    assert listed == {g: {"thumb": -1, "stars": 3}, other: {"thumb": None, "stars": 5}}
+
+
+def test_export_sees_one_rating_per_rater(store):
+    from aigc.feedback.export import load_feedback
+    from aigc.tuning.preference import feedback_rows
+
+    a = gen(store, prompt="q", text="first")
+    b = gen(store, prompt="q", text="second")
+    for _ in range(3):  # "regenerate with feedback" pressed three times: one thumbs-down
+        store.add_rating(a, -1, "thumb", comment="too gloomy", user="ann")
+    store.add_rating(a, 1, "thumb", user="ann")  # ...and then she liked it after all
+    store.add_rating(b, 4, "stars", user="ann")
+    store.add_rating(b, 2, "stars", user="bob")
+    store.add_rating(b, 5, "stars", user="bob")
+    with store._session() as s:
+        ratings = {
+            g["id"]: [(r["user"], r["kind"], r["value"]) for r in g["ratings"]] for g in load_feedback(s)
+        }
+    assert ratings == {a: [("ann", "thumb", 1)], b: [("ann", "stars", 4), ("bob", "stars", 5)]}
+    assert [len(g["ratings"]) for g in feedback_rows(store, "m", "text")] == [1, 2]
+    assert store.export_feedback("kto") == [{"prompt": "q", "completion": "first", "label": True}]
+    # a: 5 stars (thumb up), b: 4.5 -> no pair at min_gap 1; the old votes would have made a (2) < b
+    assert store.export_feedback("dpo") == []
 
 
 def test_comparisons(store):

@@ -23,8 +23,11 @@ from aigc.feedback.store import Store
 WRITERS, PER_WRITER = 8, 250
 
 
-def _hammer(url: str, gids: list[int], writers: int, per_writer: int) -> float:
-    """`writers` threads, each with its own Store (engine + pool, as separate server workers would)."""
+def _hammer(url: str, gids: list[int], writers: int, per_writer: int, raters: int = 0) -> float:
+    """`writers` threads, each with its own Store (engine + pool, as separate server workers would).
+
+    Every rating has its own rater, or (`raters` > 0) the writers share that many raters, so one
+    rater's votes on one generation race each other from several writers."""
     stores = [Store.open(url) for _ in range(writers)]
     barrier = threading.Barrier(writers)
     errors: list[BaseException] = []
@@ -33,8 +36,9 @@ def _hammer(url: str, gids: list[int], writers: int, per_writer: int) -> float:
         try:
             barrier.wait()
             for i in range(per_writer):
+                user = f"r{i % raters}" if raters else f"w{w}:{i}"
                 stores[w].add_rating(
-                    gids[i % len(gids)], 1 + (w + i) % 5, "stars", comment=f"{w}:{i}", user=f"w{w}"
+                    gids[i % len(gids)], 1 + (w + i) % 5, "stars", comment=f"{w}:{i}", user=user
                 )
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
@@ -84,6 +88,34 @@ def test_eight_writers_lose_nothing(tmp_path):
     )
     with Store.open(url) as store:
         _check_hammered(store, gids, WRITERS, PER_WRITER)
+
+
+def _check_replaced(store: Store, gids: list[int], per_writer: int, raters: int) -> None:
+    """After `_hammer(..., raters)`: one rating per (generation, rater), each one of that rater's
+    votes there, and every generation's summary is the sum of the ratings it kept."""
+    rows = [r for r in store.list_ratings(limit=1000)["data"] if r["generation_id"] in gids]
+    keys = {(r["generation_id"], r["user"]) for r in rows}
+    assert len(rows) == len(keys) == len({(gids[i % len(gids)], f"r{i % raters}") for i in range(per_writer)})
+    for r in rows:
+        w, i = map(int, r["comment"].split(":"))
+        assert (gids[i % len(gids)], f"r{i % raters}") == (r["generation_id"], r["user"])
+        assert r["value"] == 1 + (w + i) % 5  # the value and the comment of one and the same vote
+    for g in gids:
+        mine = [r["value"] for r in rows if r["generation_id"] == g]
+        row = store.get_generation(g)
+        assert row["rating_count"] == len(mine)
+        assert row["rating"] == pytest.approx(sum(mine) / len(mine))
+
+
+def test_raters_rating_again_at_once_replace_their_votes(tmp_path):
+    url = f"sqlite:///{tmp_path / 'aigc.db'}"
+    with Store.open(url) as store:
+        gids = [
+            store.add_generation(kind="text", model="m@1", prompt=f"p{i}", output_text="o") for i in range(2)
+        ]
+    _hammer(url, gids, WRITERS, 60, raters=3)  # 8 writers race on 2 x 3 (generation, rater) pairs
+    with Store.open(url) as store:
+        _check_replaced(store, gids, 60, 3)
 
 
 def test_workers_opening_a_new_store_at_once_migrate_it_once(tmp_path):
@@ -320,3 +352,22 @@ def test_postgresql_same_api_and_migration(postgres_url):
         page = store.list_ratings(limit=1000)
         assert len(page["data"]) == 2 + 4 * 50 and not page["has_more"]
         assert sum(store.get_generation(g)["rating_count"] for g in gids) == 2 + 4 * 50
+    # raters rating again from several writers at once: one vote each stays, summaries agree
+    with Store.open(postgres_url) as store:
+        fresh = [
+            store.add_generation(kind="text", model="m@1", prompt=f"q{i}", output_text="o") for i in range(2)
+        ]
+    _hammer(postgres_url, fresh, 4, 60, raters=3)
+    with Store.open(postgres_url) as store:
+        _check_replaced(store, fresh, 60, 3)
+    # a v3 database holding several votes of one rater migrates to one each (as on SQLite)
+    from test_store import check_duplicate_votes_migrated, v3_with_duplicate_votes
+
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text("CREATE DATABASE dups"))
+    admin.dispose()
+    dups = postgres_url.replace("/postgres?", "/dups?")
+    v3_with_duplicate_votes(dups)
+    with Store.open(dups) as store:
+        check_duplicate_votes_migrated(store)

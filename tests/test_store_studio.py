@@ -72,7 +72,7 @@ def test_migrates_a_v2_file_to_v3_and_keeps_the_data(tmp_path):
     con.executescript(V2_SQL)
     con.close()
     with Store.open(str(path)) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert s.schema_version() == SCHEMA_VERSION == 4
         job = s.get_job(1)
         assert (job["kind"], job["status"], job["params"], job["result"], job["user"]) == (
             "tune", "succeeded", {"x": 1}, {"ok": True}, None,

@@ -460,3 +460,23 @@ def test_cpu_bf16_speedup_is_measured_once():
 
     x = T.cpu_bf16_speedup()
     assert x == T.cpu_bf16_speedup() and (x > 0) == T.bf16_supported(torch.device("cpu"))
+
+
+def test_card_shows_no_host_paths(tmp_path):
+    """card.md is shown and shared: its config and data lines name the data, not where it lay."""
+    from aigc.utils.paths import hide_host_paths, public_config
+
+    train(tmp_path, steps=2)
+    run = tmp_path / "run"
+    card = (run / "card.md").read_text(encoding="utf-8")
+    assert read_json(run / "config.json")["data"]["path"] == str(tmp_path / "data")  # the artifact keeps it
+    assert str(tmp_path) not in card and '"path": "data"' in card and "prepared data: `data`" in card
+    # the rules: absolute paths shrink to their last part; relative paths, URLs and names stay
+    cfg = {"data": {"dir": "/srv/x/digits", "source": "digits"}, "out": ["/a/b"], "prompt": "/etc/x/y"}
+    assert public_config(cfg) == {
+        "data": {"dir": "digits", "source": "digits"},
+        "out": ["b"],
+        "prompt": "/etc/x/y",
+    }
+    text = 'from `/home/u/runs/base` (C:\\runs\\x) see https://h.io/a/b, data/digits, 3/4 "/tmp/q/r",'
+    assert hide_host_paths(text) == 'from `base` (x) see https://h.io/a/b, data/digits, 3/4 "r",'

@@ -1176,24 +1176,25 @@ def feedback_rate(
     correction: Annotated[
         str | None, typer.Option("--correction", help="The output as it should have been (for sft).")
     ] = None,
-    user: Annotated[str | None, typer.Option("--user", help="Who rates (default: $USER).")] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="Who rates (default: your login name, e.g. $USER).")
+    ] = None,
     db: DbOpt = None,
 ) -> None:
-    """Rate a recorded generation."""
-    import os
+    """Rate a recorded generation; rating it again (same user and kind) replaces your rating."""
+    import getpass
 
     from aigc.feedback.store import Store
 
+    if user is None:
+        try:  # $LOGNAME, $USER, ..., else the password database: a rater even where $USER is unset
+            user = getpass.getuser()
+        except (OSError, KeyError):
+            user = None  # no name at all: the rating is one more anonymous vote
     with Store.open(db, create=False) as store:  # the rated generation is in an existing store
-        rid = store.add_rating(
-            generation_id,
-            value,
-            kind,
-            comment=comment,
-            correction=correction,
-            user=user or os.environ.get("USER"),
-        )
-    out.print(f"rating {rid} on generation {generation_id}", highlight=False)
+        done = store.rate(generation_id, value, kind, comment=comment, correction=correction, user=user)
+    again = f" (replaces {user}'s earlier {kind} rating)" if done["replaced"] else ""
+    out.print(f"rating {done['id']} on generation {generation_id}{again}", highlight=False, markup=False)
 
 
 @app.command("simulate-feedback")

@@ -24,6 +24,7 @@ from aigc.errors import AigcError
 
 MAX_USER = 128  # characters in a user / API key id
 MAX_PRESET_NAME = 64  # characters in a saved preset's name
+UNIQUE_RATING = "uq_ratings_generation_user_kind"  # the index that makes a rater's new vote replace the old
 
 
 # ----------------------------------------------------------------------------- tables (latest schema)
@@ -94,6 +95,8 @@ class Rating(Base):
     # v2
     correction: Mapped[str | None] = mapped_column(Text)  # the output as the user would have it
     user_id: Mapped[str | None] = mapped_column(String(MAX_USER))
+    # v4: one rating per rater and kind; rating again replaces it (NULL users never collide)
+    __table_args__ = (Index(UNIQUE_RATING, "generation_id", "user_id", "kind", unique=True),)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -308,7 +311,64 @@ def _migrate_v3(conn: Connection) -> None:
     md.create_all(conn, tables=[md.tables["presets"]])
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
+def _migrate_v4(conn: Connection) -> None:
+    """One rating per (generation, user, kind): a rater who rates again replaces their rating.
+
+    Before, every click was a new vote, so a store may hold several from one rater. Of those the
+    latest stays, taking the latest comment and correction any of them had (what rating again now
+    does); the older ones go and the rating summary of their generations is recomputed. Ratings
+    without a user (NULL: old rows, scripts) all stay, as nothing tells their raters apart."""
+    md = sa.MetaData()
+    ratings = sa.Table("ratings", md, autoload_with=conn)
+    gens = sa.Table("generations", md, autoload_with=conn)
+    o = ratings.alias("o")
+    same = (
+        (o.c.generation_id == ratings.c.generation_id)
+        & (o.c.user_id == ratings.c.user_id)
+        & (o.c.kind == ratings.c.kind)
+    )
+    older = sa.exists().where(same & (o.c.id < ratings.c.id))
+    newer = sa.exists().where(same & (o.c.id > ratings.c.id))
+    # 1. a rater's latest rating keeps the latest comment / correction of their older ones
+    for col in ("comment", "correction"):
+        latest = (
+            sa.select(o.c[col])
+            .where(same & (o.c.id < ratings.c.id) & o.c[col].is_not(None))
+            .order_by(o.c.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        conn.execute(
+            ratings.update()
+            .where(ratings.c.user_id.is_not(None) & ratings.c[col].is_(None) & older & ~newer)
+            .values({col: latest})
+        )
+    # 2. drop the older ones, 3. recompute the summary of the generations they were on
+    stale = ratings.c.user_id.is_not(None) & newer
+    touched = list(conn.scalars(sa.select(ratings.c.generation_id).where(stale).distinct()))
+    if touched:
+        conn.execute(ratings.delete().where(stale))
+        mine = ratings.c.generation_id == gens.c.id
+        score = sa.case((ratings.c.kind == "thumb", 3.0 + 2.0 * ratings.c.value), else_=ratings.c.value * 1.0)
+        n = sa.select(sa.func.count()).where(mine).scalar_subquery()
+        total = sa.select(sa.func.coalesce(sa.func.sum(score), 0.0)).where(mine).scalar_subquery()
+        mean = sa.select(sa.func.avg(score)).where(mine).scalar_subquery()
+        for i in range(0, len(touched), 500):  # bound the IN list
+            conn.execute(
+                gens.update()
+                .where(gens.c.id.in_(touched[i : i + 500]))
+                .values(rating_count=n, rating_sum=total, rating=mean)
+            )
+    # 4. from now on the database keeps it so
+    Index(UNIQUE_RATING, ratings.c.generation_id, ratings.c.user_id, ratings.c.kind, unique=True).create(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _migrate_v1,
+    2: _migrate_v2,
+    3: _migrate_v3,
+    4: _migrate_v4,
+}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -354,5 +414,6 @@ __all__ = [
     "Preset",
     "Rating",
     "SchemaVersion",
+    "UNIQUE_RATING",
     "migrate",
 ]

@@ -174,21 +174,42 @@ def _generation_values(
     )
 
 
-# Rating is the hot write path (many users, several workers): two statements built once, on Core
-# rather than the ORM, so the write lock is held for as little Python as possible.
-# 1. one UPDATE that computes from the stored values, so concurrent raters never lose a vote; its
-#    row count also says whether the generation exists (no extra SELECT)
-_RATE_UPDATE = (
+# Rating is the hot write path (many users, several workers): statements built once, on Core
+# rather than the ORM, so the write lock is held for as little Python as possible. A rater has one
+# rating per generation and kind (a unique index); rating again replaces its value.
+# 1. lock the generation's row (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers),
+#    so two votes of one rater on it cannot both miss each other's row; no row: no such generation
+_RATE_LOCK = sa.select(Generation.id).where(Generation.id == sa.bindparam("gid")).with_for_update()
+# 2. the rater's earlier rating of this kind, if any (after the lock: it sees every committed vote)
+_RATE_MINE = sa.select(Rating.id, Rating.value).where(
+    (Rating.generation_id == sa.bindparam("gid"))
+    & (Rating.user_id == sa.bindparam("user"))
+    & (Rating.kind == sa.bindparam("rkind"))
+)
+# 3. a new rating, or the earlier one replaced (a comment or correction left out keeps the old one)
+_RATE_INSERT = sa.insert(Rating).returning(Rating.id)
+_RATE_REPLACE = (
+    sa.update(Rating)
+    .where(Rating.id == sa.bindparam("rid"))
+    .values(
+        created=sa.bindparam("now"),
+        value=sa.bindparam("new_value"),
+        comment=sa.func.coalesce(sa.bindparam("new_comment", type_=sa.Text), Rating.comment),
+        correction=sa.func.coalesce(sa.bindparam("new_correction", type_=sa.Text), Rating.correction),
+    )
+)
+# 4. the summary, computed from the stored values (+1 vote and its score, or the score's change)
+_RATE_SUMMARY = (
     sa.update(Generation)
     .where(Generation.id == sa.bindparam("gid"))
     .values(
-        rating_count=Generation.rating_count + 1,
-        rating_sum=Generation.rating_sum + sa.bindparam("score"),
-        rating=(Generation.rating_sum + sa.bindparam("score")) / (Generation.rating_count + 1),
+        rating_count=Generation.rating_count + sa.bindparam("added"),
+        rating_sum=Generation.rating_sum + sa.bindparam("delta"),
+        rating=(Generation.rating_sum + sa.bindparam("delta"))
+        / (Generation.rating_count + sa.bindparam("added")),
     )
+    .returning(Generation.rating, Generation.rating_count)
 )
-# 2. the rating itself
-_RATE_INSERT = sa.insert(Rating).returning(Rating.id)
 # new generations, ids in the order of the rows
 _GENERATION_INSERT = sa.insert(Generation).returning(Generation.id, sort_by_parameter_order=True)
 # the same on SQLite, through the driver (`Store._sqlite_add`): the columns `_generation_values` fills
@@ -228,6 +249,19 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float | None, 
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _add_my_ratings(s: Session, rows: list[dict[str, Any]], rater: str) -> None:
+    """Set `my_rating` on generation rows: `rater`'s own rating of each kind, or None (one query)."""
+    mine: dict[int, dict[str, int | None]] = {r["id"]: dict.fromkeys(RATING_RANGES) for r in rows}
+    if mine:
+        query = sa.select(Rating.generation_id, Rating.kind, Rating.value).where(
+            (Rating.user_id == rater) & Rating.generation_id.in_(list(mine))
+        )
+        for gid, kind, value in s.execute(query):
+            mine[gid][kind] = value
+    for r in rows:
+        r["my_rating"] = mine[r["id"]]
 
 
 def _check_user(user: str | None) -> str | None:
@@ -407,12 +441,16 @@ class Store:
         finally:
             fairy.close()
 
-    def get_generation(self, generation_id: int) -> dict[str, Any]:
+    def get_generation(self, generation_id: int, *, rater: str | None = None) -> dict[str, Any]:
+        """One generation; with `rater`, also `my_rating` (see `list_generations`)."""
         with self._session() as s:
             row = s.get(Generation, generation_id)
             if row is None:
                 raise NotFoundError(f"no generation with id {generation_id}; list them with `aigc history`")
-            return row.to_dict()
+            out = row.to_dict()
+            if rater is not None:
+                _add_my_ratings(s, [out], rater)
+            return out
 
     def list_generations(
         self,
@@ -426,6 +464,7 @@ class Store:
         limit: int = 20,
         before: int | None = None,
         moderation: str | None = None,
+        rater: str | None = None,
     ) -> dict[str, Any]:
         """Newest first, keyset-paged: pass the previous page's `last_id` as `before`.
 
@@ -433,7 +472,8 @@ class Store:
         `moderation`: "flagged" or "blocked" (rows whose verdict starts so: "blocked:self-harm"),
         "any" (either), "none" (no verdict).
         `min_rating` is on the 1-5 star scale (a thumb up counts 5, a thumb down 1); `q` searches
-        the prompt and the text output, case-insensitively.
+        the prompt and the text output, case-insensitively. With `rater` (a user id), every row
+        also has `my_rating`: `{"stars": 1-5 | None, "thumb": -1 | 1 | None}`, that rater's own.
         """
         limit = _check_limit(limit)
         query = sa.select(Generation).order_by(Generation.id.desc()).limit(limit + 1)
@@ -468,7 +508,10 @@ class Store:
         if before is not None:
             query = query.where(Generation.id < before)
         with self._session() as s:
-            return _page(list(s.scalars(query)), limit)
+            page = _page(list(s.scalars(query)), limit)
+            if rater is not None:
+                _add_my_ratings(s, page["data"], rater)
+            return page
 
     # -- ratings
 
@@ -481,7 +524,25 @@ class Store:
         user: str | None = None,
         correction: str | None = None,
     ) -> int:
-        """Rate a generation: a thumb (-1 or 1) or 1-5 stars; `correction` is the output as it should be."""
+        """Rate a generation (see `rate`); returns the rating's id."""
+        return self.rate(generation_id, value, kind, comment=comment, user=user, correction=correction)["id"]
+
+    def rate(
+        self,
+        generation_id: int,
+        value: int,
+        kind: Literal["thumb", "stars"] = "thumb",
+        comment: str | None = None,
+        user: str | None = None,
+        correction: str | None = None,
+    ) -> dict[str, Any]:
+        """Rate a generation: a thumb (-1 or 1) or 1-5 stars; `correction` is the output as it should be.
+
+        A `user` has one rating of each kind per generation: rating again replaces its value (and its
+        comment / correction, when given) and keeps its id. Ratings without a user are all kept.
+        Returns `{"id", "replaced", "rating", "rating_count"}`, the last two the generation's
+        summary after this vote (mean on the 1-5 star scale, number of ratings).
+        """
         if kind not in RATING_RANGES:
             raise AigcError(f"rating kind must be one of {', '.join(RATING_RANGES)}, got {kind!r}")
         lo, hi = RATING_RANGES[kind]
@@ -497,20 +558,31 @@ class Store:
             if text is not None and (not isinstance(text, str) or len(text) > MAX_COMMENT):
                 raise AigcError(f"{name} must be a string of at most {MAX_COMMENT} characters")
         _check_user(user)
-        score = stars_score(kind, value)
-        row = dict(
-            generation_id=generation_id,
-            created=time.time(),
-            kind=kind,
-            value=value,
-            comment=comment,
-            correction=correction,
-            user_id=user,
-        )
+        score, now = stars_score(kind, value), time.time()
         with self._write.begin() as conn:
-            if not conn.execute(_RATE_UPDATE, {"gid": generation_id, "score": score}).rowcount:
+            if conn.execute(_RATE_LOCK, {"gid": generation_id}).first() is None:
                 raise NotFoundError(f"cannot rate generation {generation_id}: no such generation")
-            return conn.execute(_RATE_INSERT, row).scalar_one()
+            mine = None
+            if user is not None:
+                mine = conn.execute(_RATE_MINE, {"gid": generation_id, "user": user, "rkind": kind}).first()
+            if mine is None:
+                rid = conn.execute(
+                    _RATE_INSERT,
+                    dict(generation_id=generation_id, created=now, kind=kind, value=value, comment=comment,
+                         correction=correction, user_id=user),
+                ).scalar_one()  # fmt: skip
+                added, delta = 1, score
+            else:
+                rid = mine.id
+                conn.execute(
+                    _RATE_REPLACE,
+                    dict(rid=rid, now=now, new_value=value, new_comment=comment, new_correction=correction),
+                )  # fmt: skip
+                added, delta = 0, score - stars_score(kind, mine.value)
+            mean, count = conn.execute(
+                _RATE_SUMMARY, {"gid": generation_id, "added": added, "delta": delta}
+            ).one()
+        return {"id": rid, "replaced": mine is not None, "rating": mean, "rating_count": count}
 
     def list_ratings(
         self, *, generation_id: int | None = None, limit: int = 20, before: int | None = None

@@ -9,6 +9,7 @@ from typing import Any
 
 from aigc.training.task import Task
 from aigc.utils.io import atomic_write_text
+from aigc.utils.paths import public_config
 
 
 def _fmt(v: Any) -> str:
@@ -47,5 +48,6 @@ def write_card(
         lines += [f"## {title}", "", body.rstrip(), ""]
     if sample_files:
         lines += ["## Samples", ""] + [f"- [{p.name}](samples/{p.name})" for p in sample_files] + [""]
-    lines += ["## Config", "", "```json", json.dumps(run_config, indent=2), "```", ""]
+    # the config as trained, minus host paths (data.dir, init_from, ...): a card is shown and shared
+    lines += ["## Config", "", "```json", json.dumps(public_config(run_config), indent=2), "```", ""]
     return atomic_write_text(run_dir / "card.md", "\n".join(lines))

@@ -30,6 +30,7 @@ from aigc.models.gan import GAN, GANConfig, d_accuracy, d_loss, g_loss
 from aigc.models.vae import VAE, VAEConfig
 from aigc.training.config import TrainConfig
 from aigc.training.task import Context, Task, TaskState, Throughput, adamw
+from aigc.utils.paths import hide_host_paths
 
 log = logging.getLogger("aigc.train")
 
@@ -170,8 +171,9 @@ class _ImageTask(Task):
 
     def _data_card(self) -> str:
         m = self.data.meta
+        source = hide_host_paths(str(m["source"]))  # a folder's name, not where it lies on this machine
         return (
-            f"{m['count']} images of {m['shape']} from {m['source']} (hash {m['source_hash']}); "
+            f"{m['count']} images of {m['shape']} from {source} (hash {m['source_hash']}); "
             f"classes: {', '.join(m['classes']) or 'none'}; {self.val_count} held out for eval"
         )
 

@@ -26,6 +26,7 @@ from aigc.errors import AigcError, ConfigError
 from aigc.training.config import TrainConfig
 from aigc.training.task import Context, Task, TaskState, Throughput, adamw
 from aigc.utils.compile import can_compile
+from aigc.utils.paths import hide_host_paths
 
 TEXT_FAMILIES = ("gpt", "lstm")
 
@@ -277,8 +278,10 @@ class TextTask(Task):
             else sum(p.numel() for p in self.model.parameters())
         )
         tk = meta["tokenizer"]
+        # a card is shown and shared: the data's name, not where it lies on this machine
+        where, source = hide_host_paths(str(self.data.path)), hide_host_paths(str(meta.get("source", "?")))
         data = (
-            f"- prepared data: `{self.data.path}` (source: {meta.get('source', '?')})\n"
+            f"- prepared data: `{where}` (source: {source})\n"
             f"- tokenizer: {tk['kind']} (id {tk['id']}, {self.data.tokenizer.vocab_size} tokens)\n"
             f"- train tokens: {meta['train_tokens']:,}; val tokens: {meta['val_tokens']:,} "
             f"({meta['val_bytes']:,} bytes)"

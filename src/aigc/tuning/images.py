@@ -51,6 +51,7 @@ from aigc.models.diffusion import DiffusionConfig, diffusion_loss
 from aigc.training.config import TrainConfig
 from aigc.training.image_tasks import DiffusionTask
 from aigc.training.task import Context
+from aigc.utils.paths import hide_host_paths
 
 METHODS = ("rwr",)
 REFUSED_METHODS = {"dpo", "kto", "sft"}  # text methods: a clear refusal rather than "unknown"
@@ -607,8 +608,9 @@ def tune_images(
     task.unet.load_state_dict(weights)
     task.ema.shadow = {k: v.detach().clone().float() for k, v in task.unet.state_dict().items()}
     before_loss = _heldout_loss(task, tcfg.train)
+    base_where = hide_host_paths(str(model_dir))  # its folder's name only: a card is shown and shared
     task.tune_card = (
-        f"Tuned from `{model_dir}` on {liked.counts['liked']} liked generations of `{name}` "
+        f"Tuned from `{base_where}` on {liked.counts['liked']} liked generations of `{name}` "
         f"(method rwr, liked_fraction {settings.liked_fraction}); see [tune-report.md](tune-report.md)."
     )
     # the base run's config with the tuning's train table; data stays the original (eval, next tuning)

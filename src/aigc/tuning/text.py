@@ -52,6 +52,7 @@ from aigc.tuning.preference import (
     build_preferences,
     feedback_rows,
 )
+from aigc.utils.paths import hide_host_paths
 
 # ----------------------------------------------------------------------------- config
 
@@ -519,8 +520,9 @@ def tune_text(
             shutil.copyfile(base_dir / "tokenizer.json", run_dir / ".tokenizer.json.tmp")
             (run_dir / ".tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
 
+    base_where = hide_host_paths(str(base_dir))  # its folder's name only: a card is shown and shared
     card = (
-        f"- tuned from `{base_dir}` ({base.name}{'@' + base.version if base.version else ''}, "
+        f"- tuned from `{base_where}` ({base.name}{'@' + base.version if base.version else ''}, "
         f"weights {base.weights_hash or '-'}) with {cfg.method.upper()}\n"
         f"- feedback: " + ", ".join(f"{k} {v}" for k, v in data.stats.items() if not isinstance(v, dict))
     )

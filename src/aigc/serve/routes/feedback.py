@@ -2,8 +2,10 @@
 
     GET  /v1/generations            list/search (kind, model, min_rating, q, moderation, limit, before)
     GET  /v1/generations/{id}       one generation
+                                    (both: each with `my_rating`, the caller's own {"stars", "thumb"})
     GET  /v1/outputs/{ref}          a stored output's bytes (an image's PNG)
     POST /v1/ratings                {"generation_id", "value", "kind": "thumb"|"stars", "comment"?}
+                                    one per caller and kind: rating again replaces ("replaced": true)
     GET  /v1/ratings                ?generation_id=&limit=&before=
     POST /v1/comparisons            {"a", "b", "winner"} (generation ids; winner is a or b)
     GET  /v1/comparisons            ?limit=&before=
@@ -97,16 +99,19 @@ async def list_generations(
     limit: int = Query(default=20, ge=1, le=MAX_LIMIT),
     before: int | None = Query(default=None, ge=1, le=MAX_ID),
     moderation: Literal["flagged", "blocked", "any", "none"] | None = None,
+    key: str = Depends(identity),
 ) -> dict[str, Any]:
     return await call_store(
         request, "list_generations", kind=kind, model=model or None, min_rating=min_rating, q=q,
-        limit=limit, before=before, moderation=moderation,
+        limit=limit, before=before, moderation=moderation, rater=_user(key),
     )  # fmt: skip
 
 
 @router.get("/v1/generations/{generation_id}", summary="One recorded generation", responses=ERRORS)
-async def get_generation(request: Request, generation_id: int) -> dict[str, Any]:
-    return await call_store(request, "get_generation", generation_id)
+async def get_generation(
+    request: Request, generation_id: int, key: str = Depends(identity)
+) -> dict[str, Any]:
+    return await call_store(request, "get_generation", generation_id, rater=_user(key))
 
 
 @router.get("/v1/outputs/{ref}", summary="A stored output (image PNG)", responses=ERRORS)
@@ -126,13 +131,17 @@ async def get_output(request: Request, ref: str) -> Response:
 
 @router.post("/v1/ratings", summary="Rate a generation (thumb -1/1 or 1-5 stars)", responses=ERRORS)
 async def add_rating(body: RatingRequest, request: Request, key: str = Depends(identity)) -> dict[str, Any]:
-    rid = await call_store(
-        request, "add_rating", body.generation_id, body.value, body.kind,
+    """One rating per caller (API key, or client host on an open server) and kind on a generation:
+    rating again replaces it (`replaced: true`, same id). `rating` / `rating_count` are the
+    generation's mean (1-5 stars, thumbs as 1 / 5) and number of ratings after this one."""
+    done = await call_store(
+        request, "rate", body.generation_id, body.value, body.kind,
         comment=body.comment, correction=body.correction, user=_user(key),
     )  # fmt: skip
     # the acknowledgement comes after the commit: a 200 means the rating is on disk
-    return {"id": rid, "object": "rating", "generation_id": body.generation_id, "kind": body.kind,
-            "value": body.value, "comment": body.comment}  # fmt: skip
+    return {"id": done["id"], "object": "rating", "generation_id": body.generation_id, "kind": body.kind,
+            "value": body.value, "comment": body.comment, "replaced": done["replaced"],
+            "rating": done["rating"], "rating_count": done["rating_count"]}  # fmt: skip
 
 
 @router.get("/v1/ratings", summary="List ratings, newest first", responses=ERRORS)

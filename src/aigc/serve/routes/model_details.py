@@ -2,7 +2,7 @@
 
     {"id", "object": "model.details", "name", "version", "kind", "family", "created", "versions",
      "config": {"family", "model", "train", "data"},      scalars only, no host paths
-     "card": str | null, "card_truncated": bool,          card.md as text (the page escapes it)
+     "card": str | null, "card_truncated": bool,          card.md as text, host paths reduced to names
      "metrics": {"train": [[step, loss], ...], "eval": [[step, val_loss], ...],   <= 500 points each
                  "last_train": {...}, "last_eval": {...}, "rows": int},
      "eval_report": {"kind", "samples", "model": {...}, "real": {...}, "baseline"?, "warnings"} | null,
@@ -24,9 +24,9 @@ from fastapi import Path as PathParam
 
 from aigc.serve import settings as S
 from aigc.serve.routes.feedback import model_name
+from aigc.utils.paths import PATH_KEYS, hide_host_paths
 
 router = APIRouter(tags=["models"])
-PATH_KEYS = ("path", "dir", "init_from", "run", "out", "source")  # host paths stay on the host
 
 
 def _file(run: Path, name: str) -> Path | None:
@@ -129,7 +129,9 @@ def details(entry: Any, versions: list[str], load_error: str | None = None) -> d
     card = _file(run, "card.md")
     if card is not None:
         raw = card.read_bytes()[: S.MAX_CARD_BYTES + 1]
-        out["card"] = raw[: S.MAX_CARD_BYTES].decode("utf-8", errors="replace")
+        # cards written before aigc kept host paths out of them still hold some (the config's
+        # data.dir, "prepared data: /home/...", "tuned from ..."): reduce every absolute path to its name
+        out["card"] = hide_host_paths(raw[: S.MAX_CARD_BYTES].decode("utf-8", errors="replace"))
         out["card_truncated"] = len(raw) > S.MAX_CARD_BYTES
     out["metrics"] = read_metrics(_file(run, "metrics.jsonl"))
     out["eval_report"] = eval_summary(_json(run, "eval/report.json"))

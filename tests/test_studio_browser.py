@@ -259,3 +259,116 @@ def test_studio_music_tab(browser, tmp_path_factory):
         shot(page, "7-music")
         with Store.open(str(home / "aigc.db")) as s:
             assert len(s.list_generations(kind="music")["data"]) == 1
+
+
+def open_key(browser, server, lang: str = "en", **kw):
+    page = browser.new_page(viewport={"width": 1200, "height": 900}, **kw)
+    page.goto(server.url + "/")
+    page.evaluate(f"localStorage.setItem('aigc.key', {KEY!r}); localStorage.setItem('aigc.lang', {lang!r})")
+    page.reload()
+    page.wait_for_function("document.querySelectorAll('#text-model option').length >= 2")
+    return page
+
+
+def test_studio_guards(browser, server):
+    """The feedback box follows the result shown; busy buttons stay off; the same model compared
+    with itself samples two seeds; nothing to pick means no button; the form checks its limits."""
+    page = open_key(browser, server)
+    sent = []
+    page.on("request", lambda r: sent.append((r.url, r.post_data or "")))
+    completions = lambda: [b for u, b in sent if u.endswith("/v1/completions")]  # noqa: E731
+
+    # 1. a result, then a failed generation: its feedback box goes (it would thumb the old one down)
+    page.select_option("#text-model", "tiny")
+    page.fill("#text-prompt", "ROMEO:")
+    page.fill("#text-params [name=max_tokens]", "8")
+    page.click("#text-go")
+    page.wait_for_function("document.querySelector('#text-meta').textContent.startsWith('#')")
+    assert page.is_visible("#text-feedback")
+    page.route("**/v1/completions", lambda r: r.fulfill(status=500, json={"detail": "the model broke"}))
+    page.fill("#text-prompt", "soft")
+    page.click("#text-go")
+    page.wait_for_selector("#status.error")
+    assert not page.is_visible("#text-feedback")
+    assert "the model broke" in page.inner_text("#text-meta")  # the card says what happened
+    page.unroute("**/v1/completions")
+    # 3. regenerate with feedback: one press, one thumbs-down and one request; then the button is spent
+    page.click("#text-go")
+    page.wait_for_function("document.querySelector('#text-meta').textContent.startsWith('#')")
+    page.dblclick("#fb-go")
+    page.wait_for_selector("#fb-new .rating")
+    assert len([b for b in completions() if '"best_of":4' in b]) == 1 and page.is_disabled("#fb-go")
+
+    # 7. the form's limits: a clear message and no request
+    page.click("#tabs [data-tab=image]")
+    page.fill("#image-params [name=steps]", "0")
+    page.click("#image-go")
+    assert "Steps" in page.inner_text("#status.error") and "1 to 1000" in page.inner_text("#status")
+    assert not any("/v1/jobs" in u for u, _ in sent)
+    page.fill("#image-params [name=steps]", "2")
+
+    # 2 + 3. the same model on both sides, double-clicked: one pair, seeds s and s + 1
+    page.click("#tabs [data-tab=compare]")
+    assert page.inner_text("#status") == ""  # 4. the status line stays with its tab
+    page.select_option("#cmp-model-a", "tiny")
+    page.select_option("#cmp-model-b", "tiny")
+    page.fill("#cmp-prompt", "soft")
+    before = len(completions())
+    page.dblclick("#cmp-go")
+    page.wait_for_function("document.querySelectorAll('#cmp-pair .side .pick').length == 2")
+    assert len(completions()) - before == 2
+    seeds = sorted(
+        int(s) for s in page.eval_on_selector_all("#cmp-pair .side", "ss => ss.map(s => s.dataset.seed)")
+    )
+    assert seeds[1] == seeds[0] + 1 and "differ only by seed" in page.inner_text("#status")
+    with store(server) as s:
+        pair = s.list_generations(limit=2)["data"]
+    assert sorted(g["seed"] for g in pair) == seeds and {g["model"] for g in pair} == {"tiny"}
+
+    # 12. a filter applies as it is picked; nothing found says so
+    page.click("#tabs [data-tab=history]")
+    page.wait_for_selector("#history-list .hist")
+    page.select_option("#history-filters [name=kind]", "music")
+    page.wait_for_selector("#history-list p:has-text('No matches.')")
+
+    # 5. nothing to pick: the button is off and the page says why (no request to be refused)
+    page.wait_for_selector("#tabs [data-tab=music]:not([hidden])")
+    page.click("#tabs [data-tab=music]")
+    assert page.is_disabled("#music-go")
+    assert page.inner_text("#music-model") == "No models of this kind on the server."
+    page.click("#tabs [data-tab=train]")
+    page.wait_for_selector("#tr-status:has-text('No prepared data sets')")
+    assert page.is_disabled("#tr-go")
+    page.close()
+
+
+def test_studio_chinese_strings(browser, server):
+    """Every word the studio writes follows the language switch (checked as text: no CJK font here)."""
+    page = open_key(browser, server)
+    page.wait_for_selector("#tabs [data-tab=music]:not([hidden])")
+    page.click("#lang")
+    assert page.inner_text("#music-model") == "服务器上没有这类模型。"  # made before the switch
+    assert page.get_attribute("#image-params [name=guidance]", "placeholder") == "默认"
+    assert page.get_attribute("#image-params [name=label]", "placeholder") == "类别"
+    assert page.inner_text("#image-params [name=sampler] option >> nth=0") == "默认"
+    assert page.get_attribute("#tr-chart", "aria-label") == "训练损失"
+    assert page.get_attribute("#mp-chart", "aria-label") == "损失曲线"
+    assert page.get_attribute("#text-prompt", "aria-label") == "提示词"
+    page.select_option("#text-model", "tiny")
+    page.fill("#text-prompt", "soft")
+    page.fill("#text-params [name=max_tokens]", "4")
+    page.click("#text-go")
+    page.wait_for_function("document.querySelector('#text-meta').textContent.startsWith('#')")
+    meta = page.inner_text("#text-meta")
+    assert "种子" in meta and "达到长度上限" in meta and "seed" not in meta and "length" not in meta
+    page.click("#fb-go")  # this server's default scorer (sentiment) has no classifier: by likelihood
+    page.wait_for_selector("#fb-new .rating")
+    after = page.inner_text("#fb-pair") + page.inner_text("#fb-new .meta")
+    assert "对数概率" in after and "得分" in after and "logprob" not in after and "score" not in after
+    page.click("#tabs [data-tab=history]")
+    page.wait_for_selector("#history-list .hist")
+    hist = page.inner_text("#history-list .hist .meta >> nth=0")
+    assert "文本" in hist and "text" not in hist and "seed" not in hist
+    page.click("#lang")  # and back: the same words in English
+    assert "seed" in page.inner_text("#history-list .hist .meta >> nth=0")
+    page.close()

@@ -126,13 +126,58 @@ def test_regenerate_with_feedback_without_a_scorer(browser, tmp_path_factory):
     server = live(tmp_path_factory, [])
     with server:
         page = browser.new_page(viewport={"width": 390, "height": 844})  # phone width
+        failed, icons = [], []  # the browser logs every 4xx: the studio asks first (GET /v1/scorers)
+        page.on("response", lambda r: failed.append((r.status, r.url)) if r.status >= 400 else None)
+        page.on("request", lambda r: icons.append(r.url) if r.url.endswith("favicon.ico") else None)
         gid = first_text(page, server)
+        failed.clear()  # (the first paint's 401, before the key was typed)
         page.click("#fb-go")
         page.wait_for_selector("#fb-new .rating")
         assert "ranked by likelihood" in page.inner_text("#fb-new .who")
+        assert failed == [] and icons == []  # (the icon is inline: no /favicon.ico 404 either)
         shot(page, "5-regenerate-with-feedback-phone")
         with Store.open(str(server.db)) as s:
             assert s.list_ratings(generation_id=gid)["data"][0]["comment"] is None
             new = s.list_generations(limit=1)["data"][0]
         assert new["params"]["best_of"] == 4 and new["params"]["scorer"] == "logprob"
+        page.close()
+
+
+def test_rating_widget_shows_my_choice(browser, tmp_path_factory):
+    """A click lights the stars up to the value and presses the thumb; rating again moves the choice
+    (the server replaces the caller's rating: no second vote); a row's my_rating sets it up."""
+    server = live(tmp_path_factory, [])
+    with server:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        gid = first_text(page, server)
+        box = "#text-actions .rating"
+        lit = lambda: page.eval_on_selector_all(f"{box} .star.on", "bs => bs.map(b => +b.dataset.v)")  # noqa: E731
+        pressed = lambda: page.eval_on_selector_all(  # noqa: E731
+            f"{box} .thumb[aria-pressed=true]", "bs => bs.map(b => +b.dataset.v)"
+        )
+        page.click(f"{box} .star[data-v='4']")
+        page.wait_for_selector(f"{box} .note:has-text('4.0★ (1)')")
+        assert lit() == [1, 2, 3, 4] and pressed() == []
+        page.click(f"{box} .thumb.up")  # a thumb keeps the stars and the mean in view
+        page.wait_for_selector(f"{box} .note:has-text('+1')")
+        assert lit() == [1, 2, 3, 4] and pressed() == [1]
+        assert page.inner_text(f"{box} .note") == "Rated +1 · 4.5★ (2)"
+        page.click(f"{box} .star[data-v='2']")  # rating again: replaced, still two ratings
+        page.wait_for_selector(f"{box} .note:has-text('3.5★ (2)')")
+        assert lit() == [1, 2] and pressed() == [1]
+        with Store.open(str(server.db)) as s:
+            assert sorted((r["kind"], r["value"]) for r in s.list_ratings(generation_id=gid)["data"]) == [
+                ("stars", 2),
+                ("thumb", 1),
+            ]
+        shot(page, "5-rating-my-choice")
+        # a widget made from a stored row shows the caller's own rating from the start
+        page.evaluate(
+            """async (gid) => { const r = await api(`v1/generations/${gid}`); const w = ratingWidget(r.id,
+               r.rating, r.my_rating, r.rating_count); w.id = "again"; document.body.append(w); }""",
+            gid,
+        )
+        assert page.eval_on_selector_all("#again .star.on", "bs => bs.map(b => +b.dataset.v)") == [1, 2]
+        assert page.eval_on_selector_all("#again .thumb[aria-pressed=true]", "bs => bs.length") == 1
+        assert page.inner_text("#again .note") == "3.5★ (2)"
         page.close()

@@ -210,3 +210,25 @@ def test_pages_at_phone_width(browser, server):
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, "8-phone-presets")
     page.close()
+
+
+def test_short_training_job_reports_its_last_step(browser, server):
+    """A job shorter than one log interval: its one train row is at step 1, its last step only on
+    the final eval row. The status and the chart still end at the job's last step."""
+    page = open_studio(browser, server, viewport={"width": 1200, "height": 900})
+    page.click("#tabs [data-tab=train]")
+    page.wait_for_function("document.querySelectorAll('#tr-data option').length == 1")
+    page.select_option("#tr-family", "gpt")
+    page.select_option("#tr-preset", "tiny")
+    page.fill("#tr-name", "short")
+    page.fill("#tr-steps", "3")
+    page.fill("#tr-set", "\n".join([*TINY, "train.log_interval=50"]))
+    page.click("#tr-go")
+    page.wait_for_function(
+        "document.querySelector('#tr-status').textContent.includes('succeeded')", timeout=120_000
+    )
+    status = page.inner_text("#tr-status")
+    assert "step 3/3" in status and "(at step 1)" in status, status
+    assert page.get_attribute("#tr-chart", "data-points") == "2"  # the train row at 1, the eval at 3
+    assert page.is_enabled("#tr-go")
+    page.close()

@@ -42,6 +42,25 @@ router = APIRouter(tags=["text"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503, 504)}
 
 
+@router.get("/v1/scorers", summary="The scorers best_of may rank by here", responses=ERRORS)
+async def list_scorers(request: Request) -> dict[str, Any]:
+    """`logprob` always; `default` (the first allowed scorer) when it loads. A client (the studio's
+    "regenerate with feedback") asks first instead of provoking a 400. Kinds only, never paths."""
+    data = [{"id": best_of.LOGPROB, "object": "scorer", "kind": best_of.LOGPROB}]
+    allowed = request.app.state.settings.scorers
+    if allowed:
+        from aigc.errors import AigcError
+        from aigc.evaluation.scorers import load_scorer
+
+        try:
+            scorer = await asyncio.to_thread(load_scorer, allowed[0])
+            if scorer.kind == "text":
+                data.append({"id": best_of.DEFAULT, "object": "scorer", "kind": allowed[0].split(":")[0]})
+        except AigcError:
+            pass  # allowed but not available (e.g. no sentiment classifier trained): not listed
+    return {"object": "list", "data": data}
+
+
 @router.post(
     "/v1/completions", summary="Continue a prompt", response_model=CompletionResponse, responses=ERRORS
 )

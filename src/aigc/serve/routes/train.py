@@ -429,8 +429,12 @@ def _read_metrics(job: TrainJob, f: Any) -> bool:
         step = row.get("step")
         if not isinstance(step, int):
             continue
+        # any record says how far the run got: train rows come every log_interval steps, so a short
+        # run's last step is often only on its final eval row
+        if step > job.step:
+            job.step, changed = step, True
         if isinstance(row.get("loss"), int | float) and row.get("kind", "train") == "train":
-            job.step, job.loss = step, row["loss"]
+            job.loss = row["loss"]
             job.points.append([step, row["loss"]])
             changed = True
         if isinstance(row.get("val_loss"), int | float):
@@ -499,6 +503,8 @@ def _watch(app: Any, job: TrainJob, cmd: list[str]) -> None:
                 killed_at = time.time()
             elif killed_at is not None and time.time() - killed_at > KILL_GRACE_S:
                 os.killpg(job.proc.pid, signal.SIGKILL)
+        if metrics is None and (job.stage / "metrics.jsonl").is_file():  # a run shorter than one poll
+            metrics = open(job.stage / "metrics.jsonl", encoding="utf-8")  # noqa: SIM115 (closed below)
         if metrics is not None:
             _read_metrics(job, metrics)
         if job.cancel_requested or job.error:

@@ -10,7 +10,8 @@
 const I18N = {
   en: {
     title: "AIGC Studio", "tab.text": "Text", "tab.image": "Image", "tab.music": "Music",
-    "tab.history": "History", "tab.compare": "Compare", apikey: "API key (if the server has keys)",
+    "tab.history": "History", "tab.compare": "Compare", apikey: "API key", "apikey.long": "API key (if the server has keys)",
+    prompt: "Prompt", kind: "Kind", rating: "Rating",
     model: "Model", "prompt.text": "Prompt (empty = unconditional)",
     "prompt.image": "Prompt (text-to-image pipelines only)", generate: "Generate", stop: "Stop",
     params: "Parameters", temperature: "Temperature", max_tokens: "Max tokens", seed: "Seed",
@@ -30,7 +31,7 @@ const I18N = {
     "fb.fallback": "no scorer on this server, ranked by likelihood",
     // presets, model page, training, win rate
     "tab.models": "Models", "tab.train": "Train", preset: "Preset", "preset.none": "saved presets…",
-    "preset.apply": "Apply", "preset.delete": "Delete", "preset.save": "Save", "preset.name": "name for these settings",
+    "preset.apply": "Apply", "preset.delete": "Delete", "preset.save": "Save", "preset.name": "preset name",
     "preset.saved": "Preset saved", "preset.applied": "Preset applied", "preset.deleted": "Preset deleted",
     "mp.loss": "Loss curve", "mp.train": "train loss", "mp.val": "validation loss", "mp.metrics": "Last metrics",
     "mp.eval": "Evaluation report", "mp.card": "Model card", "mp.config": "Config", "mp.none": "none",
@@ -46,10 +47,21 @@ const I18N = {
     "st.queued": "queued", "st.running": "running", "st.succeeded": "succeeded", "st.failed": "failed", "st.cancelled": "cancelled",
     "cmp.stats": "{a} vs {b}: {a} won {w} of {n} — win rate {r} (95% CI {lo}–{hi})",
     "cmp.nostats": "{a} vs {b}: no comparisons yet",
+    // result lines, stop / failure, form checks, history, compare
+    stopped: "Stopped", "stopped.after": "Stopped after {n} tokens", failed: "Failed: {e}",
+    "m.seed": "seed", "m.score": "score", "fin.stop": "stop", "fin.length": "length",
+    "fin.content_filter": "content_filter", "kind.text": "text", "kind.image": "image", "kind.music": "music",
+    "ph.default": "default", "ph.class": "class", "scorer.logprob": "logprob", "scorer.sentiment": "sentiment",
+    "scorer.label": "classifier", "tr.chart": "training loss", "tr.lossat": "(at step {s})", nomatch: "No matches.",
+    "bad.int": "{field}: enter a whole number {range}", "bad.num": "{field}: enter a number {range}",
+    "range.both": "from {min} to {max}", "range.min": "of at least {min}", "range.max": "of at most {max}",
+    "bad.seed": "{field}: enter a whole number of at least 0, or untick “lock”",
+    "cmp.same": "same model on both sides: the samples differ only by seed ({a} and {b})",
   },
   zh: {
     title: "AIGC 工作室", "tab.text": "文本", "tab.image": "图像", "tab.music": "音乐",
-    "tab.history": "历史", "tab.compare": "对比", apikey: "API 密钥（服务器启用密钥时）",
+    "tab.history": "历史", "tab.compare": "对比", apikey: "API 密钥", "apikey.long": "API 密钥（服务器启用密钥时）",
+    prompt: "提示词", kind: "类型", rating: "评分",
     model: "模型", "prompt.text": "提示词（留空 = 无条件生成）",
     "prompt.image": "提示词（仅文生图管线）", generate: "生成", stop: "停止",
     params: "参数", temperature: "温度", max_tokens: "最大词元数", seed: "种子",
@@ -67,7 +79,7 @@ const I18N = {
     "fb.before": "之前", "fb.after": "之后：{k} 选 1，评分器 {scorer}", "fb.sent": "差评已保存，正在重新生成…",
     "fb.fallback": "服务器没有评分器，按似然排序",
     "tab.models": "模型", "tab.train": "训练", preset: "预设", "preset.none": "已保存的预设…",
-    "preset.apply": "应用", "preset.delete": "删除", "preset.save": "保存", "preset.name": "为当前设置命名",
+    "preset.apply": "应用", "preset.delete": "删除", "preset.save": "保存", "preset.name": "预设名称",
     "preset.saved": "预设已保存", "preset.applied": "预设已应用", "preset.deleted": "预设已删除",
     "mp.loss": "损失曲线", "mp.train": "训练损失", "mp.val": "验证损失", "mp.metrics": "最新指标",
     "mp.eval": "评估报告", "mp.card": "模型卡", "mp.config": "配置", "mp.none": "无",
@@ -83,6 +95,15 @@ const I18N = {
     "st.queued": "排队中", "st.running": "运行中", "st.succeeded": "成功", "st.failed": "失败", "st.cancelled": "已取消",
     "cmp.stats": "{a} 对 {b}：{n} 次比较中 {a} 胜 {w} 次，胜率 {r}（95% 置信区间 {lo}–{hi}）",
     "cmp.nostats": "{a} 对 {b}：还没有比较",
+    stopped: "已停止", "stopped.after": "生成 {n} 个词元后停止", failed: "失败：{e}",
+    "m.seed": "种子", "m.score": "得分", "fin.stop": "自然结束", "fin.length": "达到长度上限",
+    "fin.content_filter": "已被内容过滤", "kind.text": "文本", "kind.image": "图像", "kind.music": "音乐",
+    "ph.default": "默认", "ph.class": "类别", "scorer.logprob": "对数概率", "scorer.sentiment": "情感分类器",
+    "scorer.label": "分类器", "tr.chart": "训练损失", "tr.lossat": "（第 {s} 步）", nomatch: "没有匹配的记录。",
+    "bad.int": "{field}：请输入{range}的整数", "bad.num": "{field}：请输入{range}的数字",
+    "range.both": " {min} 到 {max} 之间", "range.min": "不小于 {min} ", "range.max": "不大于 {max} ",
+    "bad.seed": "{field}：请输入不小于 0 的整数，或取消“锁定”",
+    "cmp.same": "两边是同一个模型：两个样本只有种子不同（{a} 和 {b}）",
   },
 };
 let lang = localStorage.getItem("aigc.lang") || (navigator.language.startsWith("zh") ? "zh" : "en");
@@ -90,10 +111,21 @@ const t = (k) => (I18N[lang] && I18N[lang][k]) || I18N.en[k] || k;
 // a message with {named} holes: tf("cmp.stats", {a: "x", ...})
 const tf = (k, vars) => t(k).replace(/\{(\w+)\}/g, (m, name) => (name in vars ? vars[name] : m));
 
+// An element's text in the current language: its key, or a message with vars (a var {"t": key} is a
+// translated word itself, e.g. a scorer's kind).
+function i18nText(e) {
+  if (!e.dataset.i18nVars) return t(e.dataset.i18n);
+  const vars = JSON.parse(e.dataset.i18nVars);
+  for (const [k, v] of Object.entries(vars)) if (v && v.t) vars[k] = t(v.t) === v.t ? v.f : t(v.t);
+  return tf(e.dataset.i18n, vars);
+}
+
 function applyLang() {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
-  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = i18nText(el);
   for (const el of document.querySelectorAll("[data-i18n-ph]")) el.placeholder = t(el.dataset.i18nPh);
+  for (const el of document.querySelectorAll("[data-i18n-aria]")) el.setAttribute("aria-label", t(el.dataset.i18nAria));
+  for (const el of document.querySelectorAll("[data-i18n-title]")) el.title = t(el.dataset.i18nTitle);
   $("#lang").textContent = lang === "zh" ? "English" : "中文";
   for (const sel of document.querySelectorAll("select[data-any]")) {
     if (sel.options[0]) sel.options[0].textContent = t("any.model");
@@ -114,6 +146,14 @@ const el = (tag, attrs = {}, ...kids) => {
   return e;
 };
 const randomSeed = () => Math.floor(Math.random() * 2 ** 31);
+// a translated word or message inside built text: re-translated when the language changes
+const tx = (key, vars = null) => {
+  const e = el("span", { "data-i18n": key, "data-i18n-vars": vars ? JSON.stringify(vars) : null });
+  e.textContent = i18nText(e);
+  return e;
+};
+// a disabled button stays disabled while it has nothing to act on (no model, no data set)
+const busy = (btn, on) => { btn.disabled = on || btn.dataset.blocked === "1"; };
 
 function say(msg, kind = "info") {
   const s = $("#status");
@@ -152,7 +192,7 @@ async function api(path, body, opts = {}) {
 }
 
 function showError(e) {
-  if (e.name === "AbortError") return say(t("stop"));
+  if (e.name === "AbortError") return say(t("stopped"));
   say(e.message || String(e), "error");
 }
 
@@ -170,9 +210,15 @@ async function outputUrl(ref) {
 // ---------------------------------------------------------------------------- tabs, models
 
 function showTab(name) {
-  for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
+  for (const b of document.querySelectorAll("#tabs button")) {
+    const on = b.dataset.tab === name;
+    b.classList.toggle("active", on);
+    b.setAttribute("aria-selected", String(on));
+    b.tabIndex = on ? 0 : -1;  // one tab stop for the tab list; arrow keys move within it
+  }
   for (const p of document.querySelectorAll(".panel")) p.classList.toggle("active", p.id === "tab-" + name);
   localStorage.setItem("aigc.tab", name);
+  say("");  // the status line speaks of the tab it was said on
   if (name === "history") loadHistory();
   if (name === "models") loadDetails($("#mp-model").value);
   if (name === "train") loadTrain();
@@ -198,9 +244,15 @@ async function loadModels() {
   // the B side of a comparison starts on a different model (or version) when there is one
   const b = $("#cmp-model-b");
   if (b.options.length > 1 && b.selectedIndex === 0) b.selectedIndex = 1;
+  // a kind with no model: the picker says so and its buttons are off (no request to be refused)
   for (const kind of ["text", "image", "music"]) {
-    const sel = $("#" + kind + "-model");
-    if (!sel.options.length) sel.append(el("option", { value: "", disabled: true }, t("no.models")));
+    const sel = $("#" + kind + "-model"), none = !sel.options.length;
+    if (none) sel.append(el("option", { value: "", disabled: true, "data-i18n": "no.models" }, t("no.models")));
+    for (const id of kind === "text" ? ["#text-go", "#cmp-go"] : ["#" + kind + "-go"]) {
+      const was = $(id).dataset.blocked === "1";
+      $(id).dataset.blocked = none ? "1" : "";
+      if (none || was) busy($(id), false);  // (a running request keeps its button off)
+    }
   }
 }
 
@@ -234,6 +286,27 @@ function setParams(id, values) {
   }
 }
 
+// The form's own limits (min, max, whole numbers) checked before any request: one message naming
+// the field and what it takes, the field focused; false when something is wrong.
+function checkInputs(inputs) {
+  for (const inp of inputs) {
+    if (inp.type !== "number") continue;
+    const v = inp.validity, whole = !inp.step || inp.step === "1";
+    const lock = inp.name === "seed" && inp.closest(".seed").querySelector("[name=seed_lock]").checked;
+    const bad = v.badInput || v.rangeUnderflow || v.rangeOverflow || (whole && v.stepMismatch) || (lock && inp.value === "");
+    inp.toggleAttribute("aria-invalid", bad);
+    if (!bad) continue;
+    const field = (inp.closest("label") ? inp.closest("label").textContent : inp.name).trim();
+    const range = inp.min && inp.max ? tf("range.both", { min: inp.min, max: inp.max })
+      : inp.min ? tf("range.min", { min: inp.min }) : inp.max ? tf("range.max", { max: inp.max }) : "";
+    say(inp.name === "seed" ? tf("bad.seed", { field }) : tf(whole ? "bad.int" : "bad.num", { field, range }), "error");
+    inp.focus();
+    return false;
+  }
+  return true;
+}
+const checkForm = (id) => checkInputs($("#" + id).querySelectorAll("input"));
+
 // The seed for the next call: the locked one, or a fresh random one (shown, so it can be locked).
 function nextSeed(id) {
   const p = params(id);
@@ -262,32 +335,53 @@ function thumbIcon() {
   return svg;
 }
 
-function ratingWidget(gid, current) {
+function ratingWidget(gid, current, mine, count) {
+  // The rating controls of one generation: thumbs and 1-5 stars show the caller's own choice (a
+  // thumb pressed, stars lit up to the value), the note the generation's mean and count ("4.5★ (2)").
+  // `mine` is the caller's own rating ({stars, thumb}: a /v1/generations row's my_rating); without it
+  // the stars show the mean until the first click. Rating again replaces one's earlier rating of that
+  // kind (the server keeps one per caller and kind), so a click just moves the choice.
   const box = el("span", { class: "rating", "data-gid": gid });
-  const done = (msg) => { box.dataset.rated = "1"; note.textContent = msg; };
-  const note = el("span", { class: "note" }, current ? `${current.toFixed(1)}★` : "");
+  const summary = (mean, n) => (typeof mean === "number" ? `${mean.toFixed(1)}★` + (n ? ` (${n})` : "") : "");
+  const note = el("span", { class: "note" }, summary(current, count));
+  const paint = (kind, value) => {
+    for (const b of box.querySelectorAll(kind === "thumb" ? ".thumb" : ".star")) {
+      const v = Number(b.dataset.v);
+      b.setAttribute("aria-pressed", v === value ? "true" : "false");
+      if (kind === "stars") b.classList.toggle("on", typeof value === "number" && v <= value);
+      else b.firstChild.style.fill = v === value ? "var(--accent)" : "";  // CSSOM: allowed by the CSP
+    }
+  };
   const rate = async (value, kind) => {
     try {
-      await api("v1/ratings", { generation_id: gid, value, kind });
-      done(t("rated") + (kind === "thumb" ? (value > 0 ? " +1" : " −1") : ` ${value}★`));
+      const r = await api("v1/ratings", { generation_id: gid, value, kind });
+      box.dataset.rated = "1";
+      paint(kind, value);
+      const said = kind === "thumb" ? (value > 0 ? "+1" : "−1") : `${value}★`;
+      const mean = summary(r.rating, r.rating_count);
+      note.textContent = `${t("rated")} ${said}` + (mean ? ` · ${mean}` : "");
     } catch (e) { showError(e); }
   };
   box.append(
-    el("button", { class: "thumb up", title: t("up"), "aria-label": t("up"), onclick: () => rate(1, "thumb") }, thumbIcon()),
-    el("button", { class: "thumb down", title: t("down"), "aria-label": t("down"), onclick: () => rate(-1, "thumb") }, thumbIcon()),
+    el("button", { class: "thumb up", "data-v": 1, title: t("up"), "aria-label": t("up"), onclick: () => rate(1, "thumb") }, thumbIcon()),
+    el("button", { class: "thumb down", "data-v": -1, title: t("down"), "aria-label": t("down"), onclick: () => rate(-1, "thumb") }, thumbIcon()),
   );
   const stars = el("span", { class: "stars", title: t("stars") });
-  const filled = Math.round(current || 0);  // the mean so far; hovering previews a new vote
+  const filled = mine ? 0 : Math.round(current || 0);  // no own rating known: the mean so far
   for (let i = 1; i <= 5; i++) {
     stars.append(el("button", { class: i <= filled ? "star on" : "star", "data-v": i, onclick: () => rate(i, "stars") }, "★"));
   }
   box.append(stars, note);
+  if (mine) {
+    paint("thumb", mine.thumb);
+    paint("stars", mine.stars);
+  }
   return box;
 }
 
 function genActions(row, extra = []) {
   return el("div", { class: "actions" },
-    ratingWidget(row.id, row.rating),
+    ratingWidget(row.id, row.rating, row.my_rating, row.rating_count),
     el("button", { class: "restore", "data-i18n": "restore", onclick: () => restore(row) }, t("restore")),
     el("button", { class: "regenerate", "data-i18n": "regenerate", onclick: () => restore(row, "exact") }, t("regenerate")),
     el("button", { class: "vary", "data-i18n": "vary", onclick: () => restore(row, "vary") }, t("vary")),
@@ -330,9 +424,12 @@ async function readSSE(response, onEvent) {
 }
 
 // Stream a completion over SSE (fetch + ReadableStream) into the output box.
-async function generateText(req = textRequest()) {
+async function generateText(req = null) {
+  if (!req && !checkForm("text-params")) return;
+  req = req || textRequest();
   saveForm("text-params");
   const out = $("#text-output"), meta = $("#text-meta"), actions = $("#text-actions");
+  feedbackReset();  // the feedback box only ever speaks of the result shown, which this replaces
   $("#text-result").hidden = false;
   out.textContent = req.prompt;
   out.append(el("span", { class: "gen" }));
@@ -340,11 +437,11 @@ async function generateText(req = textRequest()) {
   meta.textContent = t("generating");
   actions.replaceChildren();
   textAbort = new AbortController();
-  $("#text-go").disabled = true;
+  busy($("#text-go"), true);
   $("#text-stop").disabled = false;
   say("");
   const t0 = performance.now();
-  let gid = null, seed = req.seed, finish = null, mod = null;
+  let gid = null, seed = req.seed, finish = null, mod = null, pieces = 0;
   try {
     const { prompt, ...chat } = req;  // a chat request has messages instead of a prompt
     const r = await fetch(req.messages ? "v1/chat/completions" : "v1/completions", {
@@ -355,14 +452,14 @@ async function generateText(req = textRequest()) {
     await readSSE(r, (chunk) => {
       for (const c of chunk.choices || []) {
         const piece = c.text ?? (c.delta && c.delta.content);
-        if (piece) gen.textContent += piece;
+        if (piece) { gen.textContent += piece; pieces++; }  // a stream sends one chunk per token
         if (c.finish_reason) { finish = c.finish_reason; gid = c.generation_id; seed = c.seed; }
         if (c.moderation) mod = c.moderation;
       }
       if (chunk.warnings) say(chunk.warnings.join("; "), "error");
     });
     const dt = ((performance.now() - t0) / 1000).toFixed(2);
-    meta.textContent = `#${gid} · ${req.model} · seed ${seed} · ${finish} · ${dt} s`;
+    meta.replaceChildren(`#${gid} · ${req.model} · `, tx("m.seed"), ` ${seed} · `, tx("fin." + finish), ` · ${dt} s`);
     // the server withholds a blocked output (finish_reason content_filter) and marks a flagged one
     const cats = mod && mod.categories && mod.categories.length ? `: ${mod.categories.join(", ")}` : "";
     if (finish === "content_filter") say(t("mod.withheld") + cats, "error");
@@ -376,9 +473,10 @@ async function generateText(req = textRequest()) {
     }
   } catch (e) {
     showError(e);
-    meta.textContent = "";
+    // the card says what happened to it: stopped after so many tokens, or the error
+    meta.replaceChildren(e.name === "AbortError" ? tx("stopped.after", { n: pieces }) : tx("failed", { e: e.message || String(e) }));
   } finally {
-    $("#text-go").disabled = false;
+    busy($("#text-go"), false);
     $("#text-stop").disabled = true;
     textAbort = null;
   }
@@ -389,54 +487,79 @@ async function generateText(req = textRequest()) {
 // A text result can be thumbed down with a comment; the studio then asks for a new completion of
 // the same prompt with a new seed and best_of=4 ranked by the server's default scorer
 // (aigc_scorer "default"; by likelihood when the server has none), and shows it next to the old one.
-function feedbackReady(req, gid, text) {
-  const box = $("#text-feedback");
-  box.hidden = false;
+let feedbackFor = 0;  // which shown result the feedback box belongs to (bumped when it is replaced)
+
+function feedbackReset() {
+  feedbackFor++;
+  $("#text-feedback").hidden = true;
   $("#fb-comment").value = "";
   $("#fb-pair").replaceChildren();
+  $("#fb-go").onclick = null;
+  $("#fb-go").disabled = false;
+}
+
+function feedbackReady(req, gid, text) {
+  feedbackReset();
+  $("#text-feedback").hidden = false;
   $("#fb-go").onclick = () => regenerateWithFeedback(req, gid, text);
 }
 
+// Is there a default scorer for best_of here? Asked once per key (GET /v1/scorers), not found out
+// from a 400; an older server without that route gets the old way: try it, fall back on the 400.
+let hasScorer = null;
+async function defaultScorer() {
+  if (hasScorer === null) {
+    try { hasScorer = (await api("v1/scorers")).data.some((x) => x.id === "default"); } catch (e) { return true; }
+  }
+  return hasScorer;
+}
+
 async function regenerateWithFeedback(req, gid, oldText) {
-  const go = $("#fb-go");
+  const go = $("#fb-go"), mine = feedbackFor;
+  if (go.disabled) return;
   go.disabled = true;
+  let ok = false;
   try {
     const comment = $("#fb-comment").value.trim() || null;
     await api("v1/ratings", { generation_id: gid, value: -1, kind: "thumb", comment });
     say(t("fb.sent"));
     const body = { model: req.model, prompt: req.prompt, max_tokens: req.max_tokens, temperature: req.temperature,
                    top_p: req.top_p, top_k: req.top_k, seed: randomSeed(), best_of: 4, aigc_scorer: "default" };
-    let out, note = "";
+    let out, fallback = false;
+    const plain = () => { fallback = true; const { aigc_scorer, ...rest } = body; return rest; };
     try {
-      out = await api("v1/completions", body);
+      // no usable scorer: OpenAI's rule, mean log-prob
+      out = await api("v1/completions", (await defaultScorer()) ? body : plain());
     } catch (e) {
-      if (!(e instanceof ApiError && e.status === 400 && /scorer/.test(e.message))) throw e;
-      const { aigc_scorer, ...plain } = body;  // no usable scorer: OpenAI's rule, mean log-prob
-      out = await api("v1/completions", plain);
-      note = ` (${t("fb.fallback")})`;
+      if (fallback || !(e instanceof ApiError && e.status === 400 && /scorer/.test(e.message))) throw e;
+      out = await api("v1/completions", plain());
     }
+    if (mine !== feedbackFor) return;  // another result is shown by now: this one is not its pair
     const c = out.choices[0], newGid = out.generation_ids[0];
     const scorer = (out.parameters.scorer || "logprob").split(":")[0];  // its kind, not a server path
     const side = (title, text, extra) => el("div", { class: "side card" },
       el("div", { class: "who" }, title), el("pre", { class: "output" }, text), extra);
+    const title = [tx("fb.after", { k: body.best_of, scorer: { t: "scorer." + scorer, f: scorer } })];
+    if (fallback) title.push(" (", tx("fb.fallback"), ")");
     $("#fb-pair").replaceChildren(
-      side(t("fb.before"), req.prompt + oldText, el("div", { class: "meta" }, `#${gid} · −1`)),
-      Object.assign(side(tf("fb.after", { k: body.best_of, scorer }) + note, req.prompt + c.text,
-        el("div", { class: "meta" }, `#${newGid} · seed ${c.seed} · score ${Number(c.score).toFixed(3)}`)),
+      side(tx("fb.before"), req.prompt + oldText, el("div", { class: "meta" }, `#${gid} · −1`)),
+      Object.assign(side(title, req.prompt + c.text,
+        el("div", { class: "meta" }, `#${newGid} · `, tx("m.seed"), ` ${c.seed} · `, tx("m.score"), ` ${Number(c.score).toFixed(3)}`)),
         { id: "fb-new" }),
     );
     $("#fb-new").append(ratingWidget(newGid));
     say("");
-  } catch (e) { showError(e); } finally { go.disabled = false; }
+    ok = true;  // the thumbs-down is saved and its pair shown: once per result
+  } catch (e) { showError(e); } finally { if (mine === feedbackFor) go.disabled = ok; }
 }
 
 // ---------------------------------------------------------------------------- images
 
 function imageRequest() {
   const p = params("image-params");
-  const req = { model: $("#image-model").value, n: p.n || 1, seed: nextSeed("image-params") };
+  const req = { model: $("#image-model").value, n: p.n ?? 1, seed: nextSeed("image-params") };
   if ($("#image-prompt").value) req.prompt = $("#image-prompt").value;
-  if (p.steps) req.steps = p.steps;
+  if (p.steps !== null) req.steps = p.steps;
   if (p.guidance !== null) req.guidance = p.guidance;
   if (p.label !== "") req.label = /^\d+$/.test(p.label) ? Number(p.label) : p.label;
   if (p.sampler) req.sampler = p.sampler;
@@ -446,20 +569,22 @@ function imageRequest() {
 // Images run as a background job (POST /v1/jobs): each one shows as soon as it is made, from the
 // job's SSE events (progress, ETA, preview). Image i of a job (or of a direct call) has seed + i,
 // so any one can be made again with n=1, its seed and its label.
-async function generateImages(req = imageRequest()) {
+async function generateImages(req = null) {
+  if (!req && !checkForm("image-params")) return;
+  req = req || imageRequest();
   saveForm("image-params");
   const box = $("#image-results");
-  const progress = el("p", { class: "muted progress" }, t("generating"));
+  const progress = el("p", { class: "muted progress" }, tx("generating"));
   box.replaceChildren(progress);
-  $("#image-go").disabled = true;
+  busy($("#image-go"), true);
   say("");
   try {
     const job = await api("v1/jobs", { type: "images.generations", input: req });
     const r = await fetch(`v1/jobs/${job.id}/events`, { headers: headers(false) });
     if (!r.ok) await raise(r);
     await readSSE(r, (ev) => {
-      const eta = ev.eta_s !== null && ev.eta_s !== undefined ? ` · ETA ${ev.eta_s.toFixed(1)} s` : "";
-      progress.textContent = `${t("generating")} ${ev.step}/${ev.total}${eta}`;
+      const eta = ev.eta_s !== null && ev.eta_s !== undefined ? [" · ", tx("tr.eta"), ` ${ev.eta_s.toFixed(1)} s`] : [];
+      progress.replaceChildren(tx("generating"), ` ${ev.step}/${ev.total}`, ...eta);
       if (ev.preview) box.append(el("img", { class: "preview", src: ev.preview, alt: `${ev.step}/${ev.total}` }));
     });
     const view = await api(`v1/jobs/${job.id}`);
@@ -471,26 +596,28 @@ async function generateImages(req = imageRequest()) {
                     seed: d.seed, params: d.parameters };
       box.append(el("figure", { class: "card" },
         el("img", { src: "data:image/png;base64," + d.b64_json, alt: `seed ${d.seed}` }),
-        el("figcaption", {}, `#${row.id} · seed ${d.seed} · ${i + 1}/${items.length}`),
+        el("figcaption", {}, `#${row.id} · `, tx("m.seed"), ` ${d.seed} · ${i + 1}/${items.length}`),
         genActions(row)));
     });
   } catch (e) {
     box.replaceChildren();
     showError(e);
   } finally {
-    $("#image-go").disabled = false;
+    busy($("#image-go"), false);
   }
 }
 
 // ---------------------------------------------------------------------------- music
 
 async function generateMusic(req = null) {
+  if (!req && !checkForm("music-params")) return;
   const p = params("music-params");
   req = req || { model: $("#music-model").value, key: p.key, meter: p.meter, bars: p.bars,
                  temperature: p.temperature, instrument: p.instrument, seed: nextSeed("music-params"), format: "both" };
   saveForm("music-params");
   const box = $("#music-results");
-  box.replaceChildren(el("p", { class: "muted" }, t("generating")));
+  box.replaceChildren(el("p", { class: "muted" }, tx("generating")));
+  busy($("#music-go"), true);
   try {
     const res = await api("v1/audio/music", req);
     box.replaceChildren();
@@ -500,12 +627,14 @@ async function generateMusic(req = null) {
       box.append(el("figure", { class: "card" },
         el("img", { src: "data:image/png;base64," + d.piano_roll_b64, alt: "piano roll" }),
         d.wav_b64 ? el("audio", { controls: true, src: "data:audio/wav;base64," + d.wav_b64 }) : null,
-        el("figcaption", {}, `#${row.id} · seed ${res.seed}`),
+        el("figcaption", {}, `#${row.id} · `, tx("m.seed"), ` ${res.seed}`),
         ratingWidget(row.id)));
     });
   } catch (e) {
     box.replaceChildren();
     showError(e);
+  } finally {
+    busy($("#music-go"), false);
   }
 }
 
@@ -560,7 +689,8 @@ async function loadHistory(before = null) {
     const page = await api("v1/generations?" + q);
     hist.before = before;
     list.replaceChildren();
-    if (!page.data.length) list.append(el("p", { class: "muted" }, t("empty")));
+    const filtered = [...f.values()].some((v) => v);
+    if (!page.data.length) list.append(el("p", { class: "muted" }, tx(filtered ? "nomatch" : "empty")));
     for (const row of page.data) list.append(historyCard(row));
     $("#history-older").disabled = !page.has_more;
     $("#history-older").dataset.cursor = page.last_id || "";
@@ -583,25 +713,34 @@ function historyCard(row) {
   }
   const rating = row.rating === null ? "" : ` · ${row.rating.toFixed(1)}★ (${row.rating_count})`;
   return el("article", { class: "card hist", "data-id": row.id },
-    el("div", { class: "meta" }, `#${row.id} · ${row.kind} · ${row.model} · seed ${row.seed} · ${when}${rating}`),
+    el("div", { class: "meta" }, `#${row.id} · `, tx("kind." + row.kind), ` · ${row.model} · `, tx("m.seed"), ` ${row.seed} · ${when}${rating}`),
     body, genActions(row));
 }
 
 // ---------------------------------------------------------------------------- compare
 
+// the version a model id is served by now (`story` -> `story@2`): two ids with one root are one model
+const rootOf = (id) => (models.find((m) => m.id === id) || {}).root || id;
+
 async function compare() {
+  const go = $("#cmp-go");
+  if (go.disabled || !checkForm("text-params")) return;
   const prompt = $("#cmp-prompt").value, blind = $("#cmp-blind").checked;
   const p = params("text-params");
   const sides = [$("#cmp-model-a").value, $("#cmp-model-b").value];
   const box = $("#cmp-pair");
-  box.replaceChildren(el("p", { class: "muted" }, t("generating")));
+  box.replaceChildren(el("p", { class: "muted" }, tx("generating")));
+  busy(go, true);
+  say("");
   try {
-    // one prompt, one seed, two models (or versions): the models are the only difference
-    const seed = randomSeed();
-    const res = await Promise.all(sides.map((model) => api("v1/completions", {
-      model, prompt, max_tokens: p.max_tokens, temperature: p.temperature, top_p: p.top_p, top_k: p.top_k, seed,
+    // one prompt, one seed, two models (or versions): the models are the only difference. The same
+    // model on both sides gets seeds seed and seed + 1: one seed would give the same text twice
+    const seed = randomSeed(), same = rootOf(sides[0]) === rootOf(sides[1]);
+    const seeds = [seed, same ? seed + 1 : seed];
+    const res = await Promise.all(sides.map((model, i) => api("v1/completions", {
+      model, prompt, max_tokens: p.max_tokens, temperature: p.temperature, top_p: p.top_p, top_k: p.top_k, seed: seeds[i],
     })));
-    let cards = res.map((r, i) => ({ gid: r.generation_ids[0], text: r.choices[0].text, model: sides[i] }));
+    let cards = res.map((r, i) => ({ gid: r.generation_ids[0], text: r.choices[0].text, model: sides[i], seed: seeds[i] }));
     if (blind && Math.random() < 0.5) cards = [cards[1], cards[0]];  // blind: the side says nothing
     box.replaceChildren();
     const [a, b] = cards.map((c) => c.gid);
@@ -618,14 +757,16 @@ async function compare() {
           loadStats();
         } catch (e) { showError(e); }
       }, "data-i18n": "better" }, t("better"));
-      box.append(el("article", { class: "card side", "data-gid": c.gid },
-        el("div", { class: "meta" }, `${"AB"[i]} · `, el("span", { class: "who" }, label)),
+      box.append(el("article", { class: "card side", "data-gid": c.gid, "data-seed": c.seed },
+        el("div", { class: "meta" }, `${"AB"[i]} · `, el("span", { class: "who" }, label), " · ", tx("m.seed"), ` ${c.seed}`),
         el("pre", { class: "output" }, el("b", {}, prompt), c.text), pick));
     });
-    say(t("pick.first"));
+    say(t("pick.first") + (same ? " — " + tf("cmp.same", { a: seeds[0], b: seeds[1] }) : ""));
   } catch (e) {
     box.replaceChildren();
     showError(e);
+  } finally {
+    busy(go, false);
   }
 }
 
@@ -654,9 +795,9 @@ let presets = [];
 
 function presetBar(id) {
   const kind = PRESET_TABS[id];
-  const pick = el("select", { class: "preset-pick", "aria-label": t("preset") });
+  const pick = el("select", { class: "preset-pick", "aria-label": t("preset"), "data-i18n-aria": "preset" });
   const name = el("input", { type: "text", class: "preset-name", maxlength: "64", "data-i18n-ph": "preset.name",
-                             placeholder: t("preset.name") });
+                             placeholder: t("preset.name"), "aria-label": t("preset.name"), "data-i18n-aria": "preset.name" });
   const chosen = () => presets.find((p) => String(p.id) === pick.value);
   const apply = async () => {
     const p = chosen();
@@ -770,16 +911,27 @@ function kvTable(rows, head = null) {
 }
 const fmtValue = (v) => (v === undefined || v === null ? "–" : typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v));
 
-// card.md as minimal markdown, built with textContent only: a card can never inject markup.
+// card.md as minimal markdown, built with textContent only: a card can never inject markup, and
+// nothing in it is fetched (an image link shows as its alt text).
 function renderCard(md) {
   const box = document.createDocumentFragment();
-  let list = null, code = null;
-  for (const line of md.split("\n")) {
+  let list = null, code = null, table = null;
+  const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+  for (let line of md.split("\n")) {
     if (line.startsWith("```")) {
       if (code) { box.append(code); code = null; } else code = el("pre");
       continue;
     }
     if (code) { code.textContent += line + "\n"; continue; }
+    line = line.replace(/!\[([^\]]*)\]\([^)]*\)/g, "$1");
+    if (line.trim().startsWith("|")) {  // a pipe table: the first row is its head, |---| rows are rules
+      const row = cells(line);
+      if (row.every((c) => /^:?-+:?$/.test(c))) continue;
+      if (!table) { table = el("table"); box.append(el("div", { class: "kv" }, table)); }
+      table.append(el("tr", {}, row.map((c) => el(table.rows.length ? "td" : "th", {}, c))));
+      continue;
+    }
+    table = null;
     const item = line.match(/^\s*[-*] (.*)/);
     if (item) {
       if (!list) { list = el("ul"); box.append(list); }
@@ -789,7 +941,6 @@ function renderCard(md) {
     list = null;
     const head = line.match(/^(#{1,6}) (.*)/);
     if (head) box.append(el(head[1].length <= 2 ? "h4" : "h5", {}, head[2]));
-    else if (line.startsWith("|")) box.append(el("pre", {}, line));
     else if (line.trim()) box.append(el("p", {}, line));
   }
   if (code) box.append(code);
@@ -836,9 +987,13 @@ async function loadTrain() {
   try {
     datasets = (await api("v1/datasets")).data;
     const sel = $("#tr-data"), keep = sel.value;
-    sel.replaceChildren(...datasets.map((d) => el("option", { value: d.id }, `${d.id} (${d.kind})`)));
+    sel.replaceChildren(...datasets.map((d) => el("option", { value: d.id }, `${d.id} (`, tx("kind." + d.kind), ")")));
     if (keep) sel.value = keep;
-    if (!datasets.length) say(t("tr.nodata"), "error");
+    // nothing to train on: say so here and keep Start off (no request for the server to refuse)
+    $("#tr-go").dataset.blocked = datasets.length ? "" : "1";
+    if (!train.abort) busy($("#tr-go"), false);
+    if (!datasets.length) $("#tr-status").replaceChildren(tx("tr.nodata"));
+    else if ($("#tr-status [data-i18n='tr.nodata']")) $("#tr-status").replaceChildren();
     fillFamilies();
     const jobs = (await api("v1/train?limit=10")).data;
     showJobs(jobs);
@@ -871,17 +1026,23 @@ function showJobs(jobs) {
 }
 
 async function startTraining() {
+  const go = $("#tr-go");
+  if (go.disabled || !checkInputs([$("#tr-time"), $("#tr-steps")])) return;
   const steps = $("#tr-steps").value, time = $("#tr-time").value;
   const body = { family: $("#tr-family").value, data: $("#tr-data").value, name: $("#tr-name").value.trim(),
                  preset: $("#tr-preset").value,
                  set: $("#tr-set").value.split("\n").map((s) => s.trim()).filter(Boolean) };
   if (steps) body.max_steps = Number(steps);
   if (time) body.max_time = Number(time);
+  busy(go, true);
   try {
     const job = await api("v1/train", body);
     say(t("tr.started") + ": " + job.id);
     watchJob(job.id);
-  } catch (e) { showError(e); }
+  } catch (e) {
+    showError(e);
+    busy(go, false);
+  }
 }
 
 // Follow a job's SSE stream: each event carries its state and the loss points since the last one.
@@ -890,7 +1051,7 @@ async function watchJob(id) {
   train.points = [];
   train.evals = [];
   train.abort = new AbortController();
-  $("#tr-go").disabled = true;
+  busy($("#tr-go"), true);
   $("#tr-cancel").disabled = false;
   $("#tr-open").hidden = true;
   let last = null;
@@ -903,8 +1064,10 @@ async function watchJob(id) {
       train.evals.push(...(ev.evals || []));
       const of = ev.total_steps ? "/" + ev.total_steps : "";
       const eta = ev.eta_s !== null && ev.eta_s !== undefined ? ` · ${t("tr.eta")} ${ev.eta_s.toFixed(0)} s` : "";
+      // train rows come every log_interval steps: the last loss may be older than the last step
+      const at = train.points.length ? train.points[train.points.length - 1][0] : ev.step;
       $("#tr-status").textContent = `${ev.id} · ${t("st." + ev.status)} · ${t("tr.step")} ${ev.step}${of}` +
-        (ev.loss !== null ? ` · ${t("tr.loss")} ${ev.loss.toFixed(4)}` : "") +
+        (ev.loss !== null ? ` · ${t("tr.loss")} ${ev.loss.toFixed(4)}` + (at !== ev.step ? " " + tf("tr.lossat", { s: at }) : "") : "") +
         (ev.val_loss !== null ? ` · ${t("tr.val")} ${ev.val_loss.toFixed(4)}` : "") + eta;
       drawChart($("#tr-chart"), lossSeries(train.points, train.evals));
     });
@@ -918,7 +1081,7 @@ async function watchJob(id) {
   } catch (e) { showError(e); }
   finally {
     train.abort = null;
-    $("#tr-go").disabled = false;
+    busy($("#tr-go"), false);
     $("#tr-cancel").disabled = true;
     try { showJobs((await api("v1/train?limit=10")).data); } catch (e) { /* the status line says enough */ }
   }
@@ -945,6 +1108,25 @@ function init() {
     applyLang();
   });
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => showTab(b.dataset.tab));
+  $("#tabs").addEventListener("keydown", (e) => {  // the tab list's arrow keys (WAI-ARIA tabs)
+    const tabs = [...document.querySelectorAll("#tabs button:not([hidden])")];
+    const i = tabs.indexOf(document.activeElement);
+    const to = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: tabs.length - 1 }[e.key];
+    if (i < 0 || to === undefined) return;
+    e.preventDefault();
+    const next = tabs[(to + tabs.length) % tabs.length];
+    next.focus();
+    showTab(next.dataset.tab);
+  });
+  // Ctrl/Cmd+Enter sends a prompt box (Enter alone is a new line); Enter sends the one-line image prompt
+  const submitOn = (input, button, run, needMod) => $(input).addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || e.isComposing || (needMod && !(e.ctrlKey || e.metaKey))) return;
+    e.preventDefault();
+    if (!$(button).disabled) run();
+  });
+  submitOn("#text-prompt", "#text-go", () => generateText(), true);
+  submitOn("#cmp-prompt", "#cmp-go", () => compare(), true);
+  submitOn("#image-prompt", "#image-go", () => generateImages(), false);
   for (const id of ["text-params", "image-params", "music-params"]) {
     loadForm(id);
     $("#" + id + " .randomise").addEventListener("click", () => setParams(id, { seed: randomSeed(), seed_lock: false }));
@@ -975,6 +1157,9 @@ function init() {
     hist.cursors = [];
     loadHistory();
   });
+  for (const sel of document.querySelectorAll("#history-filters select")) {
+    sel.addEventListener("change", () => { hist.cursors = []; loadHistory(); });  // a pick applies at once
+  }
   $("#history-older").addEventListener("click", (e) => {
     hist.cursors.push(hist.before);
     loadHistory(Number(e.target.dataset.cursor));
@@ -984,6 +1169,7 @@ function init() {
 }
 
 async function start() {
+  hasScorer = null;  // another key may be another server's view
   try {
     await loadModels();
     say("");

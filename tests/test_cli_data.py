@@ -169,3 +169,46 @@ def test_prepare_with_a_bad_tokenizer_is_one_line(
     error = err.strip().splitlines()[-1]  # (after the progress lines, when the source was read)
     assert error.startswith("error: ") and message in error and err.count("error") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- an --out that cannot be written
+
+
+def test_out_under_a_file_is_one_line(run_cli, corpus, tmp_path):
+    code, out, err = run_cli("data", "prepare", corpus, "--out", corpus / "x")
+    assert code == 1 and "Traceback" not in err and err.count("error:") == 1 and not out
+    assert f"cannot write {corpus / 'x'} ({corpus} is a file, not a directory); pick another --out" in err
+
+
+def test_unwritable_out_is_one_line(run_cli, corpus, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def denied(*a, **k):  # as root chmod stops nothing: fail the way a read-only parent does
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    code, _, err = run_cli("data", "prepare", corpus, "--out", tmp_path / "ro" / "x")
+    assert code == 1 and "Traceback" not in err and err.count("error:") == 1
+    assert f"cannot write {tmp_path / 'ro' / 'x'} (permission denied); pick another --out" in err
+    assert not (tmp_path / "ro").exists() or not list((tmp_path / "ro").iterdir())
+
+
+def test_stale_staging_dirs_of_a_killed_prepare_are_removed(run_cli, corpus, tmp_path):
+    import fcntl
+    import os
+
+    stale = tmp_path / ".data.abc123.tmp"  # left by a kill -9: nobody holds its lock
+    live = tmp_path / ".data.live99.tmp"  # another process still building: locked
+    for d in (stale, live):
+        d.mkdir()
+        (d / "train.bin").write_bytes(b"x")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        code, _, err = run_cli("data", "prepare", corpus, "--out", tmp_path / "data")
+    finally:
+        os.close(fd)
+    assert code == 0, err
+    assert not stale.exists() and live.is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".data.") and p != live]

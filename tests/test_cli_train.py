@@ -92,3 +92,46 @@ def test_resume_with_changed_model_shows_the_difference(run_cli, prepared, tmp_p
     assert run_cli(*args)[0] == 0
     code, _, err = run_cli(*args, "--set", "model.n_layer=2", "--resume")
     assert code == 1 and "cannot resume" in err and "model.n_layer: 1 -> 2" in err
+
+
+def test_out_under_a_file_is_one_line(run_cli, prepared, tmp_path):
+    (tmp_path / "f").write_text("x")
+    code, _, err = run_cli(
+        "train", "gpt", "--data", prepared, "--out", tmp_path / "f" / "t", *TINY, "--max-steps", "1"
+    )
+    assert code == 1 and "Traceback" not in err
+    assert (
+        f"cannot write {tmp_path / 'f' / 't'} ({tmp_path / 'f'} is a file, not a directory); pick another --out"
+        in err
+    )
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(run_cli, prepared, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from aigc.training.text import TextTask
+
+    real = TextTask.training_step
+
+    def ctrl_c_at_3(self, ctx):
+        if ctx.step_num == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, ctx)
+
+    monkeypatch.setattr(TextTask, "training_step", ctrl_c_at_3)
+    args = ["train", "gpt", "--data", prepared, "--out", tmp_path / "r", *TINY, "--max-steps", "6"]
+    code, _, err = run_cli(*args)
+    assert code == 130 and "interrupted at step 3; checkpoint saved; continue with --resume" in err
+    assert "Traceback" not in err and "error:" not in err
+    monkeypatch.setattr(TextTask, "training_step", real)
+    code, out, err = run_cli(*args, "--resume")
+    assert code == 0 and "(step 3)" in err and "trained gpt: 6 steps" in out
+
+
+def test_resume_without_a_checkpoint_says_so(run_cli, prepared, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text('{"family": "gpt", "model": {}}')
+    code, _, err = run_cli("train", "gpt", "--data", prepared, "--out", tmp_path / "r", *TINY, "--resume")
+    assert code == 1 and "no checkpoint in" in err and "stopped before its first save" in err
+    assert "config differs" not in err

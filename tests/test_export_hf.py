@@ -333,3 +333,24 @@ def test_trained_run_exports_and_loads_in_transformers(tmp_path, run_cli):
     assert ids[0].tolist() == art.tokenizer.encode("To be, or not")
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, art.model(ids)[0], atol=1e-4, rtol=0)
+
+
+def test_export_of_a_diffusion_run_points_at_its_diffusers_folder(tmp_path, run_cli):
+    """A diffusion run was exported by training (RUN/diffusers/): say so, not "use model.safetensors"."""
+    from safetensors.torch import load_file
+
+    from aigc.models.diffusion import DiffusionConfig
+    from aigc.training.image_tasks import export_diffusers
+    from serve_helpers import write_image_run
+
+    run = write_image_run(tmp_path / "diff", classes=["a", "b"])
+    code, _, err = run_cli("export", "--model", run, "--out", tmp_path / "o")
+    assert code == 1 and "is a diffusion model; only gpt models export" in err  # no diffusers/ folder yet
+    cfg = json.loads((run / "config.json").read_text())["model"]
+    cfg = DiffusionConfig(**{**cfg, "block_out_channels": tuple(cfg["block_out_channels"]),
+                             "attention_levels": tuple(cfg["attention_levels"])})  # fmt: skip
+    export_diffusers(cfg, load_file(str(run / "model.safetensors")), run / "diffusers")
+    code, _, err = run_cli("export", "--model", run, "--out", tmp_path / "o")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"already exported in diffusers format at {run / 'diffusers'}" in err and "card.md" in err
+    assert not (tmp_path / "o").exists()

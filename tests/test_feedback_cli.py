@@ -79,6 +79,10 @@ def test_history_on_an_empty_or_explicit_db(run_cli, tmp_path):
 def test_reading_a_store_that_does_not_exist_is_one_line(run_cli, tmp_path, monkeypatch, args):
     """A typo in --db (or no store yet) is an error, not a new empty database and its folders."""
     monkeypatch.chdir(tmp_path)
+    if args[0] == "tune":  # tune checks its model first: one that exists, so the store is next
+        from serve_helpers import write_text_run
+
+        write_text_run(tmp_path / "m")
     db = tmp_path / "typo" / "dir" / "x.db"
     code, out, err = run_cli(*args, "--db", str(db))
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err

@@ -85,11 +85,24 @@ def test_generate_errors_are_one_line(run_cli, run_dir, tmp_path):
     assert code == 1 and "top_p=1.5" in err and "(0, 1]" in err
     code, _, err = run_cli("generate", "text", "-m", run_dir, "--num-beams", "2", "--top-k", "5")
     assert code == 1 and "num_beams" in err
+    # refused like --top-k with beams, not silently set to 0
+    code, _, err = run_cli("generate", "text", "-m", run_dir, "--num-beams", "3", "--temperature", "1.5")
+    assert code == 1 and "--num-beams 3 cannot be combined with --temperature 1.5" in err
+    for bad in ("0", "-2", "65"):  # (--best-of 0 and -2 generated one plain sample)
+        code, _, err = run_cli("generate", "text", "-m", run_dir, "--best-of", bad)
+        assert code == 1 and f"--best-of {bad} is out of range; allowed: 1..64" in err, err
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli("generate", "text", "-m", tmp_path / "empty")
     assert code == 1 and "missing config.json" in err
-    code, _, err = run_cli("generate", "text", "-m", run_dir, "-p", "§")
-    assert code == 1 and "not in the char tokenizer" in err
+    code, _, err = run_cli("generate", "text", "-m", run_dir, "-p", "ROMEO: §你好§")
+    assert (
+        code == 1
+        and "3 character(s) not in the char tokenizer's vocabulary, which this model cannot encode: '§' (U+00A7), '你' (U+4F60), '好'"
+        in err
+    )
+    assert (
+        "fixed when the model's data was prepared" in err and "use --unknown" not in err
+    )  # generate has no --unknown
 
 
 def test_a_run_that_is_not_a_text_model_is_one_line(run_cli, run_dir, tmp_path):

@@ -144,3 +144,35 @@ def test_image_size_not_supported_by_unet(digits, tmp_path):
             tmp_path / "r",
             overrides=["model.block_out_channels=[8,8,8,8,8]", "model.norm_num_groups=4"],
         )
+
+
+@pytest.mark.parametrize(
+    "family,bad,message",
+    [
+        ("diffusion", "model.num_train_timesteps=0", "num_train_timesteps must be >= 1, got 0"),
+        ("diffusion", "model.norm_num_groups=0", "norm_num_groups must be >= 1, got 0"),
+        ("diffusion", "model.layers_per_block=0", "layers_per_block must be >= 1, got 0"),
+        ("diffusion", "model.block_out_channels=[0,16]", "every block_out_channels entry must be >= 1"),
+        ("diffusion", "model.beta_end=2", "0 <= beta_start <= beta_end < 1"),
+        ("diffusion", "model.steps=0", "steps must be >= 1, got 0"),
+        ("diffusion", "sample_interval=-1", "sample_interval must be >= 0"),
+        ("vae", "model.channels=[0,16]", "every channels entry must be >= 1"),
+        ("gan", "model.g_width=0", "g_width and d_width must be >= 1"),
+        ("gan", "model.d_lr=-1", "d_lr must be > 0"),
+        ("gan", "train.betas=[1.5, 0.9]", "betas must be in [0, 1)"),
+    ],
+)
+def test_bad_config_values_are_refused_before_training(family, bad, message, digits, tmp_path):
+    with pytest.raises(AigcError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        train_image(
+            family, digits, tmp_path / "r", preset="tiny", overrides=_overrides(family, bad), max_steps=2
+        )
+    assert not (tmp_path / "r").exists()  # no config.json left behind
+
+
+def test_batch_larger_than_the_training_set_is_refused(digits, tmp_path):
+    with pytest.raises(
+        AigcError, match=r"train.batch_size=100000 is larger than the training set: 114 train images"
+    ):
+        train_image("vae", digits, tmp_path / "r", overrides=_overrides("vae", "train.batch_size=100000"))
+    assert not (tmp_path / "r").exists()

@@ -211,3 +211,41 @@ def test_demo_music_part(tmp_path, run_cli):
     samples = tmp_path / "demo" / "music-samples"
     assert sorted(p.suffix for p in samples.iterdir()) == [".json", ".mid", ".png", ".wav"]
     assert valid_midi((samples / "chorale-0.mid").read_bytes())
+
+
+def test_cli_music_from_a_model_that_makes_no_notes_is_one_line(music_run, tmp_path, run_cli, monkeypatch):
+    """Every piece empty (an under-trained model: only ungrammatical events) is exit 1 with nothing
+    written, not "0 notes, 0.0 s" and a silent WAV; a SoundFont that cannot be used is a warning."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from aigc.tokenizers import load_tokenizer
+
+    # the run's GPT rewired to always say one Dur_ token: a Dur without a Pitch is skipped
+    bad = tmp_path / "bad"
+    shutil.copytree(music_run, bad)
+    dur = next(i for i, t in enumerate(load_tokenizer(bad).vocab) if t.startswith("Dur_"))
+    w = load_file(str(bad / "model.safetensors"))
+    for k in w:
+        if k.endswith(("proj.weight", "down.weight")):
+            w[k] = torch.zeros_like(w[k])  # the blocks add nothing to the residual stream
+        elif k == "norm.weight":
+            w[k] = torch.ones_like(w[k])
+        elif k in ("tok_emb.weight", "lm_head.weight"):  # (tied or not) every token embeds along e_0,
+            w[k] = torch.zeros_like(w[k])  # and only Dur's output row points there strongly
+            w[k][:, 0], w[k][dur, 0] = 1.0, 100.0
+    save_file({k: v.contiguous() for k, v in w.items()}, str(bad / "model.safetensors"))
+    code, _, err = run_cli("generate", "music", "-m", bad, "--bars", "1", "--n", "2", "-o", tmp_path / "o")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "all 2 pieces came out empty: 0 notes (" in err and "under-trained" in err and "--max-steps" in err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setenv("AIGC_SOUNDFONT", str(tmp_path / "nonexistent.sf2"))
+    code, _, err = run_cli("generate", "music", "-m", music_run, "--bars", "1", "-o", tmp_path / "o2")
+    assert code == 0, err
+    assert (
+        f"warning: AIGC_SOUNDFONT={tmp_path / 'nonexistent.sf2'} is not a file; WAVs are rendered with the built-in synth"
+        in err.replace("\n", " ")
+    )
+    assert json.loads((tmp_path / "o2" / "piece-0.json").read_text())["synth"] == "builtin"

@@ -186,3 +186,23 @@ def test_versions_next_publish_and_resolve(tmp_path):
     with pytest.raises(AigcError, match="never overwritten"):
         publish_version(fake_run(models / "story" / ".stage2"), models / "story" / "11")
     assert resolve_model("story", [models]) == (models / "story" / "11").resolve()
+
+
+def test_too_little_feedback_says_what_kind_is_missing(store):
+    """Only thumbs up: DPO says the ratings are all equal and what makes a pair; SFT asks for
+    corrections, not more ratings; a name without feedback lists the names that have some."""
+    from aigc.tuning.preference import no_feedback_message
+
+    for i in range(5):
+        store.add_rating(gen(store, "m", "p", f"out {i}"), 1, user="u")
+    gens = feedback_rows(store, "m", "text")
+    with pytest.raises(AigcError) as e:
+        build_preferences(gens, "dpo", None, None, PreferenceSettings(heldout_fraction=0))
+    assert "all 5 rated outputs are rated the same" in str(e.value)
+    assert "outputs of one prompt rated differently" in str(e.value) and "or a comparison of two" in str(
+        e.value
+    )
+    with pytest.raises(AigcError, match=r"SFT trains on corrections, not thumbs: .*--correction TEXT"):
+        build_preferences(gens, "sft", None, None, PreferenceSettings())
+    msg = no_feedback_message(store, "ref400", "text", "kto")
+    assert "of model 'ref400'" in msg and "it holds ratings for 'm' (5)" in msg

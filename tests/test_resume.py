@@ -97,3 +97,39 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, precision):
     expected, got = losses(a), losses(b)
     assert len(expected) == STEPS + STEPS // 20  # every step logged, plus the evaluations
     assert got == expected  # identical floats, not just close
+
+
+OVERRIDES = [a for a in ARGS[2:-2] if a != "--set"]  # the same run as above, as --set values
+
+
+def test_ctrl_c_saves_the_step_reached_and_resume_is_exact(tmp_path, monkeypatch):
+    """SIGINT mid-step: the step completes, is checkpointed (not a multiple of ckpt_interval), and
+    --resume continues to exactly the losses of an uninterrupted run (fast, in-process)."""
+    from aigc.training.text import TextTask, train_text
+    from aigc.training.trainer import TrainingInterrupted
+
+    data = make_prepared(tmp_path)
+    steps, at = 30, 13
+
+    def run(out: Path, resume: bool = False):
+        over = [*OVERRIDES, "train.precision=fp32"]
+        return train_text("gpt", data, out, overrides=over, max_steps=steps, resume=resume, progress=False)
+
+    run(tmp_path / "a")
+    real = TextTask.training_step
+
+    def ctrl_c_during(self, ctx):
+        if ctx.step_num == at:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as a user's Ctrl-C would
+        return real(self, ctx)
+
+    monkeypatch.setattr(TextTask, "training_step", ctrl_c_during)
+    with pytest.raises(
+        TrainingInterrupted, match=rf"interrupted at step {at}; checkpoint saved; continue with --resume"
+    ):
+        run(tmp_path / "b")
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints"))[1]["step"] == at
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(TextTask, "training_step", real)
+    assert run(tmp_path / "b", resume=True).steps == steps
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")

@@ -480,3 +480,72 @@ def test_card_shows_no_host_paths(tmp_path):
     }
     text = 'from `/home/u/runs/base` (C:\\runs\\x) see https://h.io/a/b, data/digits, 3/4 "/tmp/q/r",'
     assert hide_host_paths(text) == 'from `base` (x) see https://h.io/a/b, data/digits, 3/4 "r",'
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def test_out_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        AigcError, match=r"cannot write .*file/run \(.*file is a file, not a directory\); pick another --out"
+    ):
+        train(tmp_path, out="file/run")
+
+
+def test_trainer_run_dir_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    cfg = toy_cfg(max_steps=2)
+
+    def denied(self, *a, **k):  # as root chmod stops nothing: fail the way a read-only parent does
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(AigcError, match=r"cannot write .*/r \(permission denied\); pick another --out"):
+        Trainer(Regression(cfg), cfg, tmp_path / "r", {}, progress=False).fit()
+
+
+def test_batch_larger_than_the_training_set_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(
+        AigcError, match=r"train.batch_size=100000 is larger than the training set: .* windows"
+    ):
+        train(tmp_path, extra=["train.batch_size=100000"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_locked_run_dir_is_refused_and_released_after(tmp_path):
+    import os
+
+    from aigc.utils.io import LOCK_FILE, DirLock
+
+    data = make_prepared(tmp_path)
+    with DirLock(tmp_path / "run", "trained"):  # another training holds it
+        with pytest.raises(
+            AigcError, match=rf"run is being trained by another process \(pid {os.getpid()}\)"
+        ):
+            train(tmp_path, data=data)
+        with pytest.raises(AigcError, match="being trained by another process"):
+            train(tmp_path, data=data, resume=True)
+    train(tmp_path, data=data)
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # released (and removed) at the end
+    DirLock(tmp_path / "run").acquire().release()
+
+
+def test_a_run_killed_before_its_first_checkpoint(tmp_path):
+    from aigc.utils.io import atomic_write_json
+
+    data = make_prepared(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic_write_json(run / "config.json", {"family": "gpt", "model": {"n_layer": 9}})  # what it left
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 3.0}\n')
+    with pytest.raises(
+        AigcError, match=r"no checkpoint in .*run yet \(the run stopped before its first save\)"
+    ):
+        train(tmp_path, data=data, resume=True)
+    notes = []
+    result = train(tmp_path, data=data, log=notes.append)  # nothing of value there: no --overwrite needed
+    assert result.steps == 4 and any("stopped before its first checkpoint" in n for n in notes)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"][0] == 1
+    assert read_json(run / "config.json")["model"]["n_layer"] == 1
+    with pytest.raises(AigcError, match="already holds a training run"):  # now it has a checkpoint
+        train(tmp_path, data=data)

@@ -325,7 +325,7 @@ def test_tune_cli_help_and_bad_input(tmp_path, run_cli):
     code, _, err = run_cli("tune", "--model", str(tmp_path), "--db", tmp_path / "x.db")
     assert code == 1 and "--from-feedback" in err
     code, _, err = run_cli("tune", "--model", "nosuch", "--from-feedback", "--db", tmp_path / "x.db")
-    assert code == 1 and "no database at" in err and not (tmp_path / "x.db").exists()
+    assert code == 1 and "not found" in err and not (tmp_path / "x.db").exists()  # the model before the store
     Store.open(str(tmp_path / "x.db")).close()  # an empty store: the model is looked up next
     code, _, err = run_cli(
         "tune", "--model", "nosuch", "--models", tmp_path, "--from-feedback", "--db", tmp_path / "x.db"
@@ -335,3 +335,52 @@ def test_tune_cli_help_and_bad_input(tmp_path, run_cli):
     pix = write_image_run(tmp_path / "m" / "pix" / "1")
     code, _, err = run_cli("tune", "--model", pix, "--from-feedback", "--db", tmp_path / "x.db")
     assert code == 1 and "error" in err
+
+
+def test_tune_checks_its_arguments_before_the_store(tmp_path, run_cli):
+    """No store yet: a missing model or a wrong --method is named, not "no database at"."""
+    from tests.serve_helpers import write_image_run, write_text_run
+
+    run, pix, db = (
+        write_text_run(tmp_path / "runs" / "t"),
+        write_image_run(tmp_path / "pix"),
+        tmp_path / "no.db",
+    )
+    for model, method, says in (
+        (tmp_path / "runs" / "nope", "dpo", "not found"),
+        (run, "ppo", "--method 'ppo' is not a tuning method for text models ("),
+        (pix, "dpo", "not supported for images; use rwr"),
+        (pix, "ppo", "allowed: rwr"),
+    ):
+        code, _, err = run_cli("tune", "--model", model, "--from-feedback", "--method", method, "--db", db)
+        assert code == 1 and says in err and "no database" not in err and "Traceback" not in err, err
+    code, _, err = run_cli("tune", "--model", run, "--from-feedback", "--method", "kto", "--db", db)
+    assert code == 1 and "no database at" in err  # good arguments: now the store
+
+
+def test_generate_record_names_the_model_as_the_server_does_and_tune_finds_it(tmp_path, run_cli, monkeypatch):
+    """`generate text -m runs/ref400 --record` stores `ref400` (a versioned DIR/story/2: `story@2`),
+    the name `aigc tune --model runs/ref400` looks up; a mismatch names both sides."""
+    from tests.serve_helpers import write_text_run
+
+    monkeypatch.chdir(tmp_path)
+    write_text_run(tmp_path / "runs" / "ref400")
+    write_text_run(tmp_path / "models" / "story" / "2")
+    db = tmp_path / "aigc.db"
+    for model, name in (("runs/ref400", "ref400"), ("models/story/2", "story@2")):
+        code, _, err = run_cli("generate", "text", "-m", model, "-p", "ROMEO:", "--max-new-tokens", "3",
+                               "--record", "--db", db)  # fmt: skip
+        assert code == 0 and f"(model {name})" in err, err
+    with Store.open(str(db)) as store:
+        rows = store.list_generations(limit=10)["data"]
+        assert sorted(r["model"] for r in rows) == ["ref400", "story@2"]
+        assert all(r["model_hash"] for r in rows)  # as the server records them: the weights' hash
+        for _ in range(3):  # ratings recorded under another name (a path, as older versions did)
+            store.add_rating(
+                store.add_generation(kind="text", model="runs/old", prompt="", output_text="x"), 1
+            )
+    code, _, err = run_cli("tune", "--model", "runs/ref400", "--from-feedback", "--method", "kto", "--db", db,
+                           "--out", "runs/ref400-kto")  # fmt: skip
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "0 usable rated outputs" in err and "of model 'ref400'" in err and "'runs/old' (3)" in err, err
+    assert "--set tune.model_name=NAME" in err

@@ -305,12 +305,18 @@ def train_cmd(
     if family not in TRAINERS:
         raise AigcError(f"unknown model family {family!r}; valid families: {', '.join(TRAINERS)}")
     module, _, fn = TRAINERS[family].partition(":")
+    from aigc.training.trainer import TrainingInterrupted
+
     train = getattr(importlib.import_module(module), fn)
-    result = train(
-        family, data, out_dir, preset=preset, overrides=set_, max_steps=max_steps, max_time=max_time,
-        resume=resume, init_from=init_from, overwrite=overwrite, progress=True,
-        log=lambda msg: err.print(msg, highlight=False),
-    )  # fmt: skip
+    try:
+        result = train(
+            family, data, out_dir, preset=preset, overrides=set_, max_steps=max_steps, max_time=max_time,
+            resume=resume, init_from=init_from, overwrite=overwrite, progress=True,
+            log=lambda msg: err.print(msg, highlight=False),
+        )  # fmt: skip
+    except TrainingInterrupted as e:  # Ctrl-C: the step reached is saved; say so, exit 130 like any ^C
+        err.print(str(e), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
@@ -398,6 +404,21 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _recorded_as(model: str) -> tuple[str, str | None]:
+    """(model name, weights hash) for a store row, as `aigc serve` records its runs: `name` or
+    `name@version` of the run directory (`runs/ref400` -> `ref400`, `models/story/2` -> `story@2`),
+    so rows recorded here and by the server share a name and `aigc tune` finds them; a hub id as given."""
+    from pathlib import Path
+
+    from aigc.tuning.versions import model_id, weights_hash
+
+    path = Path(model[3:] if model.startswith("hf:") else model).expanduser()
+    if not path.is_dir():
+        return model, None
+    name, version = model_id(path)
+    return (f"{name}@{version}" if version else name), weights_hash(path)
+
+
 @generate_app.command("text")
 def generate_text(
     model: ModelOpt,
@@ -407,7 +428,12 @@ def generate_text(
     stream: Annotated[bool, typer.Option("--stream", help="Print the text as it is generated.")] = False,
     n: Annotated[int, typer.Option("--n", "-n", help="Number of samples (seeds seed, seed+1, ...).")] = 1,
     max_new_tokens: MaxNewOpt = 200,
-    temperature: TempOpt = 0.8,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature", "-t", help="Sampling temperature; 0 = greedy (default 0.8; not with beams)."
+        ),
+    ] = None,
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     min_p: MinPOpt = 0.0,
@@ -462,10 +488,21 @@ def generate_text(
     import time
 
     from aigc.generation import load_generator, make_params
+    from aigc.generation.best_of import MAX_BEST_OF
 
+    if num_beams > 1 and temperature not in (None, 0):  # as top_p / top_k with beams: refused, not ignored
+        raise AigcError(
+            f"--num-beams {num_beams} cannot be combined with --temperature {temperature}: beam search is "
+            "deterministic; drop --temperature (--num-return-sequences for several beams) or use --num-beams 1"
+        )
+    if not 1 <= best_of <= MAX_BEST_OF:
+        raise AigcError(
+            f"--best-of {best_of} is out of range; allowed: 1..{MAX_BEST_OF} (1 = no re-ranking; N draws N "
+            "candidates per sample)"
+        )
     params = make_params(
         max_new_tokens=max_new_tokens,
-        temperature=0.0 if num_beams > 1 else temperature,
+        temperature=0.0 if num_beams > 1 else (0.8 if temperature is None else temperature),
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
@@ -487,6 +524,7 @@ def generate_text(
         from aigc.feedback.store import Store
 
         store = Store.open(db)
+        recorded_as, model_hash = _recorded_as(str(model))
     from aigc.safety.moderation import Moderator, StreamGuard
 
     # moderation, the server's policy: a blocked prompt or output is an error (exit 1; with --record
@@ -495,8 +533,8 @@ def generate_text(
     prompt_check = moderator.check(prompt)
     if prompt_check.blocked and store is not None:
         with store:
-            store.add_generation(kind="text", model=str(model), prompt=prompt, params={"moderated": "prompt"},
-                                 moderation=moderator.verdict(prompt_check))  # fmt: skip
+            store.add_generation(kind="text", model=recorded_as, prompt=prompt, params={"moderated": "prompt"},
+                                 model_hash=model_hash, moderation=moderator.verdict(prompt_check))  # fmt: skip
     moderator.enforce([prompt])  # a blocked category stops here with the category named
     if prompt_check.flagged:
         err.print(f"moderation: prompt flagged ({', '.join(prompt_check.matches)})", highlight=False)
@@ -551,7 +589,8 @@ def generate_text(
                 [
                     dict(
                         kind="text",
-                        model=str(model),
+                        model=recorded_as,
+                        model_hash=model_hash,
                         prompt=prompt,
                         params=r.params,
                         seed=r.seed,
@@ -562,7 +601,10 @@ def generate_text(
                     for r, c in zip(results, checks, strict=True)
                 ]  # fmt: skip
             )
-        err.print(f"recorded as generation {', '.join(map(str, ids))} in {store.where}", highlight=False)
+        err.print(
+            f"recorded as generation {', '.join(map(str, ids))} (model {recorded_as}) in {store.where}",
+            highlight=False,
+        )
     blocked = [i + 1 for i, c in enumerate(checks) if c.blocked]
     if blocked:
         cats = sorted({cat for c in checks if c.blocked for cat in c.blocked_categories(moderator.policies)})
@@ -626,7 +668,7 @@ def generate_image(
     """Generate images (PNGs with their parameters + a grid), or a latent walk as an animated GIF."""
     from pathlib import Path
 
-    from aigc.generation.image import ImageGenerator
+    from aigc.generation.image import ImageGenerator, check_seed
     from aigc.utils.io import commit_dir, prepare_out_dir, staging_dir
 
     lab: int | str | None = int(label) if label is not None and label.lstrip("-").isdigit() else label
@@ -643,6 +685,9 @@ def generate_image(
         raise AigcError(
             f"--best-of {best_of}: give an integer >= 1, with --scorer (e.g. digit:7@DATA_DIR), no --animate"
         )
+    check_seed(seed, 1 if animate else n * best_of)  # image i uses seed + i: none may pass 2**63-1
+    if not 1 <= scale <= MAX_SCALE:
+        raise AigcError(f"--scale {scale} is out of range; allowed: 1..{MAX_SCALE} (1 = as generated)")
     rank = None
     if scorer is not None:  # loaded (the digit classifier trained or read from cache) before sampling
         from aigc.evaluation.scorers import load_scorer
@@ -699,6 +744,9 @@ def generate_image(
         f"steps {p.get('steps')}, guidance {p.get('guidance')})",
         highlight=False,
     )
+
+
+MAX_SCALE = 32  # --scale: a 64 px image at 32x is 2048 px, as large as a viewer needs
 
 
 def _rehash_sidecar(sidecar) -> None:
@@ -760,10 +808,24 @@ def generate_music(
         require()
         init_cert()
     gen = MusicGenerator.from_artifact(model)
+    from aigc.generation.music_render import soundfont_warning
+
+    if (sf_warning := soundfont_warning()) is not None:
+        err.print(f"warning: {sf_warning}", highlight=False, markup=False, soft_wrap=True)
     results = gen.generate(
         n=n, key=key, meter=meter, style=style, bars=bars, primer=primer, seed=seed, temperature=temperature,
         top_k=top_k, top_p=top_p, instrument=instrument, tempo=tempo,
     )  # fmt: skip
+    # an under-trained model may decode no note at all: every piece empty is an error (nothing is
+    # written); some empty, or short of the bars asked, is written with a warning (exit 0)
+    if all(r.metadata["notes"] == 0 for r in results):
+        skipped = sum(r.skipped for r in results)
+        which = "the piece" if len(results) == 1 else f"all {len(results)} pieces"
+        raise AigcError(
+            f"{which} came out empty: 0 notes ({skipped} generated events skipped as ungrammatical), so "
+            f"nothing was written; {model} is under-trained: train it longer (more --max-steps), then retry "
+            "(another --seed or a lower --temperature may also help)"
+        )
     stage = staging_dir(target)  # the whole directory appears at once, or not at all
     try:
         for r in results:
@@ -790,6 +852,17 @@ def generate_music(
             highlight=False,
             soft_wrap=True,
         )
+    for r in results:
+        short = "no notes (a silent WAV)" if r.metadata["notes"] == 0 else None
+        if short is None and r.finish_reason == "length":
+            short = f"fewer than the {bars} bars asked (the token budget ran out)"
+        if short is not None:
+            err.print(
+                f"warning: piece-{r.index} has {short}; {r.skipped} generated events were skipped as "
+                "ungrammatical: the model needs more training (more --max-steps)",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @app.command("chat")
@@ -1338,17 +1411,19 @@ def tune_cmd(
     from pathlib import Path
 
     from aigc.feedback.store import Store
-    from aigc.tuning import tune
+    from aigc.tuning import check_tune_args, tune
 
     if not from_feedback:
         raise AigcError(
             "aigc tune needs a data source: pass --from-feedback (the store's ratings and comparisons)"
         )
+    models_dirs = [Path(d) for d in models] if models else None
+    check_tune_args(model, method, models_dirs)  # the arguments first, then the store
     say = lambda msg: err.print(msg, highlight=False, markup=False)  # noqa: E731
     with Store.open(db, create=False) as store:  # tunes on the feedback stored there
         report = tune(model, out_dir, store=store, method=method, overrides=set_, preset=preset, scorer=scorer,
                       max_steps=max_steps, max_time=max_time, overwrite=overwrite, progress=True,
-                      models_dirs=[Path(d) for d in models] if models else None, log=say)  # fmt: skip
+                      models_dirs=models_dirs, log=say)  # fmt: skip
     if report.get("kind") == "images":
         ev, lb, la = report.get("eval", {}), report["heldout_loss_before"], report["heldout_loss_after"]
         figures = f"held-out loss {lb:.4f} -> {la:.4f}" if lb is not None and la is not None else ""

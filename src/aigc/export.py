@@ -116,6 +116,12 @@ def export_artifact(run: str | Path, out_dir: str | Path, fmt: str = "hf", **kwa
     from aigc.registry import load_artifact, read_artifact_config
 
     family = read_artifact_config(run)["family"]
+    exported = Path(run) / "diffusers" / "model_index.json"
+    if family == "diffusion" and exported.is_file():  # training wrote the diffusers export already
+        raise AigcError(
+            f"{run} is a diffusion model, already exported in diffusers format at {exported.parent} "
+            f"(how to load it: {Path(run) / 'card.md'}); copy that folder, --format hf is for gpt models only"
+        )
     if family != "gpt":  # say so before loading any weights
         raise AigcError(
             f"{run} is a {family} model; only gpt models export to Hugging Face format (transformers "

@@ -17,6 +17,7 @@ or names one of its classes (case and surrounding spaces ignored): `prompt="3"` 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,15 @@ HF_PREFIX = "hf:"
 SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {}
 # sampling precision of our diffusion models; auto = bf16 where it beats fp32
 DTYPES = ("auto", "bf16", "fp32")
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed keeps 64 bits; text and music take 0..2**63-1 too
+
+
+def check_seed(seed: int, n: int = 1) -> None:
+    """Image i of a call uses seed + i: all n of them must lie in 0..SEED_MAX, never wrap around."""
+    if not 0 <= seed <= SEED_MAX - max(n, 1) + 1:
+        top = SEED_MAX - max(n, 1) + 1
+        for_n = f" for {n} images (image i uses seed + i, up to 2**63-1)" if n > 1 else ""
+        raise AigcError(f"--seed {seed} is out of range; allowed: 0..{top}{for_n}; pick a seed in that range")
 
 
 def _autocast_dtype(dtype: str) -> torch.dtype | None:
@@ -220,6 +230,11 @@ class ImageGenerator:
             raise AigcError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
         if steps is not None and steps < 1:
             raise AigcError(f"steps must be >= 1, got {steps}")
+        if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+            raise AigcError(
+                f"--guidance {guidance} is out of range; allowed: a number >= 0 (0 = unconditional samples, "
+                "1 = conditional without guidance, about 3 = the usual strength)"
+            )
         if self.family in ("vae", "gan") and (sampler is not None or steps is not None):
             raise AigcError(
                 f"--sampler/--steps apply to diffusion models; this is a {self.family} (one forward pass)"
@@ -237,9 +252,13 @@ class ImageGenerator:
         if not self.conditional:
             if label is not None or guidance is not None:
                 which = "--label" if label is not None else "--guidance"
+                # what can be trained instead: vae runs are never conditional, guidance is diffusion's
+                family = self.family if (self.family == "gan" and which == "--label") else "diffusion"
+                never = " (vae runs are never class-conditional)" if self.family == "vae" else ""
                 raise AigcError(
-                    f"{self.name} is an unconditional {self.family} model: {which} needs a class-conditional one "
-                    "(train with --set conditional=true on labelled data); drop it"
+                    f"{self.name} is an unconditional {self.family} model: {which} needs a class-conditional "
+                    f"{family} run{never}; drop {which}, or train one with `aigc train {family} --set "
+                    "conditional=true` on labelled data"
                 )
             return (
                 None,
@@ -328,8 +347,11 @@ class ImageGenerator:
             if len(seed) != n:
                 raise AigcError(f"{len(seed)} seeds for n={n} images; give one seed, or n of them")
             seeds, seed_per_image = [int(s) for s in seed], True
+            for s in seeds:
+                check_seed(s)
         else:
-            seeds = [(seed + i) % 2**63 if seed_per_image else seed for i in range(n)]
+            check_seed(seed, n if seed_per_image else 1)
+            seeds = [seed + i if seed_per_image else seed for i in range(n)]
         label_idx, guidance, sampler, steps = self.check(
             n, label, guidance, sampler, steps, prompt, batch_size, dtype
         )
@@ -481,6 +503,7 @@ class ImageGenerator:
         amp = self._amp(dtype)
         if self.family == "diffusion" and sampler in ("ddpm", "dpm-sde"):  # stochastic: frames would flicker
             sampler = {"ddpm": "ddim", "dpm-sde": "dpm"}[sampler]
+        check_seed(seed)
         g = torch.Generator(device="cpu").manual_seed(seed)
         if self.family == "diffusion":
             c, s = self.config.in_channels, self.config.image_size
@@ -517,8 +540,10 @@ def load_image_generator(name: str | Path, device: str = "cpu") -> ImageGenerato
 __all__ = [
     "DTYPES",
     "SAMPLER_OPTIONS",
+    "SEED_MAX",
     "GeneratedImages",
     "ImageGenerator",
+    "check_seed",
     "load_image_generator",
     "sampler_scheduler",
 ]

@@ -212,6 +212,25 @@ def find_soundfont() -> Path | None:
     return None
 
 
+def soundfont_warning() -> str | None:
+    """Why a SoundFont named in `AIGC_SOUNDFONT` will not be used (the built-in synth renders
+    instead), or None: a missing file or a missing fluidsynth program is said, not silently skipped."""
+    name = os.environ.get("AIGC_SOUNDFONT", "")
+    if not name:
+        return None
+    if not Path(name).is_file():
+        return (
+            f"AIGC_SOUNDFONT={name} is not a file; WAVs are rendered with the built-in synth instead "
+            "(point it at an existing .sf2 file, or unset it)"
+        )
+    if shutil.which("fluidsynth") is None:
+        return (
+            f"AIGC_SOUNDFONT={name} is set but the fluidsynth program is not installed; WAVs are rendered "
+            "with the built-in synth instead (install fluidsynth, or unset AIGC_SOUNDFONT)"
+        )
+    return None
+
+
 def fluidsynth_wav(midi: bytes, soundfont: Path, sample_rate: int = SAMPLE_RATE) -> bytes:
     """Render MIDI bytes with the fluidsynth program (no audio device: file output only)."""
     with tempfile.TemporaryDirectory() as d:

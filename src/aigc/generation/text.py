@@ -116,7 +116,27 @@ class TextGenerator:
         return min(self.decoder.vocab_size, getattr(self.tokenizer, "vocab_size", self.decoder.vocab_size))
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+        try:
+            return list(self.tokenizer.encode(text))
+        except AigcError:
+            table = getattr(self.tokenizer, "_table", None)  # a char vocabulary: name what it lacks
+            if getattr(self.tokenizer, "kind", None) != "char" or table is None:
+                raise
+            for special in table.specials:  # a special token is one id, not its characters
+                text = text.replace(special, "")
+            known = set(table.lookup)
+            missing = [c for c in dict.fromkeys(text) if c not in known]
+            if not missing:
+                raise
+            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing[:5]) + (
+                ", ..." if len(missing) > 5 else ""
+            )
+            raise AigcError(
+                f"the text has {len(missing)} character(s) not in the char tokenizer's vocabulary, which this "
+                f"model cannot encode: {shown}; the vocabulary ({len(known)} characters) was fixed when the "
+                "model's data was prepared, so remove them from the prompt, or train a new model on data that "
+                "contains them (aigc data prepare; its --unknown unk maps unseen characters to <unk>)"
+            ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

@@ -53,6 +53,28 @@ class DiffusionConfig:
         levels = len(self.block_out_channels)
         if levels < 1:
             raise ValueError("block_out_channels needs at least one level")
+        # ranges first: a 0 or negative here crashes only later, mid-training (or divides by zero below)
+        for name, value, low in (
+            ("layers_per_block", self.layers_per_block, 1),
+            ("norm_num_groups", self.norm_num_groups, 1),
+            ("num_classes", self.num_classes, 0),
+            ("num_train_timesteps", self.num_train_timesteps, 1),
+            ("steps", self.steps, 1),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if any(c < 1 for c in self.block_out_channels):
+            raise ValueError(
+                f"every block_out_channels entry must be >= 1, got {list(self.block_out_channels)}"
+            )
+        if not 0 <= self.beta_start <= self.beta_end < 1:
+            raise ValueError(
+                f"the noise schedule needs 0 <= beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
+        if self.steps > self.num_train_timesteps:
+            raise ValueError(
+                f"steps ({self.steps}) cannot exceed num_train_timesteps ({self.num_train_timesteps})"
+            )
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(
                 f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}"

@@ -34,6 +34,12 @@ class GANConfig:
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.latent_dim < 1:
             raise ValueError(f"n_layers and latent_dim must be >= 1, got {self.n_layers}, {self.latent_dim}")
+        if self.g_width < 1 or self.d_width < 1:
+            raise ValueError(f"g_width and d_width must be >= 1, got {self.g_width}, {self.d_width}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.d_lr is not None and not self.d_lr > 0:
+            raise ValueError(f"d_lr must be > 0 (or unset: train.lr), got {self.d_lr}")
         m = 2**self.n_layers
         if self.image_size < m or self.image_size % m:
             raise AigcError(

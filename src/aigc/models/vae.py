@@ -39,6 +39,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if not self.channels:
             raise ValueError("channels needs at least one level")
+        if any(c < 1 for c in self.channels):
+            raise ValueError(f"every channels entry must be >= 1, got {list(self.channels)}")
         if self.latent_dim < 1 or self.beta < 0:
             raise ValueError(f"latent_dim must be >= 1 and beta >= 0, got {self.latent_dim}, {self.beta}")
         _check_size(self.image_size, len(self.channels))

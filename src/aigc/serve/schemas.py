@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from aigc.serve import settings as S
 
@@ -204,6 +204,22 @@ class ImageRequest(Strict):
     label: Annotated[str, Field(max_length=100)] | int | None = None
     sampler: Literal["ddpm", "ddim", "dpm", "dpm-sde"] | None = None
     watermark: bool = False  # invisible mark of the deployment's key id (aigc.safety; >= 24 px)
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> ImageRequest:
+        """Image i uses seed + i: the last one must still be <= 2**63-1 (no wrap-around)."""
+        top = 2**63 - self.n
+        if self.seed is not None and self.seed > top:
+            raise ValueError(
+                f"seed {self.seed} with n={self.n}: image i uses seed + i, so seed must be <= {top}"
+            )
+        return self
+
+    def random_seed(self) -> int:
+        """A seed for a request that gave none, leaving room for seed + n - 1."""
+        import secrets
+
+        return secrets.randbelow(2**63 - self.n + 1)
 
 
 class ImageData(BaseModel):

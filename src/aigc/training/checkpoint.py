@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aigc.errors import AigcError
-from aigc.utils.io import atomic_write_json, atomic_write_text, read_json, staging_dir
+from aigc.utils.io import atomic_write_json, atomic_write_text, read_json
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -150,10 +151,12 @@ def save_checkpoint(
 
     Raises AigcError when the write fails (e.g. disk full); the previous checkpoint is untouched.
     """
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
-    stage = staging_dir(final)
+    stage = None
     try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        # a plain temp dir: the run directory's lock already keeps other processes out
+        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_root))
         save_file(tensors, str(stage / TENSORS))
         atomic_write_json(stage / STATE, state)
         for name in (TENSORS, STATE):
@@ -164,7 +167,8 @@ def save_checkpoint(
         os.replace(stage, final)
         atomic_write_text(ckpt_root / LATEST, final.name + "\n")
     except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         previous = latest_checkpoint(ckpt_root)
         raise AigcError(
             f"could not write checkpoint at step {step} ({e.strerror or e}); "

@@ -52,6 +52,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}"),
+            (self.eps >= 0, f"eps must be >= 0, got {self.eps}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

@@ -38,12 +38,22 @@ IMAGE_FAMILIES = ("diffusion", "vae", "gan")
 MODEL_CONFIGS: dict[str, type] = {"diffusion": DiffusionConfig, "vae": VAEConfig, "gan": GANConfig}
 
 
+def check_sample_interval(n: int) -> None:
+    from aigc.errors import ConfigError
+
+    if n < 0:
+        raise ConfigError(f"sample_interval must be >= 0 (0 = samples only at the end), got {n}")
+
+
 @dataclass
 class DiffusionRunConfig:
     model: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     conditional: bool = False  # class-conditional (needs labelled data)
     sample_interval: int = 0  # steps between sample grids in samples/; 0 = only at the end
+
+    def __post_init__(self) -> None:
+        check_sample_interval(self.sample_interval)
 
 
 @dataclass
@@ -52,6 +62,9 @@ class VAERunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample_interval: int = 0
 
+    def __post_init__(self) -> None:
+        check_sample_interval(self.sample_interval)
+
 
 @dataclass
 class GANRunConfig:
@@ -59,6 +72,9 @@ class GANRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     conditional: bool = False
     sample_interval: int = 0
+
+    def __post_init__(self) -> None:
+        check_sample_interval(self.sample_interval)
 
 
 RUN_CONFIGS: dict[str, type] = {"diffusion": DiffusionRunConfig, "vae": VAERunConfig, "gan": GANRunConfig}
@@ -110,6 +126,12 @@ class _ImageTask(Task):
         n = len(data.images)
         self.val_count = min(512, int(n * val_fraction)) if n >= 40 else 0
         self.train_count = n - self.val_count
+        if train.batch_size > self.train_count:  # before anything is allocated for such a batch
+            raise AigcError(
+                f"train.batch_size={train.batch_size} is larger than the training set: {self.train_count:,} "
+                f"train images ({self.val_count:,} more held out for eval); lower it "
+                f"(--set train.batch_size={self.train_count}) or prepare more images"
+            )
         self.images = torch.from_numpy(np.ascontiguousarray(data.images))  # uint8 (N, C, H, W), moved lazily
         self.labels = torch.from_numpy(data.labels.astype(np.int64))
         self.lo, self.hi = data.config.value_range
@@ -271,8 +293,42 @@ class DiffusionTask(_ImageTask):
         return {
             "Model": f"UNet2DModel {kind}, {n / 1e6:.2f}M parameters, EMA decay {self.cfg.ema_decay}",
             "Data": self._data_card(),
-            "Use": "`aigc generate image --model RUN` or `DDPMPipeline.from_pretrained(RUN/diffusers)`",
+            "Use": diffusers_usage(self.cfg),
         }
+
+
+def diffusers_usage(cfg: DiffusionConfig) -> str:
+    """The card's "Use" section: `aigc generate image`, or the `diffusers/` export in diffusers.
+
+    An unconditional run loads in `DDPMPipeline`; a class-conditional one does not run there (its
+    UNet needs `class_labels`, which the pipeline never passes), so its card gives the sampling loop
+    with labels and classifier-free guidance (the null label is K = num_classes)."""
+    if not cfg.num_classes:
+        return "`aigc generate image --model RUN` or `DDPMPipeline.from_pretrained(RUN/diffusers)`"
+    k, c, s = cfg.num_classes, cfg.in_channels, cfg.image_size
+    return f"""`aigc generate image --model RUN --label CLASS` (a class index or name), or in diffusers:
+`DDPMPipeline` cannot call this class-conditional UNet (it passes no `class_labels`); run the loop:
+
+```python
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("RUN/diffusers/unet").eval()
+scheduler = DDPMScheduler.from_pretrained("RUN/diffusers/scheduler")
+labels = torch.tensor({list(range(min(k, 4)))})  # class indices 0..{k - 1}, in the order of the classes above
+null = torch.full_like(labels, {k})  # the null label: the unconditional half of guidance
+guidance = {cfg.guidance}
+g = torch.Generator().manual_seed(0)
+x = torch.randn((len(labels), {c}, {s}, {s}), generator=g)
+scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        eps = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+        eps_cond, eps_uncond = eps.chunk(2)
+        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        x = scheduler.step(eps, t, x, generator=g).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2  # (B, {c}, {s}, {s}) in [0, 1]
+```"""
 
 
 def export_diffusers(cfg: DiffusionConfig, weights: dict[str, torch.Tensor], out: Path) -> Path:
@@ -554,11 +610,9 @@ def train_image(
     Order: defaults -> preset ("auto" = small) -> `overrides` -> --max-steps/--max-time -> sizes from
     the data. A --max-time without --max-steps lets the clock alone end the run.
     """
-    import shutil
-
     from aigc.config import load_preset, merge, parse_overrides
-    from aigc.training.trainer import Trainer, seed_everything
-    from aigc.utils.io import prepare_out_dir
+    from aigc.training.distributed import env_info
+    from aigc.training.trainer import Trainer, check_resumable, run_dir_lock, seed_everything, start_fresh
 
     if init_from is not None:
         raise AigcError(
@@ -580,19 +634,20 @@ def train_image(
         raw = merge(raw, {"train": budget})
     preset = "small" if preset == "auto" else preset
     out = Path(out)
-    if not resume:
-        prepare_out_dir(out, overwrite=overwrite)
-        if overwrite and out.is_dir():
-            shutil.rmtree(out)  # a fresh run must not resume or mix with an old one's files
-    # seed before building the model so its initialisation is repeatable
-    merged = merge(load_preset(family, preset) if preset else {}, raw)
-    seed_everything(int(merged.get("train", {}).get("seed", TrainConfig.seed)))
-    task, run = build_image_task(family, data, preset, raw)
-    task.samples_dir = out / "samples"
-    task.sample_interval = run.sample_interval
-    run_config = run_config_dict(family, run, data)
-    trainer = Trainer(task, run.train, out, run_config, resume=resume, progress=progress, log=log)
-    return trainer.fit()
+    with run_dir_lock(out):  # held to the end: a second run into `out` is refused meanwhile
+        if resume:
+            check_resumable(out)  # (the checkpoint's own config is checked when it is loaded)
+        # seed before building the model so its initialisation is repeatable
+        merged = merge(load_preset(family, preset) if preset else {}, raw)
+        seed_everything(int(merged.get("train", {}).get("seed", TrainConfig.seed)))
+        task, run = build_image_task(family, data, preset, raw)  # validates config and batch size
+        if not resume and env_info().is_main:
+            start_fresh(out, overwrite, log)  # a fresh run must not resume or mix with old files
+        task.samples_dir = out / "samples"
+        task.sample_interval = run.sample_interval
+        run_config = run_config_dict(family, run, data)
+        trainer = Trainer(task, run.train, out, run_config, resume=resume, progress=progress, log=log)
+        return trainer.fit()
 
 
 __all__ = [
@@ -603,6 +658,7 @@ __all__ = [
     "GANTask",
     "VAETask",
     "build_image_task",
+    "diffusers_usage",
     "export_diffusers",
     "load_image_model",
     "run_config_dict",

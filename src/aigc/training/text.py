@@ -181,6 +181,18 @@ def check_context_fits(block_size: int, prepared: Any) -> None:
             )
 
 
+def check_batch_fits(batch_size: int, block_size: int, prepared: Any) -> None:
+    """A batch may not ask for more windows than the train split has (it would only repeat them, in
+    memory that grows with the batch: 20,000 windows of a 5k-token set were killed at ~24 GB)."""
+    windows = len(prepared.train) - block_size
+    if batch_size > windows:
+        raise AigcError(
+            f"train.batch_size={batch_size} is larger than the training set: its {len(prepared.train):,} "
+            f"tokens hold {windows:,} windows of model.block_size+1={block_size + 1} tokens; lower it "
+            f"(--set train.batch_size={windows}) or prepare more data"
+        )
+
+
 class TextTask(Task):
     """Next-token prediction on a prepared token stream, for any causal LM of `aigc.models`."""
 
@@ -188,6 +200,7 @@ class TextTask(Task):
         self.family, self.model, self.data, self.cfg, self.sample_cfg = family, model, prepared, cfg, sample
         self.block_size = model.config.block_size
         check_context_fits(self.block_size, prepared)
+        check_batch_fits(cfg.batch_size, self.block_size, prepared)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # the train-window cursor (checkpointed)
         self._samples: list[str] = []  # written at the end, shown in the card
 
@@ -425,20 +438,44 @@ def train_text(
     log: Any = None,
 ):
     """Train a gpt/lstm language model on a prepared text directory into run directory `out`."""
-    from aigc.models import build_model
-    from aigc.training.distributed import env_info
-    from aigc.training.trainer import Trainer, seed_everything
-    from aigc.utils.io import prepare_out_dir, read_json
+    from aigc.training.trainer import run_dir_lock
 
     prepared = open_prepared(data)
     out = Path(out)
+    with run_dir_lock(out):  # held to the end: a second run into `out` is refused meanwhile
+        return _train_text_locked(
+            family, prepared, out, preset, overrides, max_steps, max_time, resume, init_from, overwrite,
+            progress, log,
+        )  # fmt: skip
+
+
+def _train_text_locked(
+    family: str,
+    prepared: Any,
+    out: Path,
+    preset: str,
+    overrides: list[str] | dict[str, Any] | None,
+    max_steps: int | None,
+    max_time: float | None,
+    resume: bool,
+    init_from: str | Path | None,
+    overwrite: bool,
+    progress: bool,
+    log: Any,
+):
+    from aigc.models import build_model
+    from aigc.training.distributed import env_info
+    from aigc.training.trainer import (
+        Trainer,
+        check_resumable,
+        check_resume_config,
+        seed_everything,
+        start_fresh,
+    )
+
     saved = None
     if resume:
-        if not (out / "config.json").is_file():
-            raise AigcError(
-                f"--resume: {out} is not a run directory (no config.json); drop --resume to start one"
-            )
-        saved = read_json(out / "config.json")
+        saved = check_resumable(out)
         init_from = init_from or saved.get("init_from")  # a fine-tune resumes as a fine-tune
     src = read_init_source(init_from, family, prepared) if init_from else None
     run_cfg = resolve_text_config(
@@ -447,19 +484,12 @@ def train_text(
     if src:
         run_cfg["init_from"] = str(Path(init_from).resolve())
     if saved is not None:
-        from aigc.training.trainer import check_resume_config
-
         check_resume_config(saved, run_cfg)
-    elif env_info().is_main:  # under DDP only rank 0 touches the run directory
-        if (out / "checkpoints").is_dir() and not overwrite:
-            raise AigcError(
-                f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
-                "replace it, or choose another --out"
-            )
-        prepare_out_dir(out, overwrite)
-        if out.is_dir() and overwrite:
-            shutil.rmtree(out)
     train_cfg = C.from_dict(TrainConfig, run_cfg["train"])
+    check_context_fits(run_cfg["model"]["block_size"], prepared)
+    check_batch_fits(train_cfg.batch_size, run_cfg["model"]["block_size"], prepared)
+    if saved is None and env_info().is_main:  # under DDP only rank 0 touches the run directory
+        start_fresh(out, overwrite, log)
     seed_everything(train_cfg.seed)
     model = build_model(family, run_cfg["model"])
     if src:

@@ -8,14 +8,20 @@ TensorBoard, progress bar). See `aigc.training.task` for what a Task provides.
 A run directory grows while training (`config.json` first, then `metrics.jsonl`,
 `checkpoints/`, `model.safetensors` at every val improvement) and is completed at the end
 (`loss.png`, `card.md`, `samples/`, and whatever `Task.export` writes). Every file is written
-atomically, so a killed run leaves only whole files and a resumable checkpoint.
+atomically, so a killed run leaves only whole files and a resumable checkpoint; Ctrl-C (single
+process) finishes the current step, checkpoints it and stops. `train_text` / `train_image` hold an
+flock on the run directory (`run_dir_lock`) for the whole run, so two runs never share one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +38,7 @@ from aigc.training import distributed as dist_utils
 from aigc.training.config import TrainConfig
 from aigc.training.metrics import MetricsLog, Progress, TensorBoard, peak_flops, plot_loss
 from aigc.training.task import Context, Task
-from aigc.utils.io import atomic_write, atomic_write_json
+from aigc.utils.io import LOCK_FILE, DirLock, atomic_write, atomic_write_json, make_dir, read_json
 
 # train.* keys that may change between a run and its resume: budgets, bookkeeping, and the
 # optimizer hyperparameters one changes to recover from a NaN (shapes and batches may not change)
@@ -189,6 +195,93 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- the run directory
+
+# what a run killed before its first checkpoint leaves: nothing a new run would lose by replacing it
+DEBRIS = {"config.json", "metrics.jsonl", "checkpoints", "tensorboard", LOCK_FILE}
+
+
+def run_dir_lock(out: Path) -> contextlib.AbstractContextManager:
+    """Hold `out` for this training (rank 0 under DDP; the other ranks never write there). A second
+    train or --resume into it is refused while this process lives; any exit releases it."""
+    if not dist_utils.env_info().is_main:
+        return contextlib.nullcontext()
+    return DirLock(out, "trained")
+
+
+def check_resumable(out: Path) -> dict[str, Any]:
+    """The saved run config of `out`, for --resume; one clear line when there is nothing to resume."""
+    if not (out / "config.json").is_file():
+        raise AigcError(
+            f"--resume: {out} is not a run directory (no config.json); drop --resume to start one"
+        )
+    if ckpt.latest_checkpoint(out / "checkpoints") is None:
+        raise AigcError(
+            f"no checkpoint in {out} yet (the run stopped before its first save); "
+            "start it again without --resume"
+        )
+    return read_json(out / "config.json")
+
+
+def start_fresh(out: Path, overwrite: bool, log: Any = None) -> None:
+    """Make `out` ready for a new run (called holding its lock): empty it with `overwrite`, or when it
+    holds only what a run killed before its first checkpoint leaves; refuse anything else."""
+    from aigc.utils.io import prepare_out_dir
+
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if not entries:
+        prepare_out_dir(out)  # (names a file in the way)
+        return
+    debris = (
+        (out / "config.json").is_file()
+        and all(p.name in DEBRIS for p in entries)
+        and ckpt.latest_checkpoint(out / "checkpoints") is None
+    )
+    if not (overwrite or debris):
+        if (out / "checkpoints").is_dir():
+            raise AigcError(
+                f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --out"
+            )
+        prepare_out_dir(out)  # raises: not empty
+    if debris and not overwrite and log is not None:
+        log(f"reusing {out}: its earlier run stopped before its first checkpoint")
+    for p in entries:  # the lock file stays: this process holds it
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary; `str()` says where and whether it was saved."""
+
+
+@contextlib.contextmanager
+def stop_on_sigint(enabled: bool):
+    """While training, the first Ctrl-C only sets a flag (the loop stops after the current step and
+    saves it); a second one interrupts at once. Only in the main thread of a single process whose
+    SIGINT handler is Python's default (not under DDP: every rank would have to agree on the step)."""
+    flag = threading.Event()
+    if not (enabled and threading.current_thread() is threading.main_thread()):
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.set()
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: stop now, without saving
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -266,7 +359,7 @@ class Trainer:
         )  # fmt: skip
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(self.run_dir)  # one line (not a traceback) when it cannot be created
             atomic_write_json(self.run_dir / "config.json", self.run_config)
 
     # ---------------------------------------------------------------- checkpoints
@@ -433,6 +526,11 @@ class Trainer:
             self.peak = peak_flops(self.device, self.amp_dtype or torch.float32, cfg.peak_flops)
         clock = time.perf_counter() - self.elapsed  # the clock continues across a resume
         self.window = [0.0, 0]  # training seconds and steps since the last log line
+        with stop_on_sigint(not self.dist.enabled) as interrupted:
+            return self._steps(bar, clock, interrupted)
+
+    def _steps(self, bar: Progress, clock: float, interrupted: threading.Event) -> str:
+        cfg = self.cfg
         while (stopped := self._budget_left()) is None:
             self.step += 1
             self.ctx.step_num = self.step
@@ -454,6 +552,12 @@ class Trainer:
             if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
                 self._save_checkpoint()
                 self._tick(clock)
+            if interrupted.is_set():  # Ctrl-C: this step is complete, save it and stop
+                if not (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
+                    self._save_checkpoint()
+                raise TrainingInterrupted(
+                    f"interrupted at step {self.step}; checkpoint saved; continue with --resume"
+                )
         return stopped
 
     def _log_train(self, out: dict[str, float], lr: float) -> None:

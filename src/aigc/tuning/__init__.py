@@ -15,6 +15,36 @@ from typing import Any
 IMAGE_FAMILIES = ("diffusion", "vae", "gan")
 
 
+def check_tune_args(model: str | Path, method: str | None, models_dirs: list[Path] | None = None) -> Path:
+    """The run directory `tune` would tune, after checking the model exists and `method` suits its
+    family: run before the store is opened, so a wrong argument is named first."""
+    from aigc.errors import AigcError
+    from aigc.tuning.versions import resolve_model
+    from aigc.utils.io import read_json
+
+    model_dir = resolve_model(str(model), models_dirs)
+    config = model_dir / "config.json"
+    family = read_json(config).get("family") if config.is_file() else None
+    if method is None:
+        return model_dir
+    if family in IMAGE_FAMILIES:
+        from aigc.tuning.images import METHODS as allowed
+        from aigc.tuning.images import REFUSED_METHODS
+
+        if method in REFUSED_METHODS:
+            raise AigcError(
+                f"--method {method} is not supported for images; use rwr (reward-weighted fine-tuning)"
+            )
+    else:
+        from aigc.tuning.preference import METHODS as allowed
+    if method not in allowed:
+        kind = "image" if family in IMAGE_FAMILIES else "text"
+        raise AigcError(
+            f"--method {method!r} is not a tuning method for {kind} models ({model}); allowed: {', '.join(allowed)}"
+        )
+    return model_dir
+
+
 def tune(
     model: str | Path,
     out: str | Path | None = None,

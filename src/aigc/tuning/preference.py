@@ -174,6 +174,69 @@ def _cap_pairs(rows: list[dict[str, Any]], per_prompt: int, seed: int) -> list[d
     return [r for i, r in enumerate(rows) if i in keep]
 
 
+def rated_models(store: Any, kind: str, limit: int = 5) -> list[tuple[str, int]]:
+    """(model name as recorded, rated outputs) for the store's most rated models of `kind`."""
+    import sqlalchemy as sa
+
+    from aigc.feedback.schema import Generation
+
+    query = (
+        sa.select(Generation.model, sa.func.count())
+        .where(Generation.kind == kind, Generation.rating_count > 0)
+        .group_by(Generation.model)
+        .order_by(sa.func.count().desc(), Generation.model)
+        .limit(limit)
+    )
+    with Session(store.engine) as s:
+        return [(m, n) for m, n in s.execute(query)]
+
+
+def no_feedback_message(store: Any, name: str, kind: str, method: str) -> str:
+    """Why there is nothing to tune on: the name looked for, and the names the store has ratings
+    for (a run recorded under another name, e.g. a path, shows up here)."""
+    what = NEEDS[method][0] if method in NEEDS else "rated outputs"
+    others = rated_models(store, kind)
+    held = (
+        "it holds ratings for " + ", ".join(f"{m!r} ({n})" for m, n in others)
+        if others
+        else f"it holds no rated {kind} outputs at all"
+    )
+    return (
+        f"0 usable {what}: the store {getattr(store, 'where', '')} has no rated or compared {kind} outputs of model "
+        f"{name!r} (looked for {name!r} and {name + '@*'!r}); {held}; rate outputs of this model "
+        f"(aigc generate {kind} --record, then aigc feedback rate ID 1), or tune another name's feedback "
+        "with --set tune.model_name=NAME"
+    )
+
+
+def _more_feedback(gens: list[dict[str, Any]], method: str) -> str:
+    """What feedback `method` is short of, said from what the store holds."""
+    if method == "sft":
+        return (
+            "SFT trains on corrections, not thumbs: rate outputs with the text they should have been "
+            "(aigc feedback rate ID -1 --correction TEXT, or the studio's correction field)"
+        )
+    if method == "kto":
+        return "collect more feedback (rate more outputs, thumbs up or down)"
+    scores = {
+        round(sum(_score(r) for r in g["ratings"]) / len(g["ratings"]), 6) for g in gens if g["ratings"]
+    }
+    same = ""
+    if len(scores) == 1 and not any(g["comparisons"] for g in gens):
+        n = sum(1 for g in gens if g["ratings"])
+        same = f"all {n} rated outputs are rated the same, so none can be paired; "
+    return (
+        f"{same}DPO pairs need two outputs of one prompt rated differently (>= tune.min_gap stars apart, "
+        "e.g. one thumb up and one down) or a comparison of two; rate or compare more outputs "
+        "(or use --method kto, which takes single ratings)"
+    )
+
+
+def _score(rating: dict[str, Any]) -> float:
+    """A rating in stars (a thumb is 1 or 5), as the DPO rating gaps are measured."""
+    return (3.0 + 2.0 * rating["value"]) if rating["kind"] == "thumb" else float(rating["value"])
+
+
 def build_preferences(
     gens: list[dict[str, Any]],
     method: str,
@@ -201,8 +264,7 @@ def build_preferences(
     if len(train) < need:
         raise AigcError(
             f"{len(train)} usable {what} (after {len(heldout)} held out); {method.upper()} needs at least "
-            f"{need} (config tune.{key}); collect more feedback (rate more outputs"
-            f"{', or compare two' if method == 'dpo' else ''}) or lower it with --set tune.{key}=N"
+            f"{need} (config tune.{key}); {_more_feedback(gens, method)}, or lower it with --set tune.{key}=N"
         )
     users = {r["user"] for g in gens for r in g["ratings"]} | {
         c["user"] for g in gens for c in g["comparisons"]
@@ -235,4 +297,6 @@ __all__ = [
     "check_sources",
     "feedback_rows",
     "is_heldout",
+    "no_feedback_message",
+    "rated_models",
 ]

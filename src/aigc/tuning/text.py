@@ -51,6 +51,7 @@ from aigc.tuning.preference import (
     PreferenceSettings,
     build_preferences,
     feedback_rows,
+    no_feedback_message,
 )
 from aigc.utils.paths import hide_host_paths
 
@@ -481,6 +482,8 @@ def tune_text(
         prepare_out_dir(target, overwrite=False)  # raises: non-empty
     # 1. preference data
     gens = feedback_rows(store, base.name, "text")
+    if not gens:  # nothing under this name: say which names the store does hold feedback for
+        raise AigcError(no_feedback_message(store, base.name, "text", cfg.method))
     data = build_preferences(
         gens, cfg.method, base_dir if base.kind == "own" else None, base.tokenizer_id, cfg
     )

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import secrets
 import time
 from typing import Any
 
@@ -140,7 +139,7 @@ def run_group(lm, group: list[tuple[ImageRequest, int]]) -> list[tuple[list[byte
 
     inherit_torch_threads()
     gen, (first, _) = lm.generator, group[0]
-    seeds = [(seed + i) % 2**63 for body, seed in group for i in range(body.n)]
+    seeds = [seed + i for body, seed in group for i in range(body.n)]  # in range: ImageRequest checks
     labels = [gen.label_of(i, body.label, body.prompt) for body, _ in group for i in range(body.n)]
     with lm.lock:
         out = gen.generate(n=len(seeds), seed=seeds, label=None if labels[0] is None else labels,
@@ -225,7 +224,7 @@ async def generate_images(body: ImageRequest, request: Request, key: str = Depen
     st = request.app.state
     # a blocked prompt: 400 content_blocked (+ a row with the verdict); a flagged one is served, marked
     lm, verdict, flag = await admit(request, body)
-    seed = body.seed if body.seed is not None else secrets.randbits(63)
+    seed = body.seed if body.seed is not None else body.random_seed()
     slot = Slot(request, key)
     t0 = time.perf_counter()
     try:

@@ -128,7 +128,7 @@ async def _run(request: Request, job: Job) -> None:
                 return
             # image i as the direct route makes it: seed + i, and its label (the classes cycle without one)
             one = body.model_copy(update={"n": 1, "label": lm.generator.label_of(i, body.label, body.prompt)})
-            seed = (job.seed + i) % 2**63
+            seed = job.seed + i  # in range: ImageRequest checks seed + n - 1
             t0 = time.perf_counter()
             pngs, params = await asyncio.to_thread(run_images, lm, one, seed)
             if job.cancel_requested:  # cancelled while it was made: dropped, the job already says so
@@ -175,7 +175,7 @@ async def create_job(body: JobRequest, request: Request, key: str = Depends(iden
         raise ApiError(503, "too many jobs running; retry later", "overloaded", retry=True)
     for old in [j for j in jobs.values() if j.status in TERMINAL][: max(0, len(jobs) + 1 - MAX_JOBS)]:
         del jobs[old.id]
-    seed = body.input.seed if body.input.seed is not None else secrets.randbits(63)
+    seed = body.input.seed if body.input.seed is not None else body.input.random_seed()
     job = Job(key, body, seed, lm)
     job.moderation, job.flag = verdict, flag  # the verdict each image row gets
     jobs[job.id] = job

@@ -380,8 +380,13 @@ def test_empty_corpus(tmp_path):
     (tmp_path / "d" / "a.txt").write_text(" \n\t\n", encoding="utf-8")
     with pytest.raises(AigcError, match=r"the corpus is empty.*1 empty"):
         prepare_text(str(tmp_path / "d"), tmp_path / "out")
-    with pytest.raises(AigcError, match="no files in .* match --glob"):
+    with pytest.raises(
+        AigcError, match=r"no files in .* match --glob '\*\.md'; .* end in \.txt: try --glob '\*\*/\*\.txt'"
+    ):
         prepare_text(str(tmp_path / "d"), tmp_path / "out", overrides={"glob": "*.md"})
+    (tmp_path / "e").mkdir()
+    with pytest.raises(AigcError, match="holds no other files"):  # the hint never repeats the glob given
+        prepare_text(str(tmp_path / "e"), tmp_path / "out", overrides={"glob": "**/*.txt"})
     assert nothing_written(tmp_path / "out")
 
 

@@ -549,3 +549,16 @@ def test_a_run_killed_before_its_first_checkpoint(tmp_path):
     assert read_json(run / "config.json")["model"]["n_layer"] == 1
     with pytest.raises(AigcError, match="already holds a training run"):  # now it has a checkpoint
         train(tmp_path, data=data)
+
+
+def test_an_empty_val_split_says_to_prepare_with_a_val_fraction():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from aigc.training.text import check_context_fits
+
+    prepared = SimpleNamespace(train=np.zeros(1000, np.uint16), val=np.zeros(0, np.uint16))
+    with pytest.raises(AigcError, match="val split is empty .*--val-fraction 0.1"):
+        check_context_fits(64, prepared)
+    check_context_fits(64, SimpleNamespace(train=prepared.train, val=np.zeros(100, np.uint16)))

@@ -402,9 +402,12 @@ def open_source(
         key=lambda p: p.relative_to(path).as_posix(),
     )
     if not files:
-        raise AigcError(
-            f"no files in {path} match --glob {pattern!r}; the corpus is empty (try --glob '**/*.txt')"
-        )
+        exts = sorted({p.suffix for p in path.rglob("*") if p.is_file() and p.suffix
+                       and not any(s.startswith(".") for s in p.relative_to(path).parts)})  # fmt: skip
+        others = [f"**/*{e}" for e in exts if f"**/*{e}" != pattern]
+        hint = (f"; the files there end in {', '.join(exts[:8])}: try --glob '{others[0]}'" if others
+                else "; it holds no other files: pass the folder that holds your text")  # fmt: skip
+        raise AigcError(f"no files in {path} match --glob {pattern!r}{hint}")
     return Source(
         source,
         f"directory {path} ({len(files)} files, {pattern})",

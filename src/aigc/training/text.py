@@ -173,6 +173,12 @@ def check_context_fits(block_size: int, prepared: Any) -> None:
     """Each window needs block_size + 1 tokens (inputs and shifted targets) in both splits."""
     short = {name: len(arr) for name, arr in (("train", prepared.train), ("val", prepared.val))}
     for split, n in short.items():
+        if split == "val" and n == 0:
+            raise AigcError(
+                "the data's val split is empty (prepared with --val-fraction 0): training measures val loss "
+                "on it; prepare the data again with a val fraction > 0, e.g. aigc data prepare SOURCE --out DIR "
+                "--val-fraction 0.1"
+            )
         if n < block_size + 1:
             raise AigcError(
                 f"context longer than the data: model.block_size={block_size} needs at least "

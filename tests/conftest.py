@@ -92,3 +92,14 @@ def browser():
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield b
         b.close()
+
+
+@pytest.fixture
+def default_sigint():
+    """SIGINT handled as in a terminal (KeyboardInterrupt), whatever the test run was started with: a
+    job started in the background by a shell without job control (a CI runner) ignores SIGINT."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -106,7 +106,7 @@ def test_out_under_a_file_is_one_line(run_cli, prepared, tmp_path):
     )
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(run_cli, prepared, tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(run_cli, prepared, tmp_path, monkeypatch, default_sigint):
     import os
     import signal
 

@@ -102,7 +102,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, precision):
 OVERRIDES = [a for a in ARGS[2:-2] if a != "--set"]  # the same run as above, as --set values
 
 
-def test_ctrl_c_saves_the_step_reached_and_resume_is_exact(tmp_path, monkeypatch):
+def test_ctrl_c_saves_the_step_reached_and_resume_is_exact(tmp_path, monkeypatch, default_sigint):
     """SIGINT mid-step: the step completes, is checkpointed (not a multiple of ckpt_interval), and
     --resume continues to exactly the losses of an uninterrupted run (fast, in-process)."""
     from aigc.training.text import TextTask, train_text

@@ -444,64 +444,49 @@ def train_text(
     log: Any = None,
 ):
     """Train a gpt/lstm language model on a prepared text directory into run directory `out`."""
-    from aigc.training.trainer import run_dir_lock
-
-    prepared = open_prepared(data)
-    out = Path(out)
-    with run_dir_lock(out):  # held to the end: a second run into `out` is refused meanwhile
-        return _train_text_locked(
-            family, prepared, out, preset, overrides, max_steps, max_time, resume, init_from, overwrite,
-            progress, log,
-        )  # fmt: skip
-
-
-def _train_text_locked(
-    family: str,
-    prepared: Any,
-    out: Path,
-    preset: str,
-    overrides: list[str] | dict[str, Any] | None,
-    max_steps: int | None,
-    max_time: float | None,
-    resume: bool,
-    init_from: str | Path | None,
-    overwrite: bool,
-    progress: bool,
-    log: Any,
-):
     from aigc.models import build_model
     from aigc.training.distributed import env_info
     from aigc.training.trainer import (
         Trainer,
         check_resumable,
         check_resume_config,
+        run_dir_lock,
         seed_everything,
         start_fresh,
     )
 
-    saved = None
-    if resume:
-        saved = check_resumable(out)
-        init_from = init_from or saved.get("init_from")  # a fine-tune resumes as a fine-tune
-    src = read_init_source(init_from, family, prepared) if init_from else None
-    run_cfg = resolve_text_config(
-        family, prepared, preset, overrides, max_steps, max_time, init_from={"model": src[0]} if src else None
-    )
-    if src:
-        run_cfg["init_from"] = str(Path(init_from).resolve())
-    if saved is not None:
-        check_resume_config(saved, run_cfg)
-    train_cfg = C.from_dict(TrainConfig, run_cfg["train"])
-    check_context_fits(run_cfg["model"]["block_size"], prepared)
-    check_batch_fits(train_cfg.batch_size, run_cfg["model"]["block_size"], prepared)
-    if saved is None and env_info().is_main:  # under DDP only rank 0 touches the run directory
-        start_fresh(out, overwrite, log)
-    seed_everything(train_cfg.seed)
-    model = build_model(family, run_cfg["model"])
-    if src:
-        src[1](model)
-    task = TextTask(family, model, prepared, train_cfg, C.from_dict(SampleConfig, run_cfg["sample"]))
-    return Trainer(task, train_cfg, out, run_cfg, resume=resume, progress=progress, log=log).fit()
+    prepared = open_prepared(data)
+    out = Path(out)
+    with run_dir_lock(out):  # held to the end: a second run into `out` is refused meanwhile
+        saved = None
+        if resume:
+            saved = check_resumable(out)
+            init_from = init_from or saved.get("init_from")  # a fine-tune resumes as a fine-tune
+        src = read_init_source(init_from, family, prepared) if init_from else None
+        run_cfg = resolve_text_config(
+            family,
+            prepared,
+            preset,
+            overrides,
+            max_steps,
+            max_time,
+            init_from={"model": src[0]} if src else None,
+        )
+        if src:
+            run_cfg["init_from"] = str(Path(init_from).resolve())
+        if saved is not None:
+            check_resume_config(saved, run_cfg)
+        train_cfg = C.from_dict(TrainConfig, run_cfg["train"])
+        check_context_fits(run_cfg["model"]["block_size"], prepared)
+        check_batch_fits(train_cfg.batch_size, run_cfg["model"]["block_size"], prepared)
+        if saved is None and env_info().is_main:  # under DDP only rank 0 touches the run directory
+            start_fresh(out, overwrite, log)
+        seed_everything(train_cfg.seed)
+        model = build_model(family, run_cfg["model"])
+        if src:
+            src[1](model)
+        task = TextTask(family, model, prepared, train_cfg, C.from_dict(SampleConfig, run_cfg["sample"]))
+        return Trainer(task, train_cfg, out, run_cfg, resume=resume, progress=progress, log=log).fit()
 
 
 __all__ = ["SampleConfig", "TextTask", "auto_preset", "resolve_text_config", "train_text"]

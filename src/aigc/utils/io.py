@@ -64,9 +64,9 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AigcError(f"output path {path} exists and is not a directory; choose another --out")
-    for parent in path.parents:  # fail before the work, not when the result is written
-        if parent.exists() and not parent.is_dir():
-            raise AigcError(f"cannot write {path} ({parent} is a file, not a directory); pick another --out")
+    blocker = _file_in_the_way(path.parent)  # fail before the work, not when the result is written
+    if blocker is not None:
+        raise AigcError(f"cannot write {path} ({blocker} is a file, not a directory); pick another --out")
     if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
         raise AigcError(
             f"output directory {path} exists and is not empty; pass --overwrite to replace it "
@@ -78,11 +78,16 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
 # ----------------------------------------------------------------------------- creating directories
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of `path` and its parents that exists as something other than a directory."""
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _why(e: OSError, path: Path) -> str:
     """The reason an OSError gives, in words (a parent that is a file says so, not "File exists")."""
-    for parent in [path, *path.parents]:
-        if parent.exists() and not parent.is_dir():
-            return f"{parent} is a file, not a directory"
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        return f"{blocker} is a file, not a directory"
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return (e.strerror or str(e)).lower()
